@@ -73,7 +73,9 @@ class VLM(TransformersModel):
             'mine'
         """
         check_llava_next(model)
-        return cls(model, processor=processor, tokenizer=processor.tokenizer, name=name)
+        # Tell the pipeline where the model already is, so it never moves it.
+        device = next(model.parameters()).device
+        return cls(model, processor=processor, tokenizer=processor.tokenizer, name=name, device=device)
 
     def _find_modules(self) -> None:
         m = self._module
@@ -509,6 +511,7 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     lazy: bool = False,
+    meta: bool = False,
     **kwargs: Any,
 ) -> VLM:
     """Load a LLaVA-Next model as a `VLM`.
@@ -519,6 +522,8 @@ def load(
     `dtype=torch.float16`). `lazy=True` builds the model on the meta device
     without weights (nnsight's lazy loading; weights arrive on the first
     trace, or stay remote with `trace(..., remote=True)` on NDIF).
+    `meta=True` builds a known checkpoint's architecture offline on the meta
+    device (see `vlens.configs`), for geometry and module paths only.
 
     Example:
         >>> import vlens
@@ -540,14 +545,23 @@ def load(
     from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
 
     name = str(name_or_path)
+    if meta:
+        from .configs import KNOWN, meta as build_meta
+
+        if name in KNOWN:
+            return build_meta(name)
     config = AutoConfig.from_pretrained(name)
     if config.model_type != "llava_next":
         raise TypeError(f"{name} is a {config.model_type!r} model; vlens supports {SUPPORTED}")
     if lazy:
         return VLM(name, name=name, dtype=_dtype(dtype), **kwargs)
-    model = LlavaNextForConditionalGeneration.from_pretrained(
-        name, dtype=_dtype(dtype) or "auto", device_map=device, **kwargs
-    )
+    if meta:
+        with torch.device("meta"):
+            model = LlavaNextForConditionalGeneration(config)
+    else:
+        model = LlavaNextForConditionalGeneration.from_pretrained(
+            name, dtype=_dtype(dtype) or "auto", device_map=device, **kwargs
+        )
     model.eval()
     processor = AutoProcessor.from_pretrained(name)
     return VLM.wrap(model, processor, name=name)

@@ -56,12 +56,14 @@ def split_words(text: str) -> list[str]:
     return _WORD.findall(text)
 
 
-def word_tokenizer(words: Iterable[str] = ()) -> "PreTrainedTokenizerFast":
+def word_tokenizer(words: Iterable[str] = (), *, image_token_id: int | None = None) -> "PreTrainedTokenizerFast":
     """A lowercasing word-level tokenizer over `BASE_WORDS` plus `words`.
 
     Ids: the `SPECIAL_TOKENS` first (`<pad>`=0, `<s>`=1, `</s>`=2, `<unk>`=3,
     `<image>`=4, ...), then the words in first-seen order. A BOS token is
-    prepended on encode, like Mistral's tokenizer.
+    prepended on encode, like Mistral's tokenizer. `image_token_id` moves
+    `<image>` to that id (filling the gap with `<unused_i>` tokens), to stand
+    in for a real model's tokenizer.
 
     Example:
         >>> tok = word_tokenizer(["red", "circle"])
@@ -72,8 +74,15 @@ def word_tokenizer(words: Iterable[str] = ()) -> "PreTrainedTokenizerFast":
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for w in [*SPECIAL_TOKENS, *BASE_WORDS, *(w.lower() for w in words)]:
+    specials = [t for t in SPECIAL_TOKENS if image_token_id is None or t != "<image>"]
+    for w in [*specials, *BASE_WORDS, *(w.lower() for w in words)]:
         vocab.setdefault(w, len(vocab))
+    if image_token_id is not None:
+        if image_token_id < len(vocab):
+            raise ValueError(f"image_token_id {image_token_id} collides with the {len(vocab)} words of the vocabulary")
+        for i in range(len(vocab), image_token_id):
+            vocab[f"<unused_{i}>"] = i
+        vocab["<image>"] = image_token_id
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Sequence(
