@@ -121,8 +121,8 @@ def tiny_processor(
 
     Example:
         >>> proc = tiny_processor(image_size=32, patch_size=8)
-        >>> proc.image_processor.crop_size
-        {'height': 32, 'width': 32}
+        >>> proc.image_processor.crop_size["height"], proc.patch_size
+        (32, 8)
     """
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import (
