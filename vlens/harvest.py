@@ -73,7 +73,7 @@ _MODALITY = {"image": 1, "text": 0}
 # Configuration fields that must match for a resume (all but model_fingerprint are user-visible arguments).
 _CONFIG_KEYS = (
     "model", "model_fingerprint", "d_model", "layers", "site", "tokens", "pool", "dtype", "prompt", "template",
-    "captions", "text_only", "text_prompt", "n_samples",
+    "captions", "text_only", "text_prompt", "n_samples", "rank_of",
 )
 
 
@@ -106,6 +106,7 @@ def harvest(
     progress: bool = True,
     shard_mb: float = 128.0,
     callback: Callable[[dict], None] | None = None,
+    _indices: Sequence[int] | None = None,
 ) -> "ActivationStore":
     """Harvest `site` activations of `layers` for every sample of `data` into a store at `out`.
 
@@ -145,6 +146,11 @@ def harvest(
         shard_mb: target shard size in MB (a shard closes at the first batch past it).
         callback: called after every batch with a dict of counters (for logging; it may raise to stop).
 
+    Under `torchrun` (several processes, see `vlens.distributed`), each rank
+    harvests every `world_size`-th sample into `out/rank-RRR/`, resumable on
+    its own, and rank 0 then writes `out/index.json` over all of them: the
+    store holds the same rows (in another order) as a single-process harvest.
+
     Returns:
         The `ActivationStore` at `out`. Calling `harvest` again with the same
         arguments resumes an interrupted harvest (or returns at once if complete).
@@ -179,6 +185,15 @@ def harvest(
     if getattr(vlm.processor, "image_token", "<image>") not in prompt:
         raise ValueError(f"prompt {prompt!r} has no '<image>' placeholder: write it where the image goes, e.g. {DEFAULT_PROMPT!r}")
 
+    from . import distributed
+
+    env = distributed.info()
+    if env.enabled and _indices is None:
+        return _harvest_distributed(env, vlm, data, layers, out, overwrite=overwrite, tokens=tokens, pool=pool,
+                                    batch_size=batch_size, dtype=dtype, prompt=prompt, template=template,
+                                    captions=captions, text_only=text_only, text_prompt=text_prompt, site=site,
+                                    progress=progress, shard_mb=shard_mb, callback=callback)
+
     n = len(data)
     config = {
         "model": vlm.name,
@@ -196,6 +211,8 @@ def harvest(
         "text_prompt": text_prompt,
         "n_samples": n,
     }
+    if _indices is not None:
+        config["rank_of"] = f"{env.rank}/{env.world_size}"
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="vlens-harvest-"))
     writer = _Writer.open(root, config, overwrite=overwrite, hook_names={L: _hook_name(vlm, site, L) for L in layers},
                           shard_bytes=int(shard_mb * 2**20))
@@ -223,11 +240,14 @@ def harvest(
                 if kept.any():
                     acts = _forward(vlm, batch, mask, layers, site, pool, store_dtype)
                     rows = _meta(batch.layout, mask, b0, samples, pass_name == "text", pool)
+                    if _indices is not None:  # a rank's slice: store global sample indices
+                        rows["meta.sample"] = torch.as_tensor(_indices, dtype=torch.long)[rows["meta.sample"]]
                     rows.update({f"act.{L}": a for L, a in zip(layers, acts)})
                     if pool is not None:  # drop samples that selected nothing
                         rows = {k: v[kept] for k, v in rows.items()}
                 n_skip = int((~kept).sum())
-                writer.add(pass_name, b0 + len(samples), rows, n_skip, [_sid(s, b0 + i) for i, s in enumerate(samples)])
+                gidx = range(b0, b0 + len(samples)) if _indices is None else [_indices[i] for i in range(b0, b0 + len(samples))]
+                writer.add(pass_name, b0 + len(samples), rows, n_skip, [_sid(s, i) for i, s in zip(gidx, samples)])
                 n_sel = int(mask.sum())
                 n_tok_run += n_sel
                 n_img_run += len(samples)
@@ -260,6 +280,71 @@ def harvest(
             stacklevel=2,
         )
     return ActivationStore(root)
+
+
+class _Slice(Sequence):
+    """`data[indices]`, lazily."""
+
+    def __init__(self, data: Sequence, indices: Sequence[int]) -> None:
+        self.data, self.indices = data, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.data[self.indices[i]]
+
+
+def _harvest_distributed(env, vlm, data, layers, out, *, overwrite: bool, **kwargs) -> "ActivationStore":
+    """One rank's part of a torchrun harvest, then (rank 0) the merged index."""
+    from . import distributed
+
+    if out is None:
+        raise ValueError("a distributed harvest needs out=: a directory every rank can reach (shared disk)")
+    root = Path(out)
+    indices = list(distributed.shard(len(data), env.rank, env.world_size))
+    sub = root / f"rank-{env.rank:03d}"
+    if overwrite and env.is_main and (root / INDEX).exists():
+        (root / INDEX).unlink()
+    distributed.barrier()
+    harvest(vlm, _Slice(data, indices), layers, out=sub, overwrite=overwrite, _indices=indices, **kwargs)
+    distributed.barrier()
+    if env.is_main:
+        _merge_ranks(root, env.world_size, len(data))
+    distributed.barrier()
+    return ActivationStore(root)
+
+
+def _merge_ranks(root: Path, world_size: int, n: int) -> None:
+    """Write `root/index.json` listing the shards of every `rank-RRR/` sub-store."""
+    subs = []
+    for r in range(world_size):
+        path = root / f"rank-{r:03d}" / INDEX
+        if not path.exists():
+            raise HarvestError(f"rank {r} left no store at {path.parent}; rerun the same torchrun command to resume")
+        subs.append(json.loads(path.read_text()))
+    config = {k: v for k, v in subs[0]["config"].items() if k != "rank_of"}
+    config["n_samples"] = n
+    ids: list = [None] * n
+    for r, sub in enumerate(subs):
+        local = ActivationStore(root / f"rank-{r:03d}").sample_ids
+        for i, sid in zip(range(r, n, world_size), local):
+            ids[i] = sid
+    index = {
+        "format": FORMAT,
+        "config": config,
+        "hook_names": subs[0]["hook_names"],
+        "shards": [dict(e, file=f"rank-{r:03d}/{e['file']}" if e.get("file") else None)
+                   for r, sub in enumerate(subs) for e in sub["shards"]],
+        "progress": {k: sum(sub["progress"][k] for sub in subs) for k in subs[0]["progress"]},
+        "skipped": {k: sum(sub["skipped"][k] for sub in subs) for k in subs[0]["skipped"]},
+        "n_rows": sum(sub["n_rows"] for sub in subs),
+        "complete": all(sub.get("complete") for sub in subs),
+        "world_size": world_size,
+        "sample_ids": ids,
+    }
+    text = json.dumps(index, indent=1)
+    _atomic_write(root / INDEX, lambda tmp: tmp.write_text(text))
 
 
 def _check_layers(layers: Sequence[int] | int, n_layers: int) -> list[int]:
@@ -828,6 +913,8 @@ class ActivationStore:
     @property
     def sample_ids(self) -> list:
         """`Sample.id` of every sample of the main pass, by sample index (`store.meta['sample']`)."""
+        if "sample_ids" in self.index:  # merged from the ranks of a distributed harvest
+            return list(self.index["sample_ids"])
         ids: list = []
         for s in self.index["shards"]:
             if s["pass"] != "main":
@@ -1162,11 +1249,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default=None, help="e.g. cuda (under torchrun each rank takes cuda:LOCAL_RANK)")
     a = p.parse_args(list(argv) if argv is not None else None)
 
+    from . import distributed
     from .model import load
 
-    vlm = load(a.model)
+    env = distributed.init()  # joins torchrun's process group; a no-op on one process
+    device = a.device
+    if device == "cuda" and env.enabled:
+        device = f"cuda:{env.local_rank}"
+    vlm = load(a.model, device=device)
     if a.data == "toy":
         from .data import toy
 
@@ -1177,6 +1270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = image_folder(a.data)
     store = harvest(vlm, data, [int(x) for x in a.layers.split(",")], tokens=a.tokens, pool=a.pool,
                     batch_size=a.batch_size, dtype=a.dtype, out=a.out, prompt=a.prompt, captions=a.captions,
-                    text_only=a.text_only, site=a.site, overwrite=a.overwrite)
-    print(store)
+                    text_only=a.text_only, site=a.site, overwrite=a.overwrite, progress=env.is_main)
+    if env.is_main:
+        print(store)
+    distributed.cleanup()
     return 0
