@@ -1,0 +1,180 @@
+"""Linear, pairwise and sparse probes; per-layer sweeps; features from a real (tiny) trace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vlens
+from vlens import probes
+from vlens.steering import pool_features
+
+torch.set_num_threads(1)
+
+
+def blobs(n_classes=5, per=40, d=24, sep=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, d, generator=g) * sep / np.sqrt(2)
+    y = torch.arange(n_classes).repeat_interleave(per)
+    X = centres[y] + torch.randn(len(y), d, generator=g)
+    return X, y
+
+
+def test_split_is_stratified_and_disjoint():
+    y = torch.arange(4).repeat_interleave(10)
+    tr, te = probes.split(y, 0.3, seed=1)
+    assert len(set(tr.tolist()) & set(te.tolist())) == 0 and len(tr) + len(te) == 40
+    assert torch.bincount(y[te]).tolist() == [3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("kind", ["softmax", "ovr"])
+def test_probe_matches_sklearn(kind):
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = blobs(sep=2.0)
+    p = probes.fit_probe(X, y, kind)
+    tr, te = probes.split(y)
+    sk = LogisticRegression(max_iter=1000).fit(((X - X[tr].mean(0)) / X[tr].std(0))[tr].numpy(), y[tr].numpy())
+    sk_acc = sk.score(((X - X[tr].mean(0)) / X[tr].std(0))[te].numpy(), y[te].numpy())
+    assert p.test_accuracy > 0.8
+    assert abs(p.test_accuracy - sk_acc) <= 0.05
+    # the folded raw-space weights compute the same predictions as predict()
+    assert torch.equal((X @ p.weight.T + p.bias).argmax(-1), p.predict(X))
+    assert p.per_class_accuracy.shape == (5,)
+    assert p.score(X[te], y[te]) == pytest.approx(p.test_accuracy)
+
+
+def test_probe_labels_need_not_be_contiguous():
+    X, y = blobs(n_classes=3)
+    y = torch.tensor([10, 20, 30])[y]
+    p = probes.fit_probe(X, y)
+    assert p.classes.tolist() == [10, 20, 30]
+    assert set(p.predict(X).tolist()) <= {10, 20, 30}
+    assert p.direction(20).equal(p.weight[1])
+
+
+def test_pairwise_probes():
+    X, y = blobs(n_classes=4, sep=3.0)
+    pp = probes.pairwise_probes(X, y)
+    assert len(pp.pairs) == 6 and bool((pp.accuracy > 0.85).all())
+    # each pair's own fit, alone, agrees with the batched fit
+    sub = (y == 0) | (y == 3)
+    alone = probes.fit_probe(X[sub], (y[sub] == 3).long())
+    assert abs(float(pp.accuracy[pp.pairs.index((0, 3))]) - alone.test_accuracy) <= 0.1
+    assert pp.direction(3, 0).equal(-pp.direction(0, 3))
+
+
+class FakeStore:
+    """Duck-typed stand-in for vlens.harvest's ActivationStore."""
+
+    def __init__(self, feats):
+        self.feats = feats
+        self.layers = sorted(feats)
+
+    def pooled(self, layer):
+        return self.feats[layer]
+
+
+def test_sweep_dict_and_store_figure_and_missing_layer():
+    y = torch.arange(4).repeat_interleave(25)
+    g = torch.Generator().manual_seed(0)
+    feats = {L: (torch.randn(100, 16, generator=g) + L * 1.5 * torch.eye(4, 16)[y], y) for L in (0, 2, 4)}
+    s = probes.sweep(feats)
+    assert s.layers == [0, 2, 4] and s.accuracy[4] > 0.9 > s.accuracy[0] and s.best_layer == 4
+    fig = s.figure()
+    assert list(fig.data[0].x) == [0, 2, 4] and fig.data[0].y[2] == s.accuracy[4]
+    s2 = probes.sweep(FakeStore(feats), layers=[2, 4])
+    assert s2.accuracy[4] == pytest.approx(s.accuracy[4])
+    with pytest.raises(KeyError, match="layer 3 was not harvested.*layers=\\[..., 3\\]"):
+        probes.sweep(feats, layers=[2, 3])
+    with pytest.raises(KeyError, match="not harvested"):
+        probes.sweep(FakeStore(feats), layers=[7])
+
+
+def test_decodable_classes_threshold():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(40)
+    X = torch.randn(160, 8, generator=g) + 5 * torch.eye(4, 8)[y.clamp(max=2)]  # classes 2 and 3 look alike
+    p = probes.fit_probe(X, y, class_names=["a", "b", "c", "d"])
+    assert probes.decodable_classes(p, 0.9) == ["a", "b"]
+    assert set(probes.decodable_classes(p, 0.0)) == {"a", "b", "c", "d"}
+    assert probes.decodable_classes(probes.sweep({1: (X, y)}), 0.9) == [0, 1]
+
+
+def test_bad_probe_inputs():
+    X, y = blobs(n_classes=3)
+    y2 = y.clone()
+    y2[0] = 7  # a class with one example
+    with pytest.raises(ValueError, match="fewer than two examples.*harvest more"):
+        probes.fit_probe(X, y2)
+    with pytest.raises(ValueError, match="NaN"):
+        probes.fit_probe(X.clone().fill_(float("nan")), y)
+    with pytest.raises(ValueError, match="2-D"):
+        probes.fit_probe(X[None], y)
+    with pytest.raises(ValueError, match="one label per row"):
+        probes.fit_probe(X, y[:-1])
+    with pytest.raises(ValueError, match="width"):
+        probes.fit_probe(X, y).logits(X[:, :3])
+
+
+def test_hard_concrete_gates():
+    g = probes.HardConcrete(1000, init=0.0)
+    torch.manual_seed(0)
+    s = g().detach()
+    assert float(s.min()) == 0.0 and float(s.max()) == 1.0  # the stretch makes exact 0s and 1s
+    # expected L0 matches the empirical fraction of open gates
+    with torch.no_grad():
+        emp = torch.stack([(g() > 0).float().mean() for _ in range(50)]).mean()
+        assert abs(float(g.expected_l0()) / 1000 - float(emp)) < 0.02
+    g.eval()
+    assert torch.equal(g(), g())
+
+
+def test_sparse_probe_finds_the_informative_latents():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2).repeat_interleave(60)
+    Z = torch.relu(torch.randn(120, 200, generator=g))
+    Z[:, 11] += 1.5 * y
+    Z[:, 42] += 1.5 * (1 - y)
+    r = probes.sparse_probe(Z, y, penalties=[0.0, 0.03, 0.3])
+    rows = {row["penalty"]: row for row in r.rows}
+    assert rows[0.03]["test_accuracy"] >= 0.85 and {11, 42} & set(rows[0.03]["latents"])
+    assert rows[0.03]["n_latents"] <= 10 < rows[0.0]["n_latents"]
+    assert rows[0.3]["n_latents"] <= rows[0.03]["n_latents"]
+    fig = r.figure()
+    assert len(fig.data[0].x) == 3
+
+
+def test_sparse_probe_on_sae_lens_latents_of_a_pair():
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=64))
+    X, y = blobs(n_classes=3, d=16, sep=4.0)
+    r = probes.sparse_probe(X, y, penalties=[0.01], sae=sae, pair=(0, 2), steps=200)
+    assert r.rows[0]["test_accuracy"] >= 0.8 and 0 < r.rows[0]["n_latents"] <= 64
+
+
+def test_probe_on_features_from_a_trace():
+    """Colour is linearly decodable from the mean image-token residual of a (random) tiny model."""
+    vlm = vlens.tiny()
+    rng = np.random.default_rng(0)
+    ims, labels = [], []
+    for i in range(24):
+        c = i % 2
+        base = np.array([[200, 40, 40], [40, 40, 200]][c])
+        arr = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+        ims.append(Image.fromarray(arr))
+        labels.append(c)
+    feats = pool_features(vlm, ims, layers=[1, 3], batch_size=12)
+    y = torch.tensor(labels)
+    # the same features, computed by hand: mean of resid_pre(L) over each row's image tokens
+    b = vlm.prepare(["<image>"] * 2, ims[:2])
+    with torch.no_grad(), vlm.trace(b):
+        h = vlm.resid_pre(3).save()
+    by_hand = torch.stack([h[i][b.layout.image[i]].mean(0) for i in range(2)])
+    assert torch.allclose(feats[3][:2], by_hand, atol=1e-5)
+    s = probes.sweep({L: (X, y) for L, X in feats.items()})
+    assert max(s.accuracy.values()) >= 0.9

@@ -1,0 +1,487 @@
+"""Interventions: small functions you call inside a `vlm.trace` or `vlm.generate` block.
+
+Each function edits one site of the model in place, at the tokens a
+`TokenLayout` selection names, and returns nothing you must keep (those that
+compute SAE latents return them, for you to `.save()` if you want them).
+They compose: call several in one trace, at any layers, in the model's
+execution order (read layer 3 before layer 5, as nnsight requires).
+
+    with torch.no_grad(), vlm.trace(batch):
+        add(vlm, 8, v, k=4.0, batch=batch)                      # steer the image tokens
+        project_out(vlm, 12, u, batch=batch, tokens="text")     # remove a direction from text tokens
+        logits = vlm.read("logits").save()
+
+`site` is an int layer L (the paper's hook point, `resid_pre.L` = HF
+`hidden_states[L]`) or any site name of `VLM.read` (`"resid_post.3"`,
+`"vision.1"`...). `tokens` is anything `TokenLayout.select` takes ('image',
+'text', 'answer', 'base', 'highres', 'newline', 'image+answer', a [batch, seq]
+bool mask, a function of the layout) plus the helpers `positions`,
+`one_image` and `tile` below. `tokens=None` edits every position.
+
+In `generate`, the first forward (the prefill) runs over the whole prompt and
+later steps see one new token each. A selection applies where the shapes match
+(the prefill); at later steps the edit touches the new token only when
+`new_tokens=True`, and is skipped otherwise. To edit every step, call the
+function inside `for step in tracer.all():` (see `vlens.steering.steered_generate`,
+which does this for you).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from .positions import Batch, TokenLayout
+
+__all__ = [
+    "ablate",
+    "add",
+    "check_vector",
+    "clamp_latent",
+    "one_image",
+    "positions",
+    "project_out",
+    "site_name",
+    "splice_sae",
+    "tile",
+    "token_mask",
+]
+
+
+# -- sites, vectors, token selections ------------------------------------------------------------
+
+
+def site_name(site: int | str) -> str:
+    """An int layer L means `resid_pre.L` (the paper's hook point); a string is used as is.
+
+    Example:
+        >>> site_name(8), site_name("resid_post.3")
+        ('resid_pre.8', 'resid_post.3')
+    """
+    if isinstance(site, bool):
+        raise TypeError("site must be an int layer or a site name such as 'resid_pre.8', not a bool")
+    if isinstance(site, int):
+        return f"resid_pre.{site}"
+    if isinstance(site, str):
+        return site
+    raise TypeError(f"site must be an int layer or a site name such as 'resid_pre.8', not {type(site).__name__}")
+
+
+def check_vector(v: Any, d_model: int, what: str = "vector") -> Float[Tensor, " d_model"]:
+    """Check that `v` is a finite vector of width `d_model` and return it as a 1-D tensor.
+
+    Example:
+        >>> check_vector(torch.ones(4), 4).shape
+        torch.Size([4])
+        >>> check_vector(torch.ones(3), 4)
+        Traceback (most recent call last):
+        ...
+        ValueError: vector has width 3 but the model's residual stream has d_model 4: build it from activations of this model (same layer width), e.g. vlens.steering.diff_of_means on features harvested from it
+    """
+    if not isinstance(v, Tensor):
+        v = torch.as_tensor(v, dtype=torch.float32)
+    if v.dim() == 2 and v.shape[0] == 1:
+        v = v[0]
+    if v.dim() != 1:
+        raise ValueError(f"{what} must be 1-D [d_model={d_model}], got shape {tuple(v.shape)}")
+    if v.shape[0] != d_model:
+        raise ValueError(
+            f"{what} has width {v.shape[0]} but the model's residual stream has d_model {d_model}: build it from "
+            "activations of this model (same layer width), e.g. vlens.steering.diff_of_means on features harvested "
+            "from it"
+        )
+    if not torch.isfinite(v).all():
+        bad = int((~torch.isfinite(v)).sum())
+        raise ValueError(
+            f"{what} has {bad} NaN/inf entries: recompute it (a class with no examples gives a NaN mean; "
+            "a zero vector normalised gives NaN) or pass torch.nan_to_num(v)"
+        )
+    return v
+
+
+def _layout(batch: Batch | TokenLayout | None) -> TokenLayout | None:
+    if batch is None or isinstance(batch, TokenLayout):
+        return batch
+    if isinstance(batch, Batch):
+        return batch.layout
+    raise TypeError(f"batch must be a vlens Batch (from vlm.prepare) or a TokenLayout, not {type(batch).__name__}")
+
+
+def positions(pos: int | Sequence[int] | range) -> Callable[[TokenLayout], Bool[Tensor, "batch seq"]]:
+    """Select sequence positions (the same in every row; negative counts from the end).
+
+    Example:
+        >>> import vlens; from PIL import Image
+        >>> vlm = vlens.tiny()
+        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+        >>> int(token_mask(b, positions([-1, -2])).sum())
+        2
+    """
+    pos = [pos] if isinstance(pos, int) else list(pos)
+
+    def select(layout: TokenLayout) -> Tensor:
+        S = layout.shape[1]
+        bad = [p for p in pos if not -S <= p < S]
+        if bad:
+            raise IndexError(
+                f"token positions {bad} are outside the sequence of length {S}: use positions in "
+                f"[-{S}, {S}) (e.g. from batch.layout.images[i].start/end)"
+            )
+        m = torch.zeros(layout.shape, dtype=torch.bool)
+        m[:, [p % S for p in pos]] = True
+        return m
+
+    return select
+
+
+def one_image(image: int) -> Callable[[TokenLayout], Bool[Tensor, "batch seq"]]:
+    """Select the tokens of one image (its index in the order images were given to `prepare`).
+
+    Example:
+        >>> import vlens; from PIL import Image
+        >>> vlm = vlens.tiny()
+        >>> b = vlm.prepare(["<image>\\nhi"] * 2, [Image.new("RGB", (32, 32))] * 2)
+        >>> int(token_mask(b, one_image(1))[0].sum())
+        0
+    """
+
+    def select(layout: TokenLayout) -> Tensor:
+        if not 0 <= image < len(layout.images):
+            raise IndexError(f"image {image} does not exist: this batch has images 0..{len(layout.images) - 1}")
+        return layout.image_mask(image)
+
+    return select
+
+
+def tile(index: int, image: int | None = None) -> Callable[[TokenLayout], Bool[Tensor, "batch seq"]]:
+    """Select the patch tokens of one tile: 0 is the base (global) tile, 1.. the high-res tiles in raster order.
+
+    `image` restricts to one image; by default every image's tile `index`.
+
+    Example:
+        >>> import vlens; from PIL import Image
+        >>> vlm = vlens.tiny()
+        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+        >>> int(token_mask(b, tile(0)).sum())   # 4×4 patches in the base tile
+        16
+    """
+
+    def select(layout: TokenLayout) -> Tensor:
+        m = torch.zeros(layout.shape, dtype=torch.bool)
+        spans = layout.images if image is None else [layout.images[image]]
+        found = False
+        for s in spans:
+            pos = s.positions()[s.geometry.tile == index]
+            found |= pos.numel() > 0
+            m[s.batch_index, pos] = True
+        if not found:
+            n = max((int(s.geometry.tile.max()) for s in spans), default=-1)
+            raise IndexError(f"tile {index} does not exist: the selected image(s) have tiles 0..{n} (0 = base tile)")
+        return m
+
+    return select
+
+
+def token_mask(batch: Batch | TokenLayout, tokens: Any) -> Bool[Tensor, "batch seq"]:
+    """Resolve a token selection to a [batch, seq] bool mask, with clear errors.
+
+    Accepts everything `TokenLayout.select` does, plus int positions (or a
+    list of them), and checks the mask lies inside the sequence.
+
+    Example:
+        >>> import vlens; from PIL import Image
+        >>> vlm = vlens.tiny()
+        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+        >>> token_mask(b, "image").equal(b.layout.image)
+        True
+    """
+    layout = _layout(batch)
+    if layout is None:
+        raise ValueError("a token selection needs the batch: pass batch=<the Batch from vlm.prepare>")
+    if isinstance(tokens, int) and not isinstance(tokens, bool) or (
+        isinstance(tokens, (list, tuple, range)) and all(isinstance(t, int) for t in tokens)
+    ):
+        return positions(tokens)(layout)
+    if isinstance(tokens, Tensor) and tokens.dtype != torch.bool:
+        if tokens.dim() <= 1:
+            return positions(tokens.tolist())(layout)
+    if isinstance(tokens, Tensor) and tuple(tokens.shape) != layout.shape:
+        raise IndexError(
+            f"token mask of shape {tuple(tokens.shape)} does not match the batch's [batch, seq] = {layout.shape}: "
+            "build it from this batch's layout (e.g. batch.layout.image & ...)"
+        )
+    mask = layout.select(tokens)
+    if isinstance(tokens, str) and not mask.any():
+        raise ValueError(f"token selection {tokens!r} selects no token in this batch (is there an image / answer?)")
+    return mask
+
+
+# -- the core edit -----------------------------------------------------------------------------
+
+
+def _edit(
+    vlm: Any,
+    site: int | str,
+    batch: Batch | TokenLayout | None,
+    tokens: Any,
+    fn: Callable[[Tensor], Tensor],
+    new_tokens: bool,
+) -> Tensor | None:
+    """Apply fn ([n, d] -> [n, d]) to the selected rows of the live activation, in place."""
+    h = vlm.read(site_name(site))
+    if tokens is None:
+        h[...] = fn(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+        return h
+    mask = token_mask(batch, tokens)
+    if h.dim() == 3 and tuple(h.shape[:2]) == tuple(mask.shape):
+        mask = mask.to(h.device)
+        h[mask] = fn(h[mask])
+        return h
+    if h.dim() == 3 and h.shape[0] == mask.shape[0] and h.shape[1] < mask.shape[1]:
+        # a decode step of generate (KV cache): only the new token(s) are here
+        if new_tokens:
+            h[:, -1] = fn(h[:, -1])
+        return h
+    raise ValueError(
+        f"site {site_name(site)!r} has shape {tuple(h.shape)}, which a token selection over [batch, seq] = "
+        f"{tuple(mask.shape)} cannot index: use tokens=None to edit every position, or a residual site"
+    )
+
+
+def add(
+    vlm: Any,
+    site: int | str,
+    vector: Float[Tensor, " d_model"],
+    k: float = 1.0,
+    *,
+    batch: Batch | TokenLayout | None = None,
+    tokens: Any = "image",
+    new_tokens: bool = False,
+) -> None:
+    """Add `k · vector` to the residual stream at `site`, at the selected tokens (the paper's steering).
+
+    Example:
+        >>> import vlens, torch; from PIL import Image
+        >>> vlm = vlens.tiny()
+        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+        >>> with torch.no_grad(), vlm.trace(b):
+        ...     add(vlm, 2, torch.ones(vlm.d_model), k=3.0, batch=b)
+        ...     h = vlm.resid_pre(2).save()
+        >>> with torch.no_grad(), vlm.trace(b):
+        ...     h0 = vlm.resid_pre(2).save()
+        >>> round(float((h - h0)[b.layout.image].mean()), 4)
+        3.0
+    """
+    v = check_vector(vector, vlm.d_model)
+    if not math.isfinite(float(k)):
+        raise ValueError(f"k must be a finite number, got {k}")
+
+    def fn(x: Tensor) -> Tensor:
+        return x + float(k) * v.to(x.device, x.dtype)
+
+    _edit(vlm, site, batch, tokens, fn, new_tokens)
+
+
+def ablate(
+    vlm: Any,
+    site: int | str,
+    *,
+    batch: Batch | TokenLayout | None = None,
+    tokens: Any = "image",
+    value: str | Tensor = "zero",
+    new_tokens: bool = False,
+) -> None:
+    """Ablate the selected tokens at `site`: `value="zero"`, `"mean"` (mean of the selected tokens of
+    this batch) or a given vector (e.g. a data-set mean activation).
+
+    Example:
+        >>> import vlens, torch; from PIL import Image
+        >>> vlm = vlens.tiny()
+        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+        >>> with torch.no_grad(), vlm.trace(b):
+        ...     ablate(vlm, 1, batch=b, tokens="image")
+        ...     h = vlm.resid_pre(1).save()
+        >>> float(h[b.layout.image].abs().max())
+        0.0
+    """
+    if isinstance(value, str):
+        if value not in ("zero", "mean"):
+            raise ValueError(f"value must be 'zero', 'mean' or a [d_model] vector, not {value!r}")
+        if value == "zero":
+            fn = lambda x: torch.zeros_like(x)  # noqa: E731
+        else:
+            fn = lambda x: x.mean(0, keepdim=True).expand_as(x)  # noqa: E731
+    else:
+        v = check_vector(value, vlm.d_model, "ablation value")
+        fn = lambda x: v.to(x.device, x.dtype).expand_as(x).clone()  # noqa: E731
+    _edit(vlm, site, batch, tokens, fn, new_tokens)
+
+
+def _orthonormal(directions: Tensor, d_model: int) -> Tensor:
+    d = directions if isinstance(directions, Tensor) else torch.as_tensor(directions, dtype=torch.float32)
+    if d.dim() == 1:
+        d = check_vector(d, d_model, "direction")[None]
+    else:
+        for row in d:
+            check_vector(row, d_model, "direction")
+    if (d.norm(dim=-1) == 0).any():
+        raise ValueError("a direction to project out is the zero vector: pass non-zero directions")
+    q, _ = torch.linalg.qr(d.float().T)  # [d_model, r]
+    return q.T  # [r, d_model]
+
+
+def project_out(
+    vlm: Any,
+    site: int | str,
+    directions: Float[Tensor, "*r d_model"],
+    *,
+    batch: Batch | TokenLayout | None = None,
+    tokens: Any = "image",
+    new_tokens: bool = False,
+) -> None:
+    """Remove the component along one direction (or the span of several rows) at the selected tokens.
+
+    Example:
+        >>> import vlens, torch; from PIL import Image
+        >>> vlm = vlens.tiny()
+        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+        >>> u = torch.randn(vlm.d_model)
+        >>> with torch.no_grad(), vlm.trace(b):
+        ...     project_out(vlm, 2, u, batch=b, tokens="all")
+        ...     h = vlm.resid_pre(2).save()
+        >>> float((h[0] @ u).abs().max()) < 1e-3
+        True
+    """
+    q = _orthonormal(directions, vlm.d_model)
+
+    def fn(x: Tensor) -> Tensor:
+        qq = q.to(x.device, x.dtype)
+        return x - (x @ qq.T) @ qq
+
+    _edit(vlm, site, batch, tokens, fn, new_tokens)
+
+
+# -- SAE edits -----------------------------------------------------------------------------------
+
+
+def _check_sae(sae: Any, d_model: int) -> None:
+    if not (hasattr(sae, "encode") and hasattr(sae, "decode")):
+        raise TypeError(f"sae must have encode/decode (an SAE-Lens SAE or a vlens.sae class), got {type(sae).__name__}")
+    W = getattr(sae, "W_dec", None)
+    if W is not None and W.shape[-1] != d_model:
+        raise ValueError(
+            f"this SAE decodes to width {W.shape[-1]} but the site has d_model {d_model}: use an SAE trained on "
+            "this model's residual stream"
+        )
+
+
+def _sae_dtype(sae: Any) -> tuple[torch.device, torch.dtype]:
+    W = getattr(sae, "W_dec", None)
+    if W is None:
+        p = next(sae.parameters())
+        return p.device, p.dtype
+    return W.device, W.dtype
+
+
+def clamp_latent(
+    vlm: Any,
+    site: int | str,
+    sae: Any,
+    latent: int | Sequence[int],
+    value: float | Sequence[float],
+    *,
+    batch: Batch | TokenLayout | None = None,
+    tokens: Any = "image",
+    new_tokens: bool = False,
+) -> None:
+    """Clamp SAE latent(s) to `value` at the selected tokens, keeping the SAE's error term.
+
+    The activation becomes `h + Σ_i (value_i - f_i(h)) · W_dec[i]`: only the
+    clamped latents' contributions change; what the SAE does not reconstruct
+    is left alone.
+
+    Example:
+        >>> import vlens, torch; from PIL import Image
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> vlm = vlens.tiny()
+        >>> sae = StandardSAE(StandardSAEConfig(d_in=vlm.d_model, d_sae=128))
+        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+        >>> with torch.no_grad(), vlm.trace(b):
+        ...     clamp_latent(vlm, 2, sae, latent=5, value=10.0, batch=b)
+        ...     f = sae.encode(vlm.resid_pre(2)).save()
+        >>> bool((f[b.layout.image][:, 5] > 5).all())
+        True
+    """
+    _check_sae(sae, vlm.d_model)
+    latents = [latent] if isinstance(latent, int) else list(latent)
+    values = torch.as_tensor([value] * len(latents) if isinstance(value, (int, float)) else list(value),
+                             dtype=torch.float32)
+    if len(values) != len(latents):
+        raise ValueError(f"got {len(values)} values for {len(latents)} latents: give one value per latent, or one for all")
+    d_sae = sae.W_dec.shape[0]
+    bad = [i for i in latents if not 0 <= i < d_sae]
+    if bad:
+        raise IndexError(f"latents {bad} do not exist: this SAE has latents 0..{d_sae - 1}")
+    dev, dt = _sae_dtype(sae)
+
+    def fn(x: Tensor) -> Tensor:
+        f = sae.encode(x.to(dev, dt))[:, latents]
+        delta = (values.to(dev, dt) - f) @ sae.W_dec[latents]
+        return x + delta.to(x.device, x.dtype)
+
+    _edit(vlm, site, batch, tokens, fn, new_tokens)
+
+
+def splice_sae(
+    vlm: Any,
+    site: int | str,
+    sae: Any,
+    *,
+    batch: Batch | TokenLayout | None = None,
+    tokens: Any = "all",
+    error: bool = False,
+    edit: Callable[[Tensor], Tensor] | None = None,
+    new_tokens: bool = True,
+) -> Tensor:
+    """Replace the selected activations with the SAE's reconstruction; returns the latents [n, d_sae].
+
+    With `error=True` the SAE's error term `h - decode(encode(h))` is added
+    back, so the output is unchanged unless `edit` (a function of the latents
+    [n, d_sae], returning new latents) changes them. Without it this is the
+    splice of "loss recovered".
+
+    Example:
+        >>> import vlens, torch; from PIL import Image
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> vlm = vlens.tiny()
+        >>> sae = StandardSAE(StandardSAEConfig(d_in=vlm.d_model, d_sae=128))
+        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+        >>> with torch.no_grad(), vlm.trace(b):
+        ...     f = splice_sae(vlm, 2, sae, batch=b, tokens="image").save()
+        >>> f.shape[1]
+        128
+    """
+    _check_sae(sae, vlm.d_model)
+    dev, dt = _sae_dtype(sae)
+    out: list[Tensor] = []
+
+    def fn(x: Tensor) -> Tensor:
+        xs = x.to(dev, dt)
+        f = sae.encode(xs)
+        recon = sae.decode(f)
+        if edit is not None:
+            f2 = edit(f)
+            new = sae.decode(f2)
+        else:
+            f2, new = f, recon
+        if error:
+            new = new + (xs - recon)
+        out.append(f2)
+        return new.to(x.device, x.dtype)
+
+    _edit(vlm, site, batch, tokens, fn, new_tokens)
+    return out[0] if out else torch.zeros(0, sae.W_dec.shape[0])
