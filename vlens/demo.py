@@ -1,0 +1,279 @@
+"""`vlens demo`: every experiment of the paper, end to end, on the toy model (or a real one), into one HTML report.
+
+Stages (each a few library calls; read this file as a worked example):
+
+1. harvest mean-pooled image-token activations at every layer (`vlens.harvest`);
+2. linear probes by layer (`vlens.probes.sweep`);
+3. a steering vector for a class pair (difference of class means), with
+   generations before and after on held-out images, and an efficacy/damage
+   sweep over k (`vlens.steering`);
+4. multimodal SAEs on image + caption tokens (plus a text-only caption pass)
+   at every layer, evaluated at the middle layer (explained variance, L0,
+   loss recovered per modality) (`vlens.sae`);
+5. modality sharing by layer (`vlens.sae.sharing_by_layer`);
+6. export of the middle-layer SAE to SAE-Lens's format, reloaded with plain
+   `sae_lens.SAE.load_from_disk`, and feature dashboards;
+7. a self-contained HTML report, whose path is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo; `fast()` is the CI-sized version."""
+
+    n_train: int = 400
+    n_heldout: int = 120
+    n_sae_samples: int = 300
+    sae_steps: int = 1500
+    sae_expansion: int = 8
+    steer_images: int = 24
+    ks: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+    n_pairs: int = 3
+    n_dashboards: int = 8
+    batch_size: int = 16
+
+    @classmethod
+    def fast(cls) -> "DemoConfig":
+        return cls(n_train=120, n_heldout=40, n_sae_samples=60, sae_steps=300, steer_images=8, ks=(0.0, 2.0, 8.0),
+                   n_pairs=1, n_dashboards=3)
+
+
+def _stage(name: str) -> float:
+    print(f"\n== {name}", flush=True)
+    return time.perf_counter()
+
+
+def run(
+    out: str | Path = "vlens-demo",
+    *,
+    model: str = "toy",
+    device: str | None = None,
+    fast: bool = False,
+    data: str | None = None,
+    captions: str | None = None,
+    image_root: str | None = None,
+    config: DemoConfig | None = None,
+) -> str:
+    """Run the whole demo and return the report's path.
+
+    `model="toy"` uses the embedded toy model and its generated data. Any
+    other model (e.g. `"llava-hf/llava-v1.6-mistral-7b-hf"` with
+    `device="cuda"`) needs `data`: an image-class folder (`class/xxx.jpg`) or
+    an HF dataset id with `image`/`label` columns, and `captions`: a
+    ShareGPT4V-style JSON (with `image_root`) for the SAE stages.
+
+    Example:
+        >>> path = run("/tmp/vlens-demo-doc", fast=True)  # doctest: +SKIP
+    """
+    import sae_lens
+
+    from . import probes, steering
+    from . import sae as vsae
+    from .harvest import harvest
+    from .model import load
+    from .report import Report
+
+    cfg = config or (DemoConfig.fast() if fast else DemoConfig())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+
+    t = _stage(f"load {model}")
+    vlm = load(model, device=device)
+    train, heldout, cap_data, question, two_choice, cap_prompt = _data(model, cfg, data, captions, image_root)
+    names = list(train.class_names or [])
+    layers = list(range(vlm.n_layers))
+    mid = vlm.n_layers // 2
+    report = Report(
+        f"vlens demo — {vlm.name}",
+        f"Every experiment of <i>Line of Sight</i> (Rajaram et al., 2025) on <code>{vlm.name}</code>: "
+        f"{vlm.n_layers} LM layers × d_model {vlm.d_model}. Residual sites are <code>resid_pre.L</code> "
+        "(HF <code>hidden_states[L]</code>).",
+    )
+    timings: dict[str, float] = {}
+    timings["load"] = time.perf_counter() - t
+
+    # -- 1. harvest ---------------------------------------------------------------------------
+    t = _stage(f"1/6 harvest mean image-token activations at all {len(layers)} layers ({len(train)} images)")
+    pooled = harvest(vlm, train, layers, tokens="image", pool="mean", batch_size=cfg.batch_size,
+                     out=out / "store-pooled", prompt="<image>\n" + question, overwrite=True)
+    report.section("Data", f"{len(train)} training and {len(heldout)} held-out images, {len(names)} classes.")
+    report.images([(s.image, s.caption or names[s.label]) for s in list(heldout)[:10]])
+    timings["harvest"] = time.perf_counter() - t
+
+    # -- 2. probes ----------------------------------------------------------------------------
+    t = _stage("2/6 linear probes by layer")
+    sweep = probes.sweep(pooled, layers)
+    acc = sweep.accuracy
+    print("held-out accuracy by layer: " + ", ".join(f"{L}: {a:.3f}" for L, a in acc.items()))
+    report.section("Linear probes", "Softmax probes on the mean image-token residual, held-out accuracy by layer. "
+                   f"Best layer {sweep.best_layer} ({acc[sweep.best_layer]:.3f}); chance is {1 / max(len(names), 1):.3f}.")
+    report.figure(sweep.figure())
+    report.text(f"Classes decodable at ≥ 0.9 at layer {sweep.best_layer}: "
+                f"{', '.join(names[c] if isinstance(c, int) else str(c) for c in probes.decodable_classes(sweep, 0.9))}.",
+                note=True)
+    timings["probes"] = time.perf_counter() - t
+
+    # -- 3. steering --------------------------------------------------------------------------
+    t = _stage("3/6 steering with class-mean differences")
+    pairs = _pairs(model, names, cfg.n_pairs)
+    means = {L: steering.class_means(*pooled.pooled(L), n_classes=len(names)) for L in layers}
+    src, tgt = pairs[0]
+    si, ti = names.index(src), names.index(tgt)
+    src_images = [s.image for s in heldout if s.label == si][: min(cfg.steer_images, 6)]
+    batch = vlm.prepare(["<image>\n" + question] * len(src_images), src_images)
+    v = means[mid][ti] - means[mid][si]
+    before = steering.steered_generate(vlm, batch, None, max_new_tokens=6)
+    rows = [{"k": 0.0, **{f"image {i}": a for i, a in enumerate(before)}}]
+    for k in [k for k in cfg.ks if k > 0]:
+        after = steering.steered_generate(vlm, batch, v, layer=mid, k=k, max_new_tokens=6)
+        rows.append({"k": k, **{f"image {i}": a for i, a in enumerate(after)}})
+    print(f"steering {src} → {tgt} at layer {mid}:")
+    for r in rows:
+        print(f"  k={r['k']:>4}: {[r[f'image {i}'] for i in range(len(src_images))]}")
+    sw = steering.sweep(vlm, pairs, cfg.ks, sorted({max(mid - 1, 0), mid}), data=heldout, vectors=means,
+                        captions=cap_data, n_images=cfg.steer_images, n_captions=min(16, cfg.steer_images),
+                        prompt=two_choice, caption_prompt="<image>\n" + cap_prompt, random_control=True)
+    report.section("Steering", f"Adding k·(mean<sub>{tgt}</sub> − mean<sub>{src}</sub>) to every image token at "
+                   f"<code>resid_pre.{mid}</code> during the prefill only, then decoding greedily from the KV cache. "
+                   f"Answers to <i>{question}</i> on held-out images of class <b>{src}</b>:")
+    report.images([(im, f"image {i}") for i, im in enumerate(src_images)])
+    report.table(rows)
+    for fig in sw.figures().values():
+        report.figure(fig)
+    succ = sw.success()
+    report.table(succ, ["src", "tgt", "layer", "k", "flip_rate", "damage"])
+    report.text(f"Fraction of pairs with a k that flips ≥ 90% of answers: {sw.success_rate():.2f}. "
+                "Damage is the increase of caption NLL (nats per token) at that k. A random vector of the same norm "
+                "is the control (random_flip_rate in the sweep).", note=True)
+    timings["steering"] = time.perf_counter() - t
+
+    # -- 4. SAEs ------------------------------------------------------------------------------
+    t = _stage(f"4/6 multimodal SAEs on image + caption tokens at all {len(layers)} layers")
+    sae_data = cap_data[: cfg.n_sae_samples]
+    tokens = harvest(vlm, sae_data, layers, tokens="image+answer", captions=True, text_only=True,
+                     batch_size=cfg.batch_size, out=out / "store-tokens", prompt="<image>\n" + cap_prompt,
+                     overwrite=True)
+    mix = tokens.filter(modality="image"), tokens.filter(modality="text")
+    print(f"{len(tokens)} tokens: {len(mix[0])} image, {len(mix[1])} text")
+    saes = {}
+    for L in layers:
+        steps = cfg.sae_steps if L == mid else max(cfg.sae_steps // 2, 100)
+        saes[L] = vsae.train(tokens, "paper", layer=L, expansion=cfg.sae_expansion, steps=steps,
+                             checkpoint_dir=out / "sae-checkpoints" / f"layer-{L}", model_name=vlm.name,
+                             progress=True)
+    sae = saes[mid]
+    ev = vsae.evaluate(sae, tokens, layer=mid)
+    held_caps = [s for s in heldout if s.caption][: max(8, cfg.steer_images)]
+    lr = vsae.loss_recovered(vlm, sae, mid, held_caps, prompt="<image>\n" + cap_prompt)
+    report.section(f"Multimodal SAE at layer {mid}",
+                   f"ReLU SAE, {sae.cfg.d_sae} latents (×{cfg.sae_expansion}), the paper's recipe, trained on "
+                   f"{len(tokens)} tokens ({len(mix[0])} image, {len(mix[1])} caption, incl. a text-only pass).")
+    report.table([{"tokens": k, **{m: v.get(m) for m in ("explained_variance", "l0", "dead", "n_tokens")},
+                   "loss_recovered": lr.get(k, {}).get("loss_recovered")} for k, v in ev.items()])
+    timings["sae"] = time.perf_counter() - t
+
+    # -- 5. modality --------------------------------------------------------------------------
+    t = _stage("5/6 modality sharing by layer")
+    share = vsae.sharing_by_layer(saes)
+    for L, s in share.items():
+        print(f"  layer {L}: " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if isinstance(v, float)))
+    report.section("Modality sharing by layer",
+                   "Each latent's image share of activation mass, normalised by token counts (0 = text only, "
+                   "1 = image only); latents between the thresholds count as shared. The paper finds sharing grows "
+                   "with depth.")
+    report.figure(vsae.plot_sharing_by_layer(saes))
+    report.figure(vsae.plot_modality_histogram(saes))
+    timings["modality"] = time.perf_counter() - t
+
+    # -- 6. export + dashboards ------------------------------------------------------------------
+    t = _stage("6/6 export to SAE-Lens and feature dashboards")
+    export_dir = out / f"sae-lens-layer-{mid}"
+    vsae.export(sae, export_dir, model_name=vlm.name, hook_name=vlm.hook_name(f"resid_pre.{mid}"))
+    plain = sae_lens.SAE.load_from_disk(str(export_dir))
+    x = tokens.activations(mid)[: min(512, len(tokens))].float()
+    same = torch.equal(plain.encode(x), sae.encode(x))
+    print(f"exported to {export_dir}; plain SAE-Lens reload encodes identically: {same}")
+    dash = vsae.dashboard(sae, vlm, list(heldout)[: max(16, cfg.steer_images)], mid, out / "dashboards",
+                          n_latents=cfg.n_dashboards, prompt="<image>\n" + cap_prompt)
+    report.section("Export and dashboards",
+                   f"<code>{export_dir}</code> loads with <code>sae_lens.SAE.load_from_disk</code> "
+                   f"(identical encodings: {same}).")
+    report.link(Path(dash).resolve().relative_to(out.resolve()).as_posix(),
+                "Feature dashboards (top images with patch heatmaps, top text contexts)")
+    timings["export"] = time.perf_counter() - t
+
+    timings["total"] = time.perf_counter() - t_start
+    report.section("Timings", "Seconds per stage on this machine.")
+    report.table([{k: round(v, 1) for k, v in timings.items()}])
+    (out / "results.json").write_text(json.dumps({
+        "model": vlm.name, "probe_accuracy": acc, "steering_success_rate": sw.success_rate(),
+        "steering": succ, "sae": ev, "loss_recovered": lr, "sharing": share, "timings": timings,
+    }, indent=1, default=str))
+    path = report.save(out / "report.html")
+    print(f"\nreport: {path}")
+    return path
+
+
+def _data(model: str, cfg: DemoConfig, data: str | None, captions: str | None, image_root: str | None):
+    """(train, heldout, caption data, question, two-choice prompt fn, caption prompt) for the model."""
+    from . import data as vdata
+
+    if model == "toy" and data is None:
+        from . import toy
+
+        train = vdata.toy("train", n=cfg.n_train)
+        heldout = vdata.toy("heldout", n=cfg.n_heldout)
+        return (train, heldout, train, toy.QUESTION,
+                lambda s, t: "<image>\n" + toy.two_choice_prompt(s, t), toy.CAPTION_PROMPT)
+    if data is None or captions is None:
+        raise SystemExit(
+            "a model other than the toy needs data: --data <image folder class/xxx.jpg or HF dataset id> and "
+            "--captions <ShareGPT4V json> --image-root <dir> (no dataset can be downloaded by the demo itself)"
+        )
+    from .steering import two_choice_prompt
+
+    classes = vdata.image_folder(data) if Path(data).is_dir() else vdata.from_hf(data, split="validation")
+    n = len(classes)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    train = vdata.ListDataset([classes[i] for i in idx[: cfg.n_train]], class_names=classes.class_names)
+    heldout = vdata.ListDataset([classes[i] for i in idx[cfg.n_train: cfg.n_train + cfg.n_heldout]],
+                                class_names=classes.class_names)
+    caps = vdata.sharegpt4v(captions, image_root=image_root)
+    return (train, heldout, caps, "What is shown in this image?",
+            lambda s, t: "<image>\n" + two_choice_prompt(s, t), "Describe the image.")
+
+
+def _pairs(model: str, names: Sequence[str], n: int) -> list[tuple[str, str]]:
+    if model == "toy":
+        from .toy import class_pairs
+
+        return list(class_pairs())[:n]
+    return [(names[i], names[i + 1]) for i in range(0, 2 * n, 2)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`vlens demo [--fast] [--out DIR] [--model ID --device cuda --data ... --captions ...]`."""
+    p = argparse.ArgumentParser(prog="vlens demo", description=__doc__.split("\n")[0])
+    p.add_argument("--fast", action="store_true", help="CI-sized run (under 2 minutes on 2 CPU cores)")
+    p.add_argument("--out", default="vlens-demo", help="output directory (report, stores, SAEs, dashboards)")
+    p.add_argument("--model", default="toy", help="'toy' or a llava-hf LLaVA-Next id / directory")
+    p.add_argument("--device", default=None, help="e.g. cuda")
+    p.add_argument("--data", default=None, help="image-class data for a real model: folder or HF dataset id")
+    p.add_argument("--captions", default=None, help="ShareGPT4V-style caption JSON for a real model")
+    p.add_argument("--image-root", default=None, help="image root of --captions")
+    a = p.parse_args(list(argv) if argv is not None else None)
+    run(a.out, model=a.model, device=a.device, fast=a.fast, data=a.data, captions=a.captions, image_root=a.image_root)
+    return 0
