@@ -529,7 +529,7 @@ def load(
         >>> import vlens
         >>> vlm = vlens.load("toy")
         >>> vlm.n_layers
-        4
+        6
     """
     if isinstance(name_or_path, tuple):
         model, processor = name_or_path
