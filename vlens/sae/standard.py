@@ -1,0 +1,191 @@
+"""The paper's SAE: ReLU, biases on both sides, decoder-norm-weighted L1 (a registered SAE-Lens training class).
+
+Loss, per batch of B tokens (exactly SAE-Lens's `StandardTrainingSAE` with `lp_norm=1`):
+
+    L = (1/B) Σ_t ||x̂_t − x_t||²  +  λ (1/B) Σ_t Σ_i f_i(x_t) · ||W_dec,i||
+
+i.e. the paper's "Σ squared error + λ Σ_i |f_i|·||W_dec,i||" averaged over tokens
+(f ≥ 0 after the ReLU, so |f_i| = f_i). What `PaperTrainingSAE` changes from
+SAE-Lens's standard training SAE is only what the paper does differently:
+
+- the encoder does not subtract `b_dec` from its input (`apply_b_dec_to_input=False`):
+  f = ReLU(x W_enc + b_enc), x̂ = f W_dec + b_dec;
+- initialisation: decoder rows Gaussian then scaled to norm 0.1, W_enc = W_decᵀ, zero biases
+  (SAE-Lens draws the rows Kaiming-uniform before rescaling).
+
+It trains, saves and loads through SAE-Lens (`architecture "vlens_paper"`, registered
+with `register_sae_training_class`); its inference form is SAE-Lens's plain
+`"standard"` architecture, so exported SAEs need no vlens to load.
+
+`fused_standard_step` is the same loss with hand-written gradients that use the
+sparsity of f (gather / `embedding_bag` instead of dense matmuls once few latents
+fire); tests check it against autograd on `StandardTrainingSAE`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY, register_sae_training_class
+from sae_lens.saes import StandardSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens.saes.sae import SAEConfig
+from torch import Tensor
+from typing_extensions import override
+
+ARCHITECTURE = "vlens_paper"
+
+
+@dataclass
+class PaperTrainingSAEConfig(StandardTrainingSAEConfig):
+    """`StandardTrainingSAEConfig` with the paper's defaults (λ = 5, no b_dec on the input).
+
+    Example:
+        >>> cfg = PaperTrainingSAEConfig(d_in=64, d_sae=512)
+        >>> cfg.l1_coefficient, cfg.apply_b_dec_to_input, cfg.decoder_init_norm
+        (5.0, False, 0.1)
+    """
+
+    l1_coefficient: float = 5.0
+    apply_b_dec_to_input: bool = False
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return StandardSAEConfig
+
+
+class PaperTrainingSAE(StandardTrainingSAE):
+    """SAE-Lens `StandardTrainingSAE` with the paper's Gaussian initialisation.
+
+    Example:
+        >>> import torch
+        >>> torch.manual_seed(0) is not None
+        True
+        >>> sae = PaperTrainingSAE(PaperTrainingSAEConfig(d_in=16, d_sae=64))
+        >>> round(float(sae.W_dec.detach().norm(dim=1).mean()), 4), bool(torch.equal(sae.W_enc, sae.W_dec.T))
+        (0.1, True)
+    """
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        with torch.no_grad():
+            w = torch.randn(self.cfg.d_sae, self.cfg.d_in, dtype=self.dtype, device=self.device)
+            norm = self.cfg.decoder_init_norm if self.cfg.decoder_init_norm is not None else 0.1
+            w = w / w.norm(dim=-1, keepdim=True) * norm
+            self.W_dec.data = w
+            self.W_enc.data = w.T.clone().contiguous()
+            self.b_dec.data.zero_()
+            self.b_enc.data.zero_()
+
+
+def register() -> None:
+    """Register `PaperTrainingSAE` with SAE-Lens (idempotent)."""
+    if ARCHITECTURE not in SAE_TRAINING_CLASS_REGISTRY:
+        register_sae_training_class(ARCHITECTURE, PaperTrainingSAE, PaperTrainingSAEConfig)
+
+
+register()
+
+
+@dataclass
+class StepStats:
+    """Scalars of one fused step (tensors, to avoid syncs; read with `.item()` when logging)."""
+
+    mse: Tensor
+    l1: Tensor
+    fired: Tensor  # [d_sae] bool: latent fired on this batch
+    l0: Tensor
+    sse: Tensor  # Σ squared error
+    n_active: int
+
+
+_SPARSE_DENSITY = 0.15  # below this fraction of active (token, latent) pairs, use the sparse kernels
+
+
+def fused_standard_step(
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    x: Float[Tensor, "batch d_in"],
+    l1_coefficient: float,
+    apply_b_dec_to_input: bool,
+) -> tuple[StepStats, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Loss and gradients of the standard SAE on one batch, without autograd.
+
+    Returns `(stats, (dW_enc, db_enc, dW_dec, db_dec))` for
+    L = Σ||x̂ − x||²/B + λ Σ f·||W_dec||/B, the loss of SAE-Lens's
+    `StandardTrainingSAE.training_forward_pass` (`lp_norm=1`).
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> W = torch.randn(8, 4, generator=g) * 0.3
+        >>> stats, grads = fused_standard_step(W.T.clone(), torch.zeros(8), W, torch.zeros(4),
+        ...                                    torch.randn(16, 4, generator=g), 1.0, False)
+        >>> [tuple(t.shape) for t in grads]
+        [(4, 8), (8,), (8, 4), (4,)]
+    """
+    B = x.shape[0]
+    sae_in = x - b_dec if apply_b_dec_to_input else x
+    pre = torch.addmm(b_enc, sae_in, W_enc)  # [B, m]
+    active = pre > 0
+    dec_norm = W_dec.norm(dim=1)  # [m]
+    n_active = int(active.sum())
+    inv_b = 1.0 / B
+    if n_active <= _SPARSE_DENSITY * pre.numel():
+        # (token, latent) pairs that fire, in row order (for decoding) and in latent order (for
+        # the weight gradients); the latter from the transposed mask, which avoids a sort.
+        r, j = active.nonzero().unbind(1)
+        vals = pre[r, j]
+        counts_r = torch.bincount(r, minlength=B)
+        offs_r = counts_r.cumsum(0) - counts_r
+        x_hat = F.embedding_bag(j, W_dec, offs_r, per_sample_weights=vals, mode="sum") + b_dec
+        err = x_hat - x
+        g_xhat = err * (2.0 * inv_b)
+        j_o, r_o = active.T.contiguous().nonzero().unbind(1)
+        vals_o = pre[r_o, j_o]
+        counts_j = torch.bincount(j_o, minlength=W_dec.shape[0])
+        offs_j = counts_j.cumsum(0) - counts_j
+        # gradient at the firing pairs: <g_xhat[r], W_dec[j]> + λ||W_dec[j]||/B
+        g_vals = torch.mm(g_xhat, W_dec.T)[r_o, j_o] + (l1_coefficient * inv_b) * dec_norm[j_o]
+        f_sum = torch.zeros_like(b_enc).index_add_(0, j_o, vals_o)
+        dW_dec = F.embedding_bag(r_o, g_xhat, offs_j, per_sample_weights=vals_o, mode="sum")
+        dW_enc = F.embedding_bag(r_o, sae_in, offs_j, per_sample_weights=g_vals, mode="sum").T
+        db_enc = torch.zeros_like(b_enc).index_add_(0, j_o, g_vals)
+        l1_sum = (f_sum * dec_norm).sum()
+    else:
+        f = pre.clamp_min(0)
+        x_hat = torch.addmm(b_dec, f, W_dec)
+        err = x_hat - x
+        g_xhat = err * (2.0 * inv_b)
+        g_pre = torch.addmm(dec_norm.unsqueeze(0) * (l1_coefficient * inv_b), g_xhat, W_dec.T)
+        g_pre = g_pre * active
+        f_sum = f.sum(0)
+        dW_dec = f.T @ g_xhat
+        dW_enc = sae_in.T @ g_pre
+        db_enc = g_pre.sum(0)
+        l1_sum = (f_sum * dec_norm).sum()
+    # L1 term's gradient on W_dec: λ/B · (Σ_t f_ti) · W_dec,i / ||W_dec,i||
+    dW_dec = dW_dec + (l1_coefficient * inv_b) * (f_sum / dec_norm.clamp_min(1e-12)).unsqueeze(1) * W_dec
+    db_dec = g_xhat.sum(0)
+    if apply_b_dec_to_input:
+        db_dec = db_dec - db_enc @ W_enc.T
+    sse = err.pow(2).sum()
+    stats = StepStats(
+        mse=sse * inv_b,
+        l1=l1_sum * (l1_coefficient * inv_b),
+        fired=active.any(0),
+        l0=active.sum() * inv_b,
+        sse=sse,
+        n_active=n_active,
+    )
+    return stats, (dW_enc, db_enc, dW_dec, db_dec)
