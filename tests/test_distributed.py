@@ -88,3 +88,33 @@ def test_shard_is_disjoint_and_complete():
     parts = [list(shard(11, r, 3)) for r in range(3)]
     assert sorted(sum(parts, [])) == list(range(11))
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_ddp_sae_training_matches_single_process(tmp_path):
+    from safetensors.torch import load_file
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    one = subprocess.run([sys.executable, str(HERE / "dist_sae_script.py"), str(tmp_path / "one.safetensors")],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(str(HERE / "dist_sae_script.py"), str(tmp_path / "two.safetensors"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    # Training moved the decoder rows away from their initial norm of 0.1 (the paper's init).
+    assert not torch.allclose(a["W_dec"].norm(dim=1), torch.full((64,), 0.1), atol=1e-3)
+
+
+def test_train_sae_cli_exports_for_sae_lens(tmp_path, single, capsys):
+    from sae_lens import SAE
+
+    from vlens.cli import main
+
+    assert main(["train-sae", "--store", str(single.path), "--layer", "3", "--preset", "topk", "--k", "8",
+                 "--steps", "20", "--batch-size", "128", "--out", str(tmp_path / "sae")]) == 0
+    assert "SAE exported" in capsys.readouterr().out
+    sae = SAE.load_from_disk(str(tmp_path / "sae"))
+    assert sae.cfg.d_in == 64 and sae.cfg.metadata.hook_name == "blocks.3.hook_resid_pre"

@@ -278,3 +278,27 @@ def convert_sparsify_checkpoint(
     sae.load_state_dict({"W_enc": w_enc.T.contiguous(), "b_enc": sd["encoder.bias"].float(),
                          "W_dec": sd["W_dec"].float().contiguous(), "b_dec": sd["b_dec"].float()})
     return _save_or_return(sae, out, model_name, hook_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vlens export`: convert the paper's or sparsify's SAE checkpoints to SAE-Lens's disk format.
+
+    Example:
+        >>> main(["--help"])  # doctest: +SKIP
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="vlens export", description=main.__doc__.split("\n")[0])
+    p.add_argument("format", choices=["paper", "sparsify"], help="paper: fc1/fc2 state dict; sparsify: cfg.json + sae.safetensors dir")
+    p.add_argument("src", help="the checkpoint file or directory")
+    p.add_argument("--out", required=True, help="SAE-Lens directory to write")
+    p.add_argument("--model-name", default=None)
+    p.add_argument("--hook-name", default=None, help="e.g. blocks.16.hook_resid_pre (see VLM.hook_name)")
+    p.add_argument("--input-scale", type=float, default=8.0, help="paper format: inputs ×scale, outputs ÷scale")
+    a = p.parse_args(argv)
+    if a.format == "paper":
+        convert_paper_checkpoint(a.src, a.out, input_scale=a.input_scale, model_name=a.model_name, hook_name=a.hook_name)
+    else:
+        convert_sparsify_checkpoint(a.src, a.out, model_name=a.model_name, hook_name=a.hook_name)
+    print(f"wrote {a.out}")
+    return 0

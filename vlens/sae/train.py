@@ -398,6 +398,23 @@ def train(
 
     named = dict(sae.named_parameters())
     fused = cfg.uses_fused_step
+    from .. import distributed
+
+    env = distributed.info()
+    ddp = None
+    if env.enabled:
+        # DistributedDataParallel: each rank takes its slice of every global batch; gradients are
+        # averaged by DDP's all-reduce, so training means what it means on one process.
+        if not isinstance(source, TensorSource):
+            raise ValueError("distributed SAE training needs an indexable source (a tensor or an ActivationStore), "
+                             "so every rank can read its own slice of each global batch")
+        if cfg.batch_size % env.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {env.world_size}")
+        if cfg.architecture == "batchtopk":
+            raise ValueError("batchtopk picks its top-k over the whole batch, so it cannot be split across ranks; "
+                             "use 'topk' or 'jumprelu' with torchrun")
+        fused = False
+        ddp = torch.nn.parallel.DistributedDataParallel(_StepModule(sae))
     bar = tqdm(total=cfg.total_steps, initial=state.step, disable=(not progress) or None,
                desc=f"SAE {cfg.architecture} d_sae={cfg.d_sae}", dynamic_ncols=True)
     metrics: dict[str, float] = {}
@@ -409,7 +426,11 @@ def train(
             rows = None
             if isinstance(source, TensorSource):
                 rows = source.indices(step, cfg.batch_size, cfg.seed, cfg.shuffle)
-                x, mod = source.batch(step, cfg.batch_size, cfg.seed, cfg.shuffle)
+                if ddp is not None:
+                    rows = rows.chunk(env.world_size)[env.rank]
+                    x, mod = _fetch(source, rows)
+                else:
+                    x, mod = source.batch(step, cfg.batch_size, cfg.seed, cfg.shuffle)
             else:
                 x, mod = source.next()
             _check_batch(x, step, cfg.d_in, rows)
@@ -431,9 +452,10 @@ def train(
             else:
                 dead = state.since_fired > cfg.dead_window_tokens  # type: ignore[operator]
                 coeff_name = next(iter(sae.get_coefficients()), None)
-                out = sae.training_forward_pass(TrainStepInput(
+                step_in = TrainStepInput(
                     sae_in=x, coefficients={coeff_name: coeff} if coeff_name else {},
-                    dead_neuron_mask=dead.to(device), n_training_steps=step, is_logging_step=False))
+                    dead_neuron_mask=dead.to(device), n_training_steps=step, is_logging_step=False)
+                out = ddp(step_in) if ddp is not None else sae.training_forward_pass(step_in)
                 out.loss.backward()
                 fired = (out.feature_acts != 0).any(0)
                 if log_now:
@@ -452,6 +474,11 @@ def train(
             opt.zero_grad(set_to_none=True)
 
             n = x.shape[0]
+            if ddp is not None:  # every rank keeps the same dead-latent and token counts
+                fired = distributed.all_reduce_sum(fired.to(torch.int32)) > 0
+                n = cfg.batch_size
+                if mod is not None:
+                    mod = _gather_all(mod)
             state.since_fired += n  # type: ignore[operator]
             state.since_fired[fired.cpu()] = 0  # type: ignore[index]
             state.tokens += n
@@ -471,9 +498,11 @@ def train(
                 if callback is not None:
                     callback(step, dict(metrics))
             if ckdir is not None and state.step % every == 0 and state.step < cfg.total_steps:
-                _save_checkpoint(ckdir, cfg, sae, opt, state)
+                if env.is_main:
+                    _save_checkpoint(ckdir, cfg, sae, opt, state)
+                distributed.barrier()
     except KeyboardInterrupt:
-        if ckdir is not None:
+        if ckdir is not None and env.is_main:
             path = _save_checkpoint(ckdir, cfg, sae, opt, state)
             bar.write(f"interrupted at step {state.step}: checkpoint saved to {path}; call train(...) again to resume")
         bar.close()
@@ -484,9 +513,39 @@ def train(
     bar.close()
     elapsed = time.perf_counter() - t0
     if ckdir is not None:
-        _save_checkpoint(ckdir, cfg, sae, opt, state)
+        if env.is_main:
+            _save_checkpoint(ckdir, cfg, sae, opt, state)
+        distributed.barrier()
 
     return _finish(sae, cfg, state, source, metrics, elapsed, stats_tokens, shared_range, device, progress)
+
+
+class _StepModule(torch.nn.Module):
+    """A training SAE whose `forward` is its training step, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, sae: TrainingSAE) -> None:
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, step_input: TrainStepInput):  # type: ignore[override]
+        return self.sae.training_forward_pass(step_input)
+
+
+def _fetch(source: TensorSource, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows `rows` of an indexable source, as float, with their modality."""
+    from .data import ConcatSource, _rows
+
+    x = source._gather(rows) if isinstance(source, ConcatSource) else _rows(source.x, rows).float()
+    return x, None if source.modality is None else source.modality[rows]
+
+
+def _gather_all(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-sized tensors of every rank (for token-mix bookkeeping)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def _finish(sae: TrainingSAE, cfg: TrainConfig, state: _State, source: Any, metrics: dict[str, float],
@@ -543,3 +602,46 @@ def modality_stats_from_source(sae: SAE, source: Any, n_tokens: int = 200_000,
     if seen == 0:
         return None
     return acc.finish(shared_range)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vlens train-sae`: train an SAE on one layer of a harvest store and export it in SAE-Lens format.
+
+    Runs on one process, or on many under `torchrun --nproc-per-node N -m vlens train-sae ...`
+    (DistributedDataParallel: each rank reads its slice of every global batch).
+
+    Example:
+        >>> main(["--help"])  # doctest: +SKIP
+    """
+    import argparse
+
+    from .. import distributed
+    from ..harvest import ActivationStore
+    from .export import export
+
+    p = argparse.ArgumentParser(prog="vlens train-sae", description=main.__doc__.split("\n")[0])
+    p.add_argument("--store", required=True, help="a harvest directory (vlens harvest ... --out DIR)")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--k", type=int, default=None, help="active latents (topk / batchtopk)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (split across ranks)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--checkpoint-dir", default=None, help="periodic checkpoints; rerun to resume")
+    p.add_argument("--out", required=True, help="export directory (SAE-Lens format)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    a = p.parse_args(argv)
+
+    env = distributed.init()
+    device = f"cuda:{env.local_rank}" if a.device == "cuda" and env.enabled else a.device
+    store = ActivationStore(a.store)
+    overrides = {k: v for k, v in dict(k=a.k, batch_size=a.batch_size, lr=a.lr, seed=a.seed).items() if v is not None}
+    sae = train(store, a.preset, layer=a.layer, expansion=a.expansion, steps=a.steps, checkpoint_dir=a.checkpoint_dir,
+                progress=env.is_main, model_name=store.config.get("model"), device=device, **overrides)
+    if env.is_main:
+        path = export(sae, a.out, model_name=store.config.get("model"), hook_name=store.hook_name(a.layer))
+        print(f"SAE exported to {path}")
+    distributed.cleanup()
+    return 0
