@@ -37,6 +37,8 @@ class DemoConfig:
     n_sae_samples: int = 300
     sae_steps: int = 1500
     sae_expansion: int = 8
+    sae_preset: str = "topk"
+    sae_k: int = 16
     steer_images: int = 24
     ks: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
     n_pairs: int = 3
@@ -171,7 +173,8 @@ def run(
     saes = {}
     for L in layers:
         steps = cfg.sae_steps if L == mid else max(cfg.sae_steps // 2, 100)
-        saes[L] = vsae.train(tokens, "paper", layer=L, expansion=cfg.sae_expansion, steps=steps,
+        extra = {"k": cfg.sae_k} if cfg.sae_preset in ("topk", "batchtopk") else {}
+        saes[L] = vsae.train(tokens, cfg.sae_preset, layer=L, expansion=cfg.sae_expansion, steps=steps, **extra,
                              checkpoint_dir=out / "sae-checkpoints" / f"layer-{L}", model_name=vlm.name,
                              progress=True)
     sae = saes[mid]
@@ -179,8 +182,12 @@ def run(
     held_caps = [s for s in heldout if s.caption][: max(8, cfg.steer_images)]
     lr = vsae.loss_recovered(vlm, sae, mid, held_caps, prompt="<image>\n" + cap_prompt)
     report.section(f"Multimodal SAE at layer {mid}",
-                   f"ReLU SAE, {sae.cfg.d_sae} latents (×{cfg.sae_expansion}), the paper's recipe, trained on "
+                   f"{sae.cfg.architecture()} SAE ({cfg.sae_preset} preset), {sae.cfg.d_sae} latents "
+                   f"(×{cfg.sae_expansion}), trained on "
                    f"{len(tokens)} tokens ({len(mix[0])} image, {len(mix[1])} caption, incl. a text-only pass).")
+    report.text("The paper's ReLU recipe is <code>vlens.sae.train(store, \"paper\")</code> (pass "
+                "<code>sae_preset=\"paper\"</code> to <code>DemoConfig</code>); on the toy model TopK reaches the "
+                "sparsity/fidelity bar (EV ≥ 0.9 at L0 ≤ 32) in far fewer steps.", note=True)
     report.table([{"tokens": k, **{m: v.get(m) for m in ("explained_variance", "l0", "dead", "n_tokens")},
                    "loss_recovered": lr.get(k, {}).get("loss_recovered")} for k, v in ev.items()])
     timings["sae"] = time.perf_counter() - t
