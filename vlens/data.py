@@ -185,7 +185,29 @@ class _SkipLog:
         )
 
 
-class _RecordDataset(Dataset):
+class _SkippingDataset(Dataset):
+    """A `Dataset` whose iteration skips unreadable images (unless `on_error="raise"`), logging where they were."""
+
+    on_error: str
+    _log: _SkipLog
+
+    def _where(self, i: int) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Sample]:
+        try:
+            for i in range(len(self)):
+                try:
+                    yield self._get(i)
+                except BadImageError as e:
+                    if self.on_error == "raise":
+                        raise
+                    self._log.add(self._where(i), str(e))
+        finally:
+            self._log.warn(total=len(self))
+
+
+class _RecordDataset(_SkippingDataset):
     """A lazy `Dataset` over records `(image source, label, caption, id, meta)`.
 
     Images decode on access. A file that turns out corrupt on access raises
@@ -213,18 +235,9 @@ class _RecordDataset(Dataset):
         src, label, caption, id_, meta = self.records[i]
         return Sample(image=load_image(src), label=label, caption=caption, id=id_, meta=dict(meta))
 
-    def __iter__(self) -> Iterator[Sample]:
-        try:
-            for i in range(len(self)):
-                try:
-                    yield self._get(i)
-                except BadImageError as e:
-                    if self.on_error == "raise":
-                        raise
-                    src = self.records[i][0]
-                    self._log.add(src.get("path") if isinstance(src, dict) else src, str(e))
-        finally:
-            self._log.warn(total=len(self))
+    def _where(self, i: int) -> str:
+        src = self.records[i][0]
+        return src.get("path") if isinstance(src, dict) else src
 
     def verify(self) -> "_RecordDataset":
         """Decode every image now; drop (or, with on_error="raise", raise on) the unreadable ones.
@@ -343,7 +356,7 @@ def _need_column(ds: Any, column: str, what: str, param: str) -> None:
         raise KeyError(f"no {what} column {column!r}; the data set has columns {cols}: pass {param}=<one of them>")
 
 
-class HFDataset(Dataset):
+class HFDataset(_SkippingDataset):
     """A lazy `Dataset` over a Hugging Face `datasets.Dataset` (images decoded on access).
 
     Built by `from_hf` and `hf_captions`. Unreadable images raise
@@ -382,17 +395,8 @@ class HFDataset(Dataset):
         return Sample(image=load_image(row[self.image_column]), label=None if label is None else int(label),
                       caption=caption, id=row.get("id", j), meta=meta)
 
-    def __iter__(self) -> Iterator[Sample]:
-        try:
-            for i in range(len(self)):
-                try:
-                    yield self._get(i)
-                except BadImageError as e:
-                    if self.on_error == "raise":
-                        raise
-                    self._log.add(f"row {self._row(i)[0]}", str(e))
-        finally:
-            self._log.warn(total=len(self))
+    def _where(self, i: int) -> str:
+        return f"row {self._row(i)[0]}"
 
 
 def _first_text(value: Any) -> str:
