@@ -337,17 +337,24 @@ def image_folder(
     return _RecordDataset(records, names, on_error, what=f"image_folder({root})")
 
 
-def _hf_load(dataset: Any, split: str | None, streaming: bool = False):
+def _hf_load(dataset: Any, split: str | None, streaming: bool = False, n: int | None = None):
+    """The `split` of an HF data set (id, dict or data set); a streaming one is materialised to its first `n` rows."""
     import datasets
 
     if isinstance(dataset, (str, os.PathLike)):
-        return datasets.load_dataset(str(dataset), split=split or "train", streaming=streaming)
-    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        ds = datasets.load_dataset(str(dataset), split=split or "train", streaming=streaming)
+    elif isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         split = split or "train"
         if split not in dataset:
             raise KeyError(f"split {split!r} not in the data set; it has {list(dataset)}")
-        return dataset[split]
-    return dataset
+        ds = dataset[split]
+    else:
+        ds = dataset
+    if isinstance(ds, datasets.IterableDataset):
+        if n is None:
+            raise ValueError("a streaming data set needs n= (how many rows to take)")
+        ds = datasets.Dataset.from_list(list(ds.take(n)), features=ds.features)
+    return ds
 
 
 def _need_column(ds: Any, column: str, what: str, param: str) -> None:
@@ -461,11 +468,7 @@ def from_hf(
     """
     import datasets
 
-    ds = _hf_load(dataset, split, streaming)
-    if isinstance(ds, datasets.IterableDataset):
-        if n is None:
-            raise ValueError("a streaming data set needs n= (how many rows to take)")
-        ds = datasets.Dataset.from_list(list(ds.take(n)), features=ds.features)
+    ds = _hf_load(dataset, split, streaming, n)
     _need_column(ds, image_column, "image", "image_column")
     _need_column(ds, label_column, "label", "label_column")
     feat = ds.features.get(label_column)
@@ -501,13 +504,7 @@ def hf_captions(
         >>> hf_captions(hf, caption_column="text")[0].caption
         'a black square'
     """
-    import datasets
-
-    ds = _hf_load(dataset, split, streaming)
-    if isinstance(ds, datasets.IterableDataset):
-        if n is None:
-            raise ValueError("a streaming data set needs n= (how many rows to take)")
-        ds = datasets.Dataset.from_list(list(ds.take(n)), features=ds.features)
+    ds = _hf_load(dataset, split, streaming, n)
     _need_column(ds, image_column, "image", "image_column")
     _need_column(ds, caption_column, "caption", "caption_column")
     indices = list(range(min(n, len(ds)))) if n is not None else None
