@@ -2,12 +2,24 @@
 
 Same standardised float32 features, same split, same objective (mean cross-entropy
 + 0.5/n ‖W‖², i.e. scikit-learn's C=1) and the same stopping rule (max |grad| <= 1e-4).
-Synthetic "separable-ish" features: 1000 Gaussian class centres, 50 examples per
-class. Runs are interleaved and the medians reported. The `_toy` figures repeat the
-comparison on real features: mean image-token activations of the toy model (20
-classes) at its middle layer (null when the toy checkpoint is not built).
+Synthetic features: 1000 Gaussian class centres, 50 examples per class, width 4096
+by default (the issue's size; it fits in 2 GB), the centre scale chosen so that
+the held-out accuracy is about 94%. Runs are interleaved and the medians reported.
+vlens's time covers everything `fit_probe` does (standardising, the split, held-out
+scoring); scikit-learn's only its `fit`, on features standardised beforehand.
 
-Usage: python benchmarks/probes.py [--classes 1000] [--per-class 50] [--width 256] [--repeats 2] [--device cpu]
+With 1000 classes the gradient entries are small, so the rule max |grad| <= 1e-4 is
+met after one or two iterations, at a point that depends on the optimiser's path:
+the two fits then differ by a fraction of a point of accuracy, either way.
+`accuracy_gap_pt` is the absolute difference, `accuracy_vlens_minus_sklearn_pt` says
+who is ahead. Converged further (tol 1e-6) both reach the same optimum
+(tests/test_probes.py checks the weights against scikit-learn's).
+
+The `_toy` figures repeat the comparison on real features: mean image-token
+activations of the toy model (20 classes) at its middle layer (null when the toy
+checkpoint is not built).
+
+Usage: python benchmarks/probes.py [--classes 1000] [--per-class 50] [--width 4096] [--repeats 2] [--device cpu]
 Last line: one JSON object.
 """
 
@@ -17,6 +29,7 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +41,13 @@ from vlens import probes
 
 def synthetic(n_classes: int, per: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(n_classes, d, generator=g) * 0.35 * (256 / d) ** 0.5
+    centres = torch.randn(n_classes, d, generator=g) * 0.35 * (256 / d) ** 0.375
     y = torch.arange(n_classes).repeat_interleave(per)
     return centres[y] + torch.randn(len(y), d, generator=g), y
 
 
 def compare(X: torch.Tensor, y: torch.Tensor, repeats: int, device: str) -> dict:
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     tr, te = probes.split(y, 0.2, seed=0)
@@ -51,14 +65,17 @@ def compare(X: torch.Tensor, y: torch.Tensor, repeats: int, device: str) -> dict
         t_v.append(time.perf_counter() - t)
         acc_v.append(p.test_accuracy)
         t = time.perf_counter()
-        sk = LogisticRegression(C=1.0, tol=1e-4, max_iter=100).fit(Xs[tr], ynp[tr])
+        with warnings.catch_warnings():  # on the toy features it stops at max_iter: reported as iterations
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            sk = LogisticRegression(C=1.0, tol=1e-4, max_iter=100).fit(Xs[tr], ynp[tr])
         t_s.append(time.perf_counter() - t)
         acc_s.append(sk.score(Xs[te], ynp[te]))
         print(f"  vlens {t_v[-1]:.2f}s acc {acc_v[-1]:.4f} | sklearn {t_s[-1]:.2f}s acc {acc_s[-1]:.4f} "
               f"({int(np.max(sk.n_iter_))} iterations)", flush=True)
     tv, ts = statistics.median(t_v), statistics.median(t_s)
     return dict(vlens_s=tv, sklearn_s=ts, speedup=ts / tv, acc_vlens=acc_v[0], acc_sklearn=acc_s[0],
-                gap_pt=100 * abs(acc_v[0] - acc_s[0]))
+                gap_pt=100 * abs(acc_v[0] - acc_s[0]), ahead_pt=100 * (acc_v[0] - acc_s[0]),
+                n_iter=p.n_iter, n_iter_sklearn=int(np.max(sk.n_iter_)))
 
 
 def toy_features() -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -78,7 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--per-class", type=int, default=50)
-    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -91,10 +108,13 @@ def main() -> None:
     out = dict(
         speedup_vs_sklearn=round(r["speedup"], 3),
         accuracy_gap_pt=round(r["gap_pt"], 3),
+        accuracy_vlens_minus_sklearn_pt=round(r["ahead_pt"], 3),
         vlens_fit_s=round(r["vlens_s"], 3),
         sklearn_fit_s=round(r["sklearn_s"], 3),
         accuracy_vlens=round(r["acc_vlens"], 4),
         accuracy_sklearn=round(r["acc_sklearn"], 4),
+        iterations_vlens=r["n_iter"],
+        iterations_sklearn=r["n_iter_sklearn"],
         n_classes=args.classes, per_class=args.per_class, width=args.width, device=args.device,
         threads=args.threads,
     )
@@ -103,6 +123,7 @@ def main() -> None:
         print("toy model features (20 classes, middle layer):", flush=True)
         t = compare(*toy, max(args.repeats, 3), "cpu")
         out.update(speedup_vs_sklearn_toy=round(t["speedup"], 3), accuracy_gap_pt_toy=round(t["gap_pt"], 3),
+                   iterations_vlens_toy=t["n_iter"], iterations_sklearn_toy=t["n_iter_sklearn"],
                    accuracy_vlens_toy=round(t["acc_vlens"], 4), accuracy_sklearn_toy=round(t["acc_sklearn"], 4))
     else:
         out.update(speedup_vs_sklearn_toy=None, accuracy_gap_pt_toy=None)

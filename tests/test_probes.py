@@ -46,6 +46,43 @@ def test_probe_matches_sklearn(kind):
     assert p.score(X[te], y[te]) == pytest.approx(p.test_accuracy)
 
 
+@pytest.mark.parametrize("kind", ["softmax", "ovr"])
+def test_solver_reaches_the_optimum_and_stops_by_the_gradient_rule(kind):
+    """Converged, the fit is scikit-learn's converged optimum (the problem is convex, so it is unique);
+    at the default tolerance it stops at the first point where max |grad| ≤ tol, as scikit-learn does."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    X, y = blobs(n_classes=4, per=30, d=12, sep=1.5)
+    tr, te = probes.split(y)
+    mu, sd = probes._standardise(X[tr])
+    Z, ytr = (X[tr] - mu) / sd, y[tr]
+    n = len(ytr)
+    W, b, _, it = probes._logistic_lbfgs(Z, ytr, 4, kind, 0.5 / n, max_iter=500, tol=1e-6)
+    assert 0 < it < 500
+    if kind == "softmax":
+        sk = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(Z.double().numpy(), ytr.numpy())
+        ref_W, ref_b = sk.coef_, sk.intercept_
+    else:  # the ovr loss sums the classes' binary losses: each is scikit-learn's binary problem with C = 1
+        sk = OneVsRestClassifier(LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000)).fit(Z.double().numpy(), ytr.numpy())
+        ref_W = np.stack([e.coef_[0] for e in sk.estimators_])
+        ref_b = np.array([e.intercept_[0] for e in sk.estimators_])
+    np.testing.assert_allclose(W.numpy(), ref_W, atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(b.numpy(), ref_b, atol=2e-3, rtol=2e-3)
+
+    for tol in (1e-6, 1e-4):
+        W, b, z, it = probes._logistic_lbfgs(Z, ytr, 4, kind, 0.5 / n, max_iter=500, tol=tol)
+        Wt, bt = W.clone().requires_grad_(), b.clone().requires_grad_()
+        logits = Z @ Wt.T + bt
+        if kind == "softmax":
+            data = torch.nn.functional.cross_entropy(logits, ytr)
+        else:
+            data = 4 * torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.eye(4)[ytr])
+        (data + 0.5 / n * Wt.pow(2).sum()).backward()
+        assert max(Wt.grad.abs().max(), bt.grad.abs().max()) <= 1.01 * tol
+        torch.testing.assert_close(z, logits.detach(), atol=1e-4, rtol=1e-4)  # the solver's logits are current
+
+
 def test_probe_labels_need_not_be_contiguous():
     X, y = blobs(n_classes=3)
     y = torch.tensor([10, 20, 30])[y]

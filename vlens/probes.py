@@ -61,7 +61,7 @@ def _check_xy(X: Any, y: Any) -> tuple[Tensor, Tensor]:
         y = y.long()
     if not X.is_floating_point():
         X = X.float()
-    if not torch.isfinite(X).all():
+    if not torch.isfinite(X.sum()) and not torch.isfinite(X).all():  # the sum is the fast check
         raise ValueError(f"features X have {int((~torch.isfinite(X)).sum())} NaN/inf entries: check the harvest (fp16 overflow?) or drop those rows")
     return X, y.long()
 
@@ -101,16 +101,12 @@ def _device(device: Any, X: Tensor) -> torch.device:
     return torch.device(device) if device is not None else X.device
 
 
-def _lbfgs(params: list[Tensor], closure_loss, max_iter: int, tol: float = 1e-4, manual: bool = False) -> None:
-    """Full-batch L-BFGS with a strong-Wolfe line search; stops when max |grad| <= tol (scikit-learn's rule).
-
-    `closure_loss()` returns the loss; with `manual` it has set the gradients itself."""
+def _lbfgs(params: list[Tensor], closure_loss, max_iter: int, tol: float = 1e-4) -> None:
+    """`torch.optim.LBFGS` with a strong-Wolfe line search, stopping when max |grad| <= tol (scikit-learn's rule)."""
     opt = torch.optim.LBFGS(params, lr=1, max_iter=max_iter, history_size=10, tolerance_grad=tol,
                             tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
     def closure():
-        if manual:
-            return closure_loss()
         opt.zero_grad()
         loss = closure_loss()
         loss.backward()
@@ -141,13 +137,14 @@ class LinearProbe:
     per_class_accuracy: Float[Tensor, " n_classes"] | None = None
     class_names: list[str] | None = None
     layer: int | None = None
+    n_iter: int = 0
 
     def logits(self, X: Float[Tensor, "n d"]) -> Float[Tensor, "n n_classes"]:
         """Probe logits for features X."""
         X = torch.as_tensor(X).to(self.weight)
         if X.shape[-1] != self.weight.shape[1]:
             raise ValueError(f"features have width {X.shape[-1]} but the probe was fit on width {self.weight.shape[1]}")
-        return X @ self.weight.T + self.bias
+        return torch.addmm(self.bias, X, self.weight.T)
 
     def predict(self, X: Float[Tensor, "n d"]) -> Int[Tensor, " n"]:
         """Predicted labels (values of `classes`)."""
@@ -177,13 +174,154 @@ class LinearProbe:
 
 def _standardise(X: Tensor) -> tuple[Tensor, Tensor]:
     mu = X.mean(0)
-    sd = X.std(0).clamp(min=1e-6 * max(float(X.std()), 1e-12))
-    return mu, sd
+    var = torch.zeros_like(mu)
+    for rows in X.split(2048):  # in row blocks: X.std(0) is four times slower on CPU
+        var += (rows - mu).pow_(2).sum(0)
+    sd = (var / max(X.shape[0] - 1, 1)).sqrt_()
+    return mu, sd.clamp(min=1e-6 * max(float(sd.max()), 1e-12))
 
 
 def _fold(W: Tensor, b: Tensor, mu: Tensor, sd: Tensor) -> tuple[Tensor, Tensor]:
     Wr = W / sd
     return Wr, b - Wr @ mu
+
+
+def _logistic_lbfgs(
+    Z: Float[Tensor, "n d"],
+    y: Int[Tensor, " n"],
+    C: int,
+    kind: str,
+    l2: float,
+    max_iter: int,
+    tol: float,
+    history: int = 10,
+) -> tuple[Float[Tensor, "C d"], Float[Tensor, " C"], Float[Tensor, "n C"], int]:
+    """Minimise `data(Z Wᵀ + b) + l2 ‖W‖²` from zero by L-BFGS with an exact line search on the logits.
+
+    The logits are linear in the step, so the line search costs no matrix product:
+    an iteration is one product for the direction's logits and one for the gradient,
+    and the three [n, C] buffers are allocated once. The first step is Newton's along
+    the negative gradient, later ones start at 1; each is accepted on the strong Wolfe
+    conditions. Stops when max |grad| ≤ `tol` (scikit-learn's rule), after `max_iter`
+    iterations, or when no step decreases the loss. Returns W, b, the final logits and
+    the number of iterations.
+
+    Hand-rolled for a measured reason: on 1000 classes × 40,000 rows × width 256
+    (2 CPU threads) the same objective through `torch.optim.LBFGS` took 3.3 s and
+    this takes 1.0 s. LBFGS's first step of 1/‖g‖₁ costs extra loss evaluations,
+    each a full pass, and fresh [n, C] temporaries cost page faults.
+    """
+    n, d = Z.shape
+    ycol = y[:, None]
+    minus_one = torch.full(ycol.shape, -1.0, dtype=Z.dtype, device=Z.device)
+    x = torch.zeros(C * (d + 1), dtype=Z.dtype, device=Z.device)
+    W, b = x[: C * d].view(C, d), x[C * d :]
+    z = torch.zeros(n, C, dtype=Z.dtype, device=Z.device)  # logits at x
+    dz, P = torch.empty_like(z), torch.empty_like(z)  # logits of the direction; scratch
+    p0, scale = (1 / C, 1 / n) if kind == "softmax" else (0.5, 1 / n)  # d(data)/dz = scale·(p − onehot)
+
+    def dot(u: Tensor, v: Tensor) -> float:
+        return float(torch.dot(u.reshape(-1), v.reshape(-1)))
+
+    def loss_grad_z(t: float) -> float:
+        """The data loss at logits z + t·dz; leaves its gradient with respect to those logits in P."""
+        torch.add(z, dz, alpha=t, out=P)
+        zy = P.gather(1, ycol).double()
+        if kind == "softmax":
+            m = P.amax(1, keepdim=True)
+            s = P.sub_(m).clamp_(min=-80).exp_().sum(1, keepdim=True)  # no denormals: they are slow on CPU
+            data = float((s.double().log() + m.double() - zy).sum()) / n
+            P.div_(s)
+        else:  # Σ_classes mean_rows softplus(z) − T·z, with softplus(z) = log1p(exp(−|z|)) + max(z, 0)
+            s_relu = float(P.clamp_(min=0).sum(dtype=torch.float64))
+            torch.add(z, dz, alpha=t, out=P)
+            s_lp = float(P.abs_().neg_().exp_().log1p_().sum(dtype=torch.float64))
+            data = (s_lp + s_relu - float(zy.sum())) * scale
+            torch.add(z, dz, alpha=t, out=P).sigmoid_()
+        P.scatter_add_(1, ycol, minus_one).mul_(scale)
+        return data
+
+    def curvature() -> float:
+        """Second derivative of the data loss along dz at z (uses P as scratch)."""
+        if kind == "ovr":
+            torch.sigmoid(z, out=P)
+            return float(P.addcmul_(P, P, value=-1).mul_(dz).mul_(dz).sum()) * scale
+        torch.sub(z, z.amax(1, keepdim=True), out=P).clamp_(min=-80).exp_()
+        P.div_(P.sum(1, keepdim=True)).mul_(dz)
+        e = P.sum(1)
+        return (float(P.mul_(dz).sum()) - float(e.pow(2).sum())) / n
+
+    def search(f0: float, g: Tensor, D: Tensor, t: float | None) -> tuple[float, float] | None:
+        """A step t along D meeting the strong Wolfe conditions; φ is convex: bracket φ', take secants.
+
+        On success the gradient with respect to the new logits is in P."""
+        DW, Db = D[: C * d].view(C, d), D[C * d :]
+        torch.addmm(Db, Z, DW.T, out=dz)
+        w2, wd, dd = dot(W, W), dot(W, DW), dot(DW, DW)
+        d0 = dot(g, D)
+        if not d0 < 0:
+            return None
+        if t is None:  # Newton's step from t = 0
+            t = -d0 / max(curvature() + 2 * l2 * dd, 1e-30)
+        lo, dlo, hi, dhi = 0.0, d0, math.inf, math.nan
+        for _ in range(30):
+            f = loss_grad_z(t) + l2 * (w2 + 2 * t * wd + t * t * dd)
+            dt = dot(P, dz) + 2 * l2 * (wd + t * dd)
+            # Armijo, or Hager and Zhang's approximate form once f is within float32 noise of f0
+            armijo = f <= f0 + 1e-4 * t * d0 or (f <= f0 + 1e-6 * abs(f0) and dt <= -0.8 * d0)
+            if armijo and abs(dt) <= 0.9 * abs(d0):
+                return t, f
+            if dt >= 0 or not armijo:
+                hi, dhi = t, dt
+            else:
+                lo, dlo = t, dt
+            if math.isinf(hi):
+                t = min(t - dt * (t - lo) / (dt - dlo) if dt > dlo else 4 * t, 10 * t)
+            else:
+                t = lo - dlo * (hi - lo) / (dhi - dlo) if dhi > dlo else (lo + hi) / 2
+                if not lo + 0.1 * (hi - lo) <= t <= hi - 0.1 * (hi - lo):
+                    t = (lo + hi) / 2
+            if hi - lo <= 1e-12 * max(hi, 1.0):
+                break
+        return None
+
+    # at x = 0 every probability is p0, so the loss and gradient are closed-form
+    counts = torch.bincount(y, minlength=C).to(Z)
+    g = torch.cat([(p0 * Z.sum(0) - torch.zeros_like(W).index_add_(0, y, Z)).flatten(), p0 * n - counts]) * scale
+    f = math.log(C) if kind == "softmax" else C * math.log(2)
+    pairs: list[tuple[Tensor, Tensor, float]] = []
+    it = 0
+    while it < max_iter and float(g.abs().max()) > tol:
+        q = g.clone()  # the L-BFGS two-loop recursion
+        alphas = []
+        for s_, y_, rho in reversed(pairs):
+            alphas.append(rho * dot(s_, q))
+            q.sub_(y_, alpha=alphas[-1])
+        if pairs:
+            q.mul_(dot(pairs[-1][0], pairs[-1][1]) / dot(pairs[-1][1], pairs[-1][1]))
+        for (s_, y_, rho), a_ in zip(pairs, reversed(alphas)):
+            q.add_(s_, alpha=a_ - rho * dot(y_, q))
+        D = q.neg_()
+        step = search(f, g, D, 1.0 if pairs else None)
+        if step is None and pairs:  # no progress along the L-BFGS direction: restart from the gradient
+            pairs.clear()
+            D = -g
+            step = search(f, g, D, None)
+        if step is None:
+            break
+        t, f = step
+        z.add_(dz, alpha=t)
+        x.add_(D, alpha=t)
+        g_new = torch.empty_like(x)
+        torch.addmm(W, P.T, Z, beta=2 * l2, out=g_new[: C * d].view(C, d))
+        torch.sum(P, 0, out=g_new[C * d :])
+        sv, yv = D.mul_(t), g_new - g
+        sy = dot(sv, yv)
+        if sy > 1e-10 * dot(yv, yv):
+            pairs = (pairs + [(sv, yv, 1 / sy)])[-history:]
+        g = g_new
+        it += 1
+    return W, b, z, it
 
 
 def fit_probe(
@@ -203,12 +341,15 @@ def fit_probe(
 ) -> LinearProbe:
     """Fit a multiclass (`"softmax"`) or one-vs-rest (`"ovr"`) logistic probe with a held-out split.
 
-    Features are standardised on the training split; the loss is mean
-    cross-entropy (or mean binary cross-entropy per class for ovr) plus
-    `l2 · ‖W‖²` on the standardised weights (default `0.5 / n_train`, which is
-    scikit-learn's `C=1`); full-batch L-BFGS in float32 on `device` (default:
-    where X lives), at most `max_iter` iterations, stopping when the largest
-    gradient entry is below `tol` (scikit-learn's rule). Pass `train_idx`/`test_idx` to fix the split.
+    Features are standardised on the training split; the loss is the mean
+    cross-entropy (softmax) or the sum over classes of each binary probe's mean
+    cross-entropy (ovr), plus `l2 · ‖W‖²` on the standardised weights (default
+    `0.5 / n_train`: scikit-learn's `C=1`, for ovr that of each binary problem).
+    The fit is full-batch L-BFGS in float32 on `device` (default: where X lives)
+    with an exact line search on the logits, at most `max_iter` iterations,
+    stopping when the largest gradient entry is below `tol` (scikit-learn's rule;
+    `probe.n_iter` says how many it took). It holds three `n_train × n_classes`
+    float32 buffers. Pass `train_idx`/`test_idx` to fix the split.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -230,45 +371,22 @@ def fit_probe(
     yi = torch.searchsorted(classes, y)
     Xtr, ytr = X[train_idx].to(dev, torch.float32), yi[train_idx].to(dev)
     mu, sd = _standardise(Xtr)
-    Z = (Xtr - mu) / sd
+    Z = Xtr.sub_(mu).div_(sd)  # X[train_idx] is a copy
     l2 = 0.5 / Z.shape[0] if l2 is None else l2
-    C, d = len(classes), X.shape[1]
-    W = torch.zeros(C, d, device=dev, requires_grad=True)
-    b = torch.zeros(C, device=dev, requires_grad=True)
-    rows = torch.arange(Z.shape[0], device=dev)
-    n = Z.shape[0]
-
-    def loss() -> Tensor:
-        # loss and gradient by hand: about twice as fast as autograd on CPU for wide softmaxes
-        with torch.no_grad():
-            z = torch.addmm(b, Z, W.T)
-            if kind == "softmax":
-                lse = torch.logsumexp(z, 1)
-                data = (lse - z[rows, ytr]).mean()
-                G = z.sub_(lse[:, None]).exp_()
-                G[rows, ytr] -= 1
-                G /= n
-            else:
-                T = torch.zeros_like(z)
-                T[rows, ytr] = 1
-                data = (F.softplus(z) - T * z).sum() * (2 / (n * C))
-                G = z.sigmoid_().sub_(T).mul_(2 / (n * C))
-            W.grad = torch.addmm(W, G.T, Z, beta=2 * l2)
-            b.grad = G.sum(0)
-            return data + l2 * W.pow(2).sum()
-
-    _lbfgs([W, b], loss, max_iter, tol, manual=True)
-    Wr, br = _fold(W.detach(), b.detach(), mu, sd)
-    probe = LinearProbe(weight=Wr, bias=br, kind=kind, classes=classes.to(dev),
+    C = len(classes)
+    W, b, z, n_iter = _logistic_lbfgs(Z, ytr, C, kind, l2, max_iter, tol)
+    Wr, br = _fold(W, b, mu, sd)
+    probe = LinearProbe(weight=Wr, bias=br, kind=kind, classes=classes.to(dev), n_iter=n_iter,
                         class_names=list(class_names) if class_names is not None else None)
     with torch.no_grad():
-        probe.train_accuracy = probe.score(X[train_idx], y[train_idx])
-        Xte, yte = X[test_idx], yi[test_idx].to(dev)
-        probe.test_accuracy = probe.score(Xte, y[test_idx])
-        z = probe.logits(Xte)
+        probe.train_accuracy = float((z.argmax(1) == ytr).float().mean())  # the solver's final logits
+        yte = yi[test_idx].to(dev)
+        z = probe.logits(X[test_idx])
+        pred = z.argmax(-1)
+        probe.test_accuracy = float((pred == yte).float().mean())
         if kind == "softmax":
-            pred = z.argmax(-1)
-            per = torch.stack([(pred[yte == c] == c).float().mean() for c in range(C)])
+            hits = yte[pred == yte]
+            per = torch.bincount(hits, minlength=C) / torch.bincount(yte, minlength=C).clamp(min=1)
         else:
             pos = F.one_hot(yte, C).bool()
             hit = (z > 0) == pos
