@@ -354,6 +354,7 @@ def pool_features(
         >>> feats[3].shape
         torch.Size([3, 64])
     """
+    from .harvest import _forward  # the harvest's own pooled forward, without the store
     from .interventions import token_mask
 
     layers = sorted(set(int(L) for L in layers))
@@ -362,17 +363,9 @@ def pool_features(
     images = _images_of(images)
     out: dict[int, list[Tensor]] = {L: [] for L in layers}
     for i in tqdm(range(0, len(images), batch_size), desc="pool features", disable=None, leave=False):
-        chunk = images[i : i + batch_size]
-        batch = vlm.prepare([prompt] * len(chunk), chunk)
-        mask = token_mask(batch, tokens).to(vlm.device)
-        w = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)
-        saved: list[Tensor] = []
-        with torch.no_grad(), vlm.trace(batch) as tracer:
-            for L in layers:
-                saved.append(torch.einsum("bs,bsd->bd", w.to(vlm.dtype), vlm.resid_pre(L)).float().cpu())
-            tracer.stop()
-        for L, s in zip(layers, saved):
-            out[L].append(s)
+        batch = vlm.prepare([prompt] * len(images[i : i + batch_size]), images[i : i + batch_size])
+        for L, v in zip(layers, _forward(vlm, batch, token_mask(batch, tokens), layers, "resid_pre", "mean", torch.float32)):
+            out[L].append(v)
     return {L: torch.cat(v) for L, v in out.items()}
 
 
