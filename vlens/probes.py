@@ -125,7 +125,7 @@ class LinearProbe:
     `classes[i]` is the label of output i; `class_names` their names when
     known. Accuracies are held-out unless named `train_`; `per_class_accuracy`
     is the held-out recall of each class (softmax) or the balanced accuracy of
-    each one-vs-rest probe (ovr).
+    each one-vs-rest probe (ovr); `n_iter` is how many L-BFGS iterations the fit took.
     """
 
     weight: Float[Tensor, "n_classes d"]
