@@ -144,7 +144,7 @@ class LinearProbe:
         X = torch.as_tensor(X).to(self.weight)
         if X.shape[-1] != self.weight.shape[1]:
             raise ValueError(f"features have width {X.shape[-1]} but the probe was fit on width {self.weight.shape[1]}")
-        return torch.addmm(self.bias, X, self.weight.T)
+        return F.linear(X, self.weight, self.bias)
 
     def predict(self, X: Float[Tensor, "n d"]) -> Int[Tensor, " n"]:
         """Predicted labels (values of `classes`)."""

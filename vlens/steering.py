@@ -363,8 +363,10 @@ def pool_features(
     images = _images_of(images)
     out: dict[int, list[Tensor]] = {L: [] for L in layers}
     for i in tqdm(range(0, len(images), batch_size), desc="pool features", disable=None, leave=False):
-        batch = vlm.prepare([prompt] * len(images[i : i + batch_size]), images[i : i + batch_size])
-        for L, v in zip(layers, _forward(vlm, batch, token_mask(batch, tokens), layers, "resid_pre", "mean", torch.float32)):
+        chunk = images[i : i + batch_size]
+        batch = vlm.prepare([prompt] * len(chunk), chunk)
+        pooled = _forward(vlm, batch, token_mask(batch, tokens), layers, "resid_pre", "mean", torch.float32)
+        for L, v in zip(layers, pooled):
             out[L].append(v)
     return {L: torch.cat(v) for L, v in out.items()}
 
