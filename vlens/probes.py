@@ -197,7 +197,7 @@ def _logistic_lbfgs(
     history: int = 10,
     block_bytes: int = 16 << 20,
 ) -> tuple[Float[Tensor, "C d"], Float[Tensor, " C"], Float[Tensor, "n C"], int]:
-    """Minimise `data(Z Wᵀ + b) + l2 ‖W‖²` from zero by L-BFGS with an exact line search on the logits.
+    """Minimise `data(Z Wᵀ + b) + l2 ‖W‖²` from zero by L-BFGS with its line search done on the logits.
 
     The logits are linear in the step, so the line search costs no matrix product:
     an iteration is one product for the direction's logits and one for the gradient.
@@ -365,7 +365,7 @@ def fit_probe(
     cross-entropy (ovr), plus `l2 · ‖W‖²` on the standardised weights (default
     `0.5 / n_train`: scikit-learn's `C=1`, for ovr that of each binary problem).
     The fit is full-batch L-BFGS in float32 on `device` (default: where X lives)
-    with an exact line search on the logits, at most `max_iter` iterations,
+    with its line search done on the logits, at most `max_iter` iterations,
     stopping when the largest gradient entry is below `tol` (scikit-learn's rule;
     `probe.n_iter` says how many it took). It holds two `n_train × n_classes`
     float32 buffers. Pass `train_idx`/`test_idx` to fix the split.
