@@ -217,7 +217,8 @@ def _logistic_lbfgs(
     n, d = Z.shape
     x = torch.zeros(C * (d + 1), dtype=Z.dtype, device=Z.device)
     W, b = x[: C * d].view(C, d), x[C * d :]
-    p0, scale = (1 / C, 1 / n) if kind == "softmax" else (0.5, 1 / n)  # d(data)/dz = scale·(p − onehot)
+    p0 = 1 / C if kind == "softmax" else 0.5  # every probability at x = 0
+    scale = 1 / n  # d(data)/dz = scale · (probabilities − one-hot)
     rows = max(1, min(n, block_bytes // (4 * C)))
     blocks = [(i, min(i + rows, n)) for i in range(0, n, rows)]
     scratch = torch.empty(rows, C, dtype=Z.dtype, device=Z.device)
