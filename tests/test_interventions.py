@@ -7,18 +7,9 @@ import torch
 from PIL import Image
 
 import vlens
-from vlens.interventions import (
-    ablate,
-    add,
-    check_vector,
-    clamp_latent,
-    one_image,
-    positions,
-    project_out,
-    splice_sae,
-    tile,
-    token_mask,
-)
+from vlens.errors import SelectionError
+from vlens.interventions import ablate, add, check_vector, clamp_latent, project_out, splice_sae
+from vlens.tokens import one_image, positions, select, tile
 from vlens.steering import steered_generate
 
 torch.set_num_threads(1)
@@ -128,15 +119,15 @@ def test_edits_compose_across_layers(vlm, batch):
 
 
 def test_tile_and_one_image_selections(vlm, batch):
-    t1 = token_mask(batch, tile(1, image=1))
+    t1 = select(batch, tile(1, image=1), nonempty=True)
     span = batch.layout.images[1]
     assert t1.sum() == int((span.geometry.tile == 1).sum()) > 0
     assert not t1[0].any()
-    assert token_mask(batch, one_image(0)).equal(batch.layout.image_mask(0))
+    assert select(batch, one_image(0)).equal(batch.layout.image_mask(0))
     v = torch.randn(vlm.d_model)
     c = clean(vlm, batch)
     s = run(vlm, batch, lambda: add(vlm, 1, v, batch=batch, tokens=tile(0)))
-    base = token_mask(batch, "base")
+    base = select(batch, "base", nonempty=True)
     assert torch.allclose(s[1][base] - c[1][base], v.expand(int(base.sum()), -1), atol=1e-5)
     assert torch.equal(s[1][~base], c[1][~base])
 
@@ -212,16 +203,16 @@ def test_bad_inputs_name_the_fix(vlm, batch):
         check_vector(torch.full((vlm.d_model,), float("nan")), vlm.d_model)
     with pytest.raises(ValueError, match="NaN"):
         run(vlm, batch, lambda: add(vlm, 1, torch.tensor([float("inf")] * vlm.d_model), batch=batch))
-    with pytest.raises(IndexError, match="outside the sequence"):
-        token_mask(batch, positions([batch.layout.shape[1] + 5]))
-    with pytest.raises(IndexError, match="does not match"):
-        token_mask(batch, torch.ones(2, 3, dtype=torch.bool))
-    with pytest.raises(IndexError, match="tile 9 does not exist"):
-        token_mask(batch, tile(9))
+    with pytest.raises(SelectionError, match="outside the sequence"):
+        select(batch, positions([batch.layout.shape[1] + 5]), nonempty=True)
+    with pytest.raises(SelectionError, match=r"mask of the batch's \[batch, seq\]"):
+        select(batch, torch.ones(2, 3, dtype=torch.bool), nonempty=True)
+    with pytest.raises(SelectionError, match="tile 9 does not exist"):
+        select(batch, tile(9), nonempty=True)
     with pytest.raises(ValueError, match="unknown token selection"):
-        token_mask(batch, "pictures")
-    with pytest.raises(ValueError, match="pass batch="):
-        token_mask(None, "image")
+        select(batch, "pictures", nonempty=True)
+    with pytest.raises(SelectionError, match="needs the batch"):
+        select(None, "image", nonempty=True)
     with pytest.raises(ValueError, match="width"):
         with torch.no_grad(), vlm.trace(batch):
             add(vlm, 1, torch.ones(3), batch=batch)

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import vlens
-from vlens.positions import BASE, HIGHRES, NEWLINE, image_geometry
+from vlens.families.llava_next import image_geometry
+from vlens.tokens import BASE, HIGHRES, NEWLINE
 
 REAL_PINS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
@@ -39,7 +40,7 @@ def test_real_model_token_counts(size, expected):
     ],
 )
 def test_counts_match_processor_for_any_grid(pins, tile, patch):
-    from vlens.tiny import tiny_processor
+    from vlens.families.llava_next import tiny_processor
 
     proc = tiny_processor(image_size=tile, patch_size=patch, image_grid_pinpoints=pins)
     ip = proc.image_processor
@@ -149,7 +150,7 @@ def test_select_and_tables(mixed):
     assert int(lay.bos.sum()) == len(batch)
     with pytest.raises(ValueError, match="unknown token selection"):
         lay.select("pixels")
-    with pytest.raises(ValueError, match="bool mask of shape"):
+    with pytest.raises(ValueError, match="bool mask of the batch"):
         lay.select(torch.ones(2, 2, dtype=torch.bool))
     assert "base" in lay.summary()
 

@@ -1,26 +1,46 @@
 """vlens: interpretability for vision-language models, LLaVA-Next first.
 
     import vlens
-    vlm = vlens.load("toy")                         # or a llava-hf LLaVA-Next id, or vlens.tiny()
+    vlm = vlens.load("toy")                         # or a hub id, or vlens.tiny()
     batch = vlm.prepare(["<image>\\nWhat is shown in this image?"], [image])
     with vlm.trace(batch):
         h = vlm.resid_pre(3).save()
 
-Modules, one per concept of the paper: `model` (the `VLM` wrapper), `positions`
-(token geometry), `harvest`, `probes`, `steering`, `interventions`, `sae`
-(multimodal SAEs), `toy` (the embedded toy model), `data`, `distributed`,
-`report`.
+One module per concept of the paper (docs/architecture.md has the map):
+`sites` (the site table), `tokens` (token geometry and selections),
+`families` (what each model family needs), `prepare`, `model` (`VLM`),
+`loading`, `activations` (read, harvest, stores), `prompts`, `scoring`,
+`probes`, `sparsity`, `steering`, `interventions`, `sae` (multimodal SAEs),
+`viz`, `data`, `toy`, `demo`, `cli`, `errors`.
 """
 
-from . import data, interventions, probes, steering, toy
-from .harvest import ActivationStore, harvest
-from .model import VLM, load
-from .positions import Batch, TokenLayout, image_geometry
-from .steering import steered_generate
-from .tiny import tiny
+from . import _deprecated
 
-__version__ = "0.1.0"
+_deprecated.install()
+
+from . import data, errors, families, interventions, probes, prompts, scoring, sites, steering, tokens, toy  # noqa: E402
+from .activations import ActivationStore, harvest, read_layers  # noqa: E402
+from .errors import VlensError  # noqa: E402
+from .loading import load, tiny  # noqa: E402
+from .model import VLM  # noqa: E402
+from .steering import steered_generate  # noqa: E402
+from .tokens import Batch, TokenLayout  # noqa: E402
+
+__version__ = "0.2.0"
 __all__ = [
-    "VLM", "Batch", "TokenLayout", "ActivationStore", "image_geometry", "load", "tiny", "harvest",
-    "steered_generate", "data", "interventions", "probes", "steering", "toy",
+    "VLM", "Batch", "TokenLayout", "ActivationStore", "VlensError", "load", "tiny", "harvest", "read_layers",
+    "steered_generate", "data", "errors", "families", "interventions", "probes", "prompts", "scoring", "sites",
+    "steering", "tokens", "toy",
 ]
+
+
+def __getattr__(name: str):
+    if name == "image_geometry":  # vlens 0.1 exported the LLaVA-Next geometry at the top
+        import warnings
+
+        from .families.llava_next import image_geometry
+
+        warnings.warn("vlens.image_geometry moved to vlens.families.llava_next.image_geometry",
+                      DeprecationWarning, stacklevel=2)
+        return image_geometry
+    raise AttributeError(f"module 'vlens' has no attribute {name!r}")

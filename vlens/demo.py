@@ -83,7 +83,7 @@ def run(
     from . import probes, steering
     from . import sae as vsae
     from .harvest import harvest
-    from .model import load
+    from .loading import load
     from .report import Report
 
     cfg = config or (DemoConfig.fast() if fast else DemoConfig())

@@ -56,7 +56,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .positions import KIND_NAMES, TokenLayout
+from .tokens import KIND_NAMES, TokenLayout
 
 __all__ = ["harvest", "ActivationStore", "ActivationRows", "HarvestError", "export_sae_lens", "selection_figure",
            "selection_grid", "DEFAULT_PROMPT"]
@@ -1253,7 +1253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(list(argv) if argv is not None else None)
 
     from . import distributed
-    from .model import load
+    from .loading import load
 
     env = distributed.init()  # joins torchrun's process group; a no-op on one process
     device = a.device

@@ -13,10 +13,10 @@ execution order (read layer 3 before layer 5, as nnsight requires).
 
 `site` is an int layer L (the paper's hook point, `resid_pre.L` = HF
 `hidden_states[L]`) or any site name of `VLM.read` (`"resid_post.3"`,
-`"vision.1"`...). `tokens` is anything `TokenLayout.select` takes ('image',
-'text', 'answer', 'base', 'highres', 'newline', 'image+answer', a [batch, seq]
-bool mask, a function of the layout) plus the helpers `positions`,
-`one_image` and `tile` below. `tokens=None` edits every position.
+`"vision.1"`...). `tokens` is any token selection of `vlens.tokens.select` ('image', 'text',
+'answer', 'base', 'highres', 'newline', 'image+answer', int positions, a
+[batch, seq] bool mask, or a function of the layout such as
+`vlens.tokens.tile(0)`). `tokens=None` edits every position.
 
 In `generate`, the first forward (the prefill) runs over the whole prompt and
 later steps see one new token each. A selection applies where the shapes match
@@ -35,40 +35,14 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from .positions import Batch, TokenLayout
+from .errors import InputError
+from .sites import SiteLike
+from .tokens import Batch, TokenLayout, TokenSelection, select
 
-__all__ = [
-    "ablate",
-    "add",
-    "check_vector",
-    "clamp_latent",
-    "one_image",
-    "positions",
-    "project_out",
-    "site_name",
-    "splice_sae",
-    "tile",
-    "token_mask",
-]
+__all__ = ["ablate", "add", "check_vector", "clamp_latent", "project_out", "splice_sae"]
 
 
-# -- sites, vectors, token selections ------------------------------------------------------------
-
-
-def site_name(site: int | str) -> str:
-    """An int layer L means `resid_pre.L` (the paper's hook point); a string is used as is.
-
-    Example:
-        >>> site_name(8), site_name("resid_post.3")
-        ('resid_pre.8', 'resid_post.3')
-    """
-    if isinstance(site, bool):
-        raise TypeError("site must be an int layer or a site name such as 'resid_pre.8', not a bool")
-    if isinstance(site, int):
-        return f"resid_pre.{site}"
-    if isinstance(site, str):
-        return site
-    raise TypeError(f"site must be an int layer or a site name such as 'resid_pre.8', not {type(site).__name__}")
+# -- vectors ------------------------------------------------------------
 
 
 def check_vector(v: Any, d_model: int, what: str = "vector") -> Float[Tensor, " d_model"]:
@@ -80,144 +54,27 @@ def check_vector(v: Any, d_model: int, what: str = "vector") -> Float[Tensor, " 
         >>> check_vector(torch.ones(3), 4)
         Traceback (most recent call last):
         ...
-        ValueError: vector has width 3 but the model's residual stream has d_model 4: build it from activations of this model (same layer width), e.g. vlens.steering.diff_of_means on features harvested from it
+        vlens.errors.InputError: vector has width 3 but the model's residual stream has d_model 4: build it from activations of this model (same layer width), e.g. vlens.steering.diff_of_means on features harvested from it
     """
     if not isinstance(v, Tensor):
         v = torch.as_tensor(v, dtype=torch.float32)
     if v.dim() == 2 and v.shape[0] == 1:
         v = v[0]
     if v.dim() != 1:
-        raise ValueError(f"{what} must be 1-D [d_model={d_model}], got shape {tuple(v.shape)}")
+        raise InputError(f"{what} must be 1-D [d_model={d_model}], got shape {tuple(v.shape)}")
     if v.shape[0] != d_model:
-        raise ValueError(
+        raise InputError(
             f"{what} has width {v.shape[0]} but the model's residual stream has d_model {d_model}: build it from "
             "activations of this model (same layer width), e.g. vlens.steering.diff_of_means on features harvested "
             "from it"
         )
     if not torch.isfinite(v).all():
         bad = int((~torch.isfinite(v)).sum())
-        raise ValueError(
+        raise InputError(
             f"{what} has {bad} NaN/inf entries: recompute it (a class with no examples gives a NaN mean; "
             "a zero vector normalised gives NaN) or pass torch.nan_to_num(v)"
         )
     return v
-
-
-def _layout(batch: Batch | TokenLayout | None) -> TokenLayout | None:
-    if batch is None or isinstance(batch, TokenLayout):
-        return batch
-    if isinstance(batch, Batch):
-        return batch.layout
-    raise TypeError(f"batch must be a vlens Batch (from vlm.prepare) or a TokenLayout, not {type(batch).__name__}")
-
-
-def positions(pos: int | Sequence[int] | range) -> Callable[[TokenLayout], Bool[Tensor, "batch seq"]]:
-    """Select sequence positions (the same in every row; negative counts from the end).
-
-    Example:
-        >>> import vlens; from PIL import Image
-        >>> vlm = vlens.tiny()
-        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
-        >>> int(token_mask(b, positions([-1, -2])).sum())
-        2
-    """
-    pos = [pos] if isinstance(pos, int) else list(pos)
-
-    def select(layout: TokenLayout) -> Tensor:
-        S = layout.shape[1]
-        bad = [p for p in pos if not -S <= p < S]
-        if bad:
-            raise IndexError(
-                f"token positions {bad} are outside the sequence of length {S}: use positions in "
-                f"[-{S}, {S}) (e.g. from batch.layout.images[i].start/end)"
-            )
-        m = torch.zeros(layout.shape, dtype=torch.bool)
-        m[:, [p % S for p in pos]] = True
-        return m
-
-    return select
-
-
-def one_image(image: int) -> Callable[[TokenLayout], Bool[Tensor, "batch seq"]]:
-    """Select the tokens of one image (its index in the order images were given to `prepare`).
-
-    Example:
-        >>> import vlens; from PIL import Image
-        >>> vlm = vlens.tiny()
-        >>> b = vlm.prepare(["<image>\\nhi"] * 2, [Image.new("RGB", (32, 32))] * 2)
-        >>> int(token_mask(b, one_image(1))[0].sum())
-        0
-    """
-
-    def select(layout: TokenLayout) -> Tensor:
-        if not 0 <= image < len(layout.images):
-            raise IndexError(f"image {image} does not exist: this batch has images 0..{len(layout.images) - 1}")
-        return layout.image_mask(image)
-
-    return select
-
-
-def tile(index: int, image: int | None = None) -> Callable[[TokenLayout], Bool[Tensor, "batch seq"]]:
-    """Select the patch tokens of one tile: 0 is the base (global) tile, 1.. the high-res tiles in raster order.
-
-    `image` restricts to one image; by default every image's tile `index`.
-
-    Example:
-        >>> import vlens; from PIL import Image
-        >>> vlm = vlens.tiny()
-        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
-        >>> int(token_mask(b, tile(0)).sum())   # 4×4 patches in the base tile
-        16
-    """
-
-    def select(layout: TokenLayout) -> Tensor:
-        m = torch.zeros(layout.shape, dtype=torch.bool)
-        spans = layout.images if image is None else [layout.images[image]]
-        found = False
-        for s in spans:
-            pos = s.positions()[s.geometry.tile == index]
-            found |= pos.numel() > 0
-            m[s.batch_index, pos] = True
-        if not found:
-            n = max((int(s.geometry.tile.max()) for s in spans), default=-1)
-            raise IndexError(f"tile {index} does not exist: the selected image(s) have tiles 0..{n} (0 = base tile)")
-        return m
-
-    return select
-
-
-def token_mask(batch: Batch | TokenLayout, tokens: Any) -> Bool[Tensor, "batch seq"]:
-    """Resolve a token selection to a [batch, seq] bool mask, with clear errors.
-
-    Accepts everything `TokenLayout.select` does, plus int positions (or a
-    list of them), and checks the mask lies inside the sequence.
-
-    Example:
-        >>> import vlens; from PIL import Image
-        >>> vlm = vlens.tiny()
-        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
-        >>> token_mask(b, "image").equal(b.layout.image)
-        True
-    """
-    layout = _layout(batch)
-    if layout is None:
-        raise ValueError("a token selection needs the batch: pass batch=<the Batch from vlm.prepare>")
-    if isinstance(tokens, int) and not isinstance(tokens, bool) or (
-        isinstance(tokens, (list, tuple, range)) and all(isinstance(t, int) for t in tokens)
-    ):
-        return positions(tokens)(layout)
-    if isinstance(tokens, Tensor) and tokens.dtype != torch.bool:
-        if tokens.dim() <= 1:
-            return positions(tokens.tolist())(layout)
-    if isinstance(tokens, Tensor) and tuple(tokens.shape) != layout.shape:
-        raise IndexError(
-            f"token mask of shape {tuple(tokens.shape)} does not match the batch's [batch, seq] = {layout.shape}: "
-            "build it from this batch's layout (e.g. batch.layout.image & ...)"
-        )
-    mask = layout.select(tokens)
-    if isinstance(tokens, str) and not mask.any():
-        raise ValueError(f"token selection {tokens!r} selects no token in this batch (is there an image / answer?)")
-    return mask
 
 
 # -- the core edit -----------------------------------------------------------------------------
@@ -225,18 +82,20 @@ def token_mask(batch: Batch | TokenLayout, tokens: Any) -> Bool[Tensor, "batch s
 
 def _edit(
     vlm: Any,
-    site: int | str,
+    site: SiteLike,
     batch: Batch | TokenLayout | None,
     tokens: Any,
     fn: Callable[[Tensor], Tensor],
     new_tokens: bool,
 ) -> Tensor | None:
     """Apply fn ([n, d] -> [n, d]) to the selected rows of the live activation, in place."""
-    h = vlm.read(site_name(site))
+    h = vlm.read(site)
     if tokens is None:
         h[...] = fn(h.reshape(-1, h.shape[-1])).reshape(h.shape)
         return h
-    mask = token_mask(batch, tokens)
+    if batch is None:
+        raise InputError("a token selection needs the batch: pass batch=<the Batch from vlm.prepare>, or tokens=None")
+    mask = select(batch, tokens, nonempty=True)
     if h.dim() == 3 and tuple(h.shape[:2]) == tuple(mask.shape):
         mask = mask.to(h.device)
         h[mask] = fn(h[mask])
@@ -246,20 +105,20 @@ def _edit(
         if new_tokens:
             h[:, -1] = fn(h[:, -1])
         return h
-    raise ValueError(
-        f"site {site_name(site)!r} has shape {tuple(h.shape)}, which a token selection over [batch, seq] = "
+    raise InputError(
+        f"site {vlm.site(site).name!r} has shape {tuple(h.shape)}, which a token selection over [batch, seq] = "
         f"{tuple(mask.shape)} cannot index: use tokens=None to edit every position, or a residual site"
     )
 
 
 def add(
     vlm: Any,
-    site: int | str,
+    site: SiteLike,
     vector: Float[Tensor, " d_model"],
     k: float = 1.0,
     *,
     batch: Batch | TokenLayout | None = None,
-    tokens: Any = "image",
+    tokens: TokenSelection | None = "image",
     new_tokens: bool = False,
 ) -> None:
     """Add `k · vector` to the residual stream at `site`, at the selected tokens (the paper's steering).
@@ -278,7 +137,7 @@ def add(
     """
     v = check_vector(vector, vlm.d_model)
     if not math.isfinite(float(k)):
-        raise ValueError(f"k must be a finite number, got {k}")
+        raise InputError(f"k must be a finite number, got {k}")
 
     def fn(x: Tensor) -> Tensor:
         return x + float(k) * v.to(x.device, x.dtype)
@@ -288,10 +147,10 @@ def add(
 
 def ablate(
     vlm: Any,
-    site: int | str,
+    site: SiteLike,
     *,
     batch: Batch | TokenLayout | None = None,
-    tokens: Any = "image",
+    tokens: TokenSelection | None = "image",
     value: str | Tensor = "zero",
     new_tokens: bool = False,
 ) -> None:
@@ -310,7 +169,7 @@ def ablate(
     """
     if isinstance(value, str):
         if value not in ("zero", "mean"):
-            raise ValueError(f"value must be 'zero', 'mean' or a [d_model] vector, not {value!r}")
+            raise InputError(f"value must be 'zero', 'mean' or a [d_model] vector, not {value!r}")
         if value == "zero":
             fn = lambda x: torch.zeros_like(x)  # noqa: E731
         else:
@@ -329,18 +188,18 @@ def _orthonormal(directions: Tensor, d_model: int) -> Tensor:
         for row in d:
             check_vector(row, d_model, "direction")
     if (d.norm(dim=-1) == 0).any():
-        raise ValueError("a direction to project out is the zero vector: pass non-zero directions")
+        raise InputError("a direction to project out is the zero vector: pass non-zero directions")
     q, _ = torch.linalg.qr(d.float().T)  # [d_model, r]
     return q.T  # [r, d_model]
 
 
 def project_out(
     vlm: Any,
-    site: int | str,
+    site: SiteLike,
     directions: Float[Tensor, "*r d_model"],
     *,
     batch: Batch | TokenLayout | None = None,
-    tokens: Any = "image",
+    tokens: TokenSelection | None = "image",
     new_tokens: bool = False,
 ) -> None:
     """Remove the component along one direction (or the span of several rows) at the selected tokens.
@@ -370,10 +229,10 @@ def project_out(
 
 def _check_sae(sae: Any, d_model: int) -> None:
     if not (hasattr(sae, "encode") and hasattr(sae, "decode")):
-        raise TypeError(f"sae must have encode/decode (an SAE-Lens SAE or a vlens.sae class), got {type(sae).__name__}")
+        raise InputError(f"sae must have encode/decode (an SAE-Lens SAE or a vlens.sae class), got {type(sae).__name__}")
     W = getattr(sae, "W_dec", None)
     if W is not None and W.shape[-1] != d_model:
-        raise ValueError(
+        raise InputError(
             f"this SAE decodes to width {W.shape[-1]} but the site has d_model {d_model}: use an SAE trained on "
             "this model's residual stream"
         )
@@ -389,13 +248,13 @@ def _sae_dtype(sae: Any) -> tuple[torch.device, torch.dtype]:
 
 def clamp_latent(
     vlm: Any,
-    site: int | str,
+    site: SiteLike,
     sae: Any,
     latent: int | Sequence[int],
     value: float | Sequence[float],
     *,
     batch: Batch | TokenLayout | None = None,
-    tokens: Any = "image",
+    tokens: TokenSelection | None = "image",
     new_tokens: bool = False,
 ) -> None:
     """Clamp SAE latent(s) to `value` at the selected tokens, keeping the SAE's error term.
@@ -421,11 +280,11 @@ def clamp_latent(
     values = torch.as_tensor([value] * len(latents) if isinstance(value, (int, float)) else list(value),
                              dtype=torch.float32)
     if len(values) != len(latents):
-        raise ValueError(f"got {len(values)} values for {len(latents)} latents: give one value per latent, or one for all")
+        raise InputError(f"got {len(values)} values for {len(latents)} latents: give one value per latent, or one for all")
     d_sae = sae.W_dec.shape[0]
     bad = [i for i in latents if not 0 <= i < d_sae]
     if bad:
-        raise IndexError(f"latents {bad} do not exist: this SAE has latents 0..{d_sae - 1}")
+        raise InputError(f"latents {bad} do not exist: this SAE has latents 0..{d_sae - 1}")
     dev, dt = _sae_dtype(sae)
 
     def fn(x: Tensor) -> Tensor:
@@ -438,11 +297,11 @@ def clamp_latent(
 
 def splice_sae(
     vlm: Any,
-    site: int | str,
+    site: SiteLike,
     sae: Any,
     *,
     batch: Batch | TokenLayout | None = None,
-    tokens: Any = "all",
+    tokens: TokenSelection | None = "all",
     error: bool = False,
     edit: Callable[[Tensor], Tensor] | None = None,
     new_tokens: bool = True,
@@ -485,3 +344,22 @@ def splice_sae(
 
     _edit(vlm, site, batch, tokens, fn, new_tokens)
     return out[0] if out else torch.zeros(0, sae.W_dec.shape[0])
+
+
+def __getattr__(name: str) -> Any:
+    """vlens 0.1 names that moved: token selection lives in `vlens.tokens`, site names in `vlens.sites`."""
+    import warnings
+
+    from . import sites, tokens
+
+    moved = {
+        "positions": tokens.positions, "one_image": tokens.one_image, "tile": tokens.tile,
+        "token_mask": lambda batch, sel: tokens.select(batch, sel, nonempty=True),
+        "site_name": lambda site: sites.parse(site).name,
+    }
+    if name not in moved:
+        raise AttributeError(f"module 'vlens.interventions' has no attribute {name!r}")
+    new = {"token_mask": "vlens.tokens.select(batch, tokens, nonempty=True)", "site_name": "vlens.sites.parse(site).name"}
+    warnings.warn(f"vlens.interventions.{name} moved: use {new.get(name, 'vlens.tokens.' + name)}",
+                  DeprecationWarning, stacklevel=2)
+    return moved[name]

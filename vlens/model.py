@@ -1,31 +1,23 @@
-"""`VLM`: LLaVA-Next as an nnsight model, with residual streams a researcher can name.
+"""`VLM`: a vision-language model as an nnsight model, with sites a researcher can name.
 
 A `VLM` *is* an nnsight `TransformersModel(task="image-text-to-text")`, so
 everything nnsight does (trace, generate, edit, remote) works unchanged. It
 adds three things:
 
-* names for the points people study, read and written inside a trace:
-
-  | name            | what                                                            |
-  |-----------------|-----------------------------------------------------------------|
-  | `resid_pre.L`   | residual stream entering LM layer L  (= HF `hidden_states[L]`)  |
-  | `resid_post.L`  | residual stream leaving LM layer L   (= `hidden_states[L+1]`, before the final norm) |
-  | `embed`         | token embeddings, before image features are scattered in        |
-  | `vision.J`      | output of vision-tower encoder layer J                          |
-  | `projector`     | multimodal projector output, per tile: [tiles, patches, d_model]|
-  | `final_norm`    | output of the LM's final norm                                   |
-  | `logits`        | LM head output                                                  |
-
-* the module layout of both transformers 5 (`model.model.language_model`)
-  and older releases (`model.language_model.model`, tuple outputs);
+* names for the points people study (`vlm.sites` lists them; see
+  `vlens.sites` for the table), read and written inside a trace with
+  `vlm.read(site)` / `vlm.write(site, value)`, `vlm.resid_pre(L)`, `vlm.resid_post(L)`;
+* the model family (`vlm.family`, see `vlens.families`): module paths across
+  transformers releases, token geometry, chat template;
 * `prepare`, which builds one batched encoding and its `TokenLayout`.
+
+Build one with `vlens.load` or `vlens.tiny`.
 """
 
 from __future__ import annotations
 
-import os
-import re
-from typing import Any, Iterable, Sequence
+from functools import reduce
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
@@ -33,14 +25,28 @@ from nnsight.intervention.envoy import traceable
 from nnsight.modeling.transformers import TransformersModel
 from torch import Tensor
 
-from .positions import Batch, ImageSpan, TokenLayout, image_geometry
+from . import families, sites
+from .errors import InputError, UnsupportedModelError
+from .prepare import position_ids, prepare
+from .tokens import Batch
 
-SUPPORTED = "LLaVA-Next (LlavaNextForConditionalGeneration, e.g. llava-hf/llava-v1.6-mistral-7b-hf)"
-_SITE = re.compile(r"^(resid_pre|resid_post|vision)\.(-?\d+)$|^(embed|projector|final_norm|logits)$")
+__all__ = ["VLM", "position_ids"]
+
+
+def _get(root: Any, path: str) -> Any:
+    return reduce(getattr, path.split("."), root)
+
+
+def _has(root: torch.nn.Module, path: str) -> bool:
+    try:
+        _get(root, path)
+        return True
+    except AttributeError:
+        return False
 
 
 class VLM(TransformersModel):
-    """A LLaVA-Next model wrapped for interpretability. Build it with `vlens.load` or `vlens.tiny`.
+    """A vision-language model wrapped for interpretability. Build it with `vlens.load` or `vlens.tiny`.
 
     Example:
         >>> import vlens; from PIL import Image
@@ -55,48 +61,41 @@ class VLM(TransformersModel):
     def __init__(self, *args: Any, name: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("task", "image-text-to-text")
         super().__init__(*args, **kwargs)
-        self.name = name or getattr(self._module.config, "_name_or_path", "") or "llava-next"
+        self.name = name or getattr(self._module.config, "_name_or_path", "") or "vlm"
+        self.family = families.of_model(self._module)
         self._find_modules()
 
     # -- construction -----------------------------------------------------------
 
     @classmethod
     def wrap(cls, model: torch.nn.Module, processor: Any, name: str | None = None) -> "VLM":
-        """Wrap an already-built LLaVA-Next module and its processor.
+        """Wrap an already-built model of a supported family and its processor.
 
         Example:
-            >>> from vlens.tiny import tiny_processor, tiny_config
+            >>> from vlens.families.llava_next import tiny_processor, tiny_config
             >>> from transformers import LlavaNextForConditionalGeneration
             >>> proc = tiny_processor()
             >>> vlm = VLM.wrap(LlavaNextForConditionalGeneration(tiny_config(proc)), proc, name="mine")
-            >>> vlm.name
-            'mine'
+            >>> vlm.name, vlm.family.name
+            ('mine', 'llava-next')
         """
-        check_llava_next(model)
+        families.of_model(model)  # a clear error before nnsight wraps anything
         # Tell the pipeline where the model already is, so it never moves it.
         device = next(model.parameters()).device
         return cls(model, processor=processor, tokenizer=processor.tokenizer, name=name, device=device)
 
     def _find_modules(self) -> None:
-        m = self._module
-        if hasattr(m, "model") and hasattr(m.model, "language_model") and hasattr(m.model.language_model, "layers"):
-            self.layout_version = "transformers>=4.52"
-            base = self.model
-            self._lm = base.language_model
-            self._vision = base.vision_tower
-            self._projector = base.multi_modal_projector
-            self._lm_head = self.lm_head
-        elif hasattr(m, "language_model") and hasattr(m.language_model, "model"):
-            self.layout_version = "transformers<4.52"
-            self._lm = self.language_model.model
-            self._vision = self.vision_tower
-            self._projector = self.multi_modal_projector
-            self._lm_head = self.language_model.lm_head
-        else:
-            raise TypeError(f"cannot find the language model layers of {type(m).__name__}; vlens supports {SUPPORTED}")
-        self._layers = self._lm.layers
-        vt = self._vision
-        self._vision_layers = vt.vision_model.encoder.layers if hasattr(vt._module, "vision_model") else vt.encoder.layers
+        for name, layout in self.family.layouts.items():
+            if all(_has(self._module, p) for p in vars(layout).values()):
+                self.modules, self.layout_version = layout, name
+                return
+        raise UnsupportedModelError(
+            f"cannot find the modules of {type(self._module).__name__} in any known {self.family.name} layout "
+            f"(tried {list(self.family.layouts)}); is this transformers release supported?"
+        )
+
+    def _envoy(self, field: str) -> Any:
+        return _get(self, getattr(self.modules, field))
 
     # -- facts ------------------------------------------------------------------
 
@@ -107,24 +106,25 @@ class VLM(TransformersModel):
     @property
     def n_layers(self) -> int:
         """Number of language-model layers."""
-        return len(self._layers)
+        return len(_get(self._module, self.modules.lm_layers))
 
     @property
     def d_model(self) -> int:
         """Width of the language-model residual stream."""
-        return int(self.config.text_config.hidden_size)
+        return int(self.family.text_config(self.config).hidden_size)
 
     @property
     def n_vision_layers(self) -> int:
-        return len(self._vision_layers)
+        """Number of vision-tower layers."""
+        return len(_get(self._module, self.modules.vision_layers))
 
     @property
     def image_token_id(self) -> int:
-        return int(self.config.image_token_id)
+        return self.family.image_token_id(self.config)
 
     @property
     def vocab_size(self) -> int:
-        return int(self.config.text_config.vocab_size)
+        return int(self.family.text_config(self.config).vocab_size)
 
     @property
     def device(self) -> torch.device:
@@ -134,49 +134,58 @@ class VLM(TransformersModel):
     def dtype(self) -> torch.dtype:
         return next(self._module.parameters()).dtype
 
+    @property
+    def sites(self) -> list[str]:
+        """Every site name of this model, in execution order.
+
+        Example:
+            >>> import vlens
+            >>> vlm = vlens.tiny(n_layers=2, vision_layers=1)
+            >>> vlm.sites[:3], vlm.sites[-2:]
+            (['embed', 'vision.0', 'projector'], ['final_norm', 'logits'])
+        """
+        return sites.names(self.n_layers, self.n_vision_layers)
+
     # -- named points -------------------------------------------------------------
 
-    def _check_layer(self, layer: int, n: int, what: str) -> int:
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise TypeError(f"{what} layer must be an int, not {type(layer).__name__}")
-        if not -n <= layer < n:
-            raise IndexError(f"{what} layer {layer} is out of range: this model has layers 0..{n - 1}")
-        return layer % n
+    def site(self, site: sites.SiteLike) -> sites.Site:
+        """A site of this model, range-checked, layer made non-negative (an int L is `resid_pre.L`).
 
-    def _site(self, name: str):
-        m = _SITE.match(name) if isinstance(name, str) else None
-        if m is None:
-            raise ValueError(
-                f"unknown site {name!r}: use 'resid_pre.L', 'resid_post.L' (0 <= L < {self.n_layers}), "
-                f"'vision.J' (0 <= J < {self.n_vision_layers}), 'embed', 'projector', 'final_norm' or 'logits'"
-            )
-        kind, idx, single = m.groups()
-        if kind == "resid_pre":
-            return self._layers[self._check_layer(int(idx), self.n_layers, "language-model")], "input"
-        if kind == "resid_post":
-            return self._layers[self._check_layer(int(idx), self.n_layers, "language-model")], "output"
-        if kind == "vision":
-            return self._vision_layers[self._check_layer(int(idx), self.n_vision_layers, "vision-tower")], "output"
-        envoy = {
-            "embed": self._lm.embed_tokens,
-            "projector": self._projector,
-            "final_norm": self._lm.norm,
-            "logits": self._lm_head,
-        }[single]
-        return envoy, "output"
+        Example:
+            >>> import vlens
+            >>> vlens.tiny().site(-1)
+            Site('resid_pre.3')
+        """
+        return sites.resolve(site, self.n_layers, self.n_vision_layers)
 
-    def module_path(self, name: str) -> str:
-        """The nnsight/torch module path behind a site, and whether it is its input or output.
+    def _site_envoy(self, site: sites.SiteLike) -> tuple[Any, sites.Site]:
+        s = self.site(site)
+        envoy = self._envoy(s.module)
+        return (envoy[s.index] if s.index is not None else envoy), s
+
+    def module_path(self, site: sites.SiteLike) -> str:
+        """The module path behind a site, and whether it is its input or output.
 
         Example:
             >>> import vlens
             >>> vlens.tiny().module_path("resid_pre.3")
             'model.language_model.layers.3.input'
         """
-        envoy, attr = self._site(name)
-        return f"{_strip_root(envoy.path)}.{attr}"
+        s = self.site(site)
+        path = getattr(self.modules, s.module) + (f".{s.index}" if s.index is not None else "")
+        return f"{path}.{s.value}"
 
-    def read(self, name: str) -> Tensor:
+    def hook_name(self, site: sites.SiteLike) -> str:
+        """The TransformerLens-style hook name of a site, used as SAE-Lens `hook_name`.
+
+        Example:
+            >>> import vlens
+            >>> vlens.tiny().hook_name("resid_pre.-1")
+            'blocks.3.hook_resid_pre'
+        """
+        return self.site(site).hook_name
+
+    def read(self, site: sites.SiteLike) -> Tensor:
         """Read a site inside a trace (tuple outputs are unpacked to their hidden state).
 
         The returned tensor is the live one: edit it in place to intervene.
@@ -190,12 +199,12 @@ class VLM(TransformersModel):
             >>> logits.shape[-1] == vlm.vocab_size
             True
         """
-        envoy, attr = self._site(name)
-        value = getattr(envoy, attr)
+        envoy, s = self._site_envoy(site)
+        value = getattr(envoy, s.value)
         return value[0] if isinstance(value, tuple) else value
 
-    def write(self, name: str, value: Tensor) -> None:
-        """Replace the value at a site inside a trace.
+    def write(self, site: sites.SiteLike, value: Tensor) -> None:
+        """Replace the value at a site inside a trace (same shape as the value it replaces).
 
         Example:
             >>> import vlens; from PIL import Image
@@ -207,12 +216,18 @@ class VLM(TransformersModel):
             >>> bool(out.isfinite().all())
             True
         """
-        envoy, attr = self._site(name)
-        if attr == "input":
+        envoy, s = self._site_envoy(site)
+        current = getattr(envoy, s.value)
+        live = current[0] if isinstance(current, tuple) else current
+        if isinstance(value, Tensor) and isinstance(live, Tensor) and tuple(value.shape) != tuple(live.shape):
+            raise InputError(
+                f"cannot write a value of shape {tuple(value.shape)} to {s.name}, whose value has shape "
+                f"{tuple(live.shape)}: write a tensor of the same shape (edit a copy of vlm.read({s.name!r}))"
+            )
+        if s.value == "input":
             envoy.input = value
-            return
-        current = envoy.output
-        envoy.output = (value, *current[1:]) if isinstance(current, tuple) else value
+        else:
+            envoy.output = (value, *current[1:]) if isinstance(current, tuple) else value
 
     def resid_pre(self, layer: int) -> Float[Tensor, "batch seq d_model"]:
         """Residual stream entering LM layer `layer` (HF `hidden_states[layer]`), live inside a trace.
@@ -224,7 +239,7 @@ class VLM(TransformersModel):
             >>> with vlm.trace(b):
             ...     vlm.resid_pre(1)[b.layout.image] += 1.0   # steer every image token
         """
-        return self.read(f"resid_pre.{layer}")
+        return self.read(sites.Site("resid_pre", layer))
 
     def resid_post(self, layer: int) -> Float[Tensor, "batch seq d_model"]:
         """Residual stream leaving LM layer `layer` (HF `hidden_states[layer + 1]` before the final norm).
@@ -236,39 +251,35 @@ class VLM(TransformersModel):
             >>> with vlm.trace(b):
             ...     h = vlm.resid_post(0).save()
         """
-        return self.read(f"resid_post.{layer}")
-
-    def hook_name(self, name: str) -> str:
-        """The TransformerLens-style hook name of a site, used as SAE-Lens `hook_name`.
-
-        Example:
-            >>> import vlens
-            >>> vlens.tiny().hook_name("resid_pre.3")
-            'blocks.3.hook_resid_pre'
-        """
-        envoy, _ = self._site(name)
-        kind, _, idx = name.partition(".")
-        if kind in ("resid_pre", "resid_post"):
-            return f"blocks.{int(idx) % self.n_layers}.hook_{kind}"
-        if kind == "vision":
-            return f"vision.blocks.{int(idx) % self.n_vision_layers}.hook_resid_post"
-        return {"embed": "hook_embed", "projector": "hook_projector", "final_norm": "ln_final.hook_normalized",
-                "logits": "hook_logits"}[kind]
+        return self.read(sites.Site("resid_post", layer))
 
     # -- running ------------------------------------------------------------------
 
     def trace(self, *inputs: Any, **kwargs: Any):
         """nnsight's `trace`, also accepting a `Batch` from `prepare`.
 
-        A `Batch` gets position ids derived from its attention mask, so a
-        left-padded row computes exactly what it would alone.
+        A `Batch` gets position ids derived from its attention mask (for
+        families that take them), so a left-padded row computes exactly what
+        it would alone.
         """
-        return super().trace(*_unbatch(inputs, positions=True), **kwargs)
+        return super().trace(*self._unbatch(inputs, positions=True), **kwargs)
 
     @traceable
     def generate(self, *inputs: Any, **kwargs: Any):
         """nnsight's `generate`, also accepting a `Batch` from `prepare`."""
-        return TransformersModel.generate.__wrapped__(self, *_unbatch(inputs), **kwargs)
+        return TransformersModel.generate.__wrapped__(self, *self._unbatch(inputs), **kwargs)
+
+    def _unbatch(self, inputs: tuple, positions: bool = False) -> tuple:
+        out = []
+        for i in inputs:
+            if isinstance(i, Batch):
+                i = dict(i.inputs)
+                if positions and "position_ids" not in i:
+                    pos = self.family.position_ids(i)
+                    if pos is not None:
+                        i["position_ids"] = pos
+            out.append(i)
+        return tuple(out)
 
     def decode(self, ids: Tensor, batch: Batch | None = None) -> list[str]:
         """Decode generated ids to text, dropping the prompt of `batch` when given.
@@ -300,11 +311,12 @@ class VLM(TransformersModel):
         """One padded batch for many prompts and images, and its `TokenLayout`.
 
         Each prompt marks where its image goes with `<image>`; `images` lists
-        the images of all prompts in order (PIL images or HWC uint8 arrays; any
-        mode is converted to RGB). `answers` (or captions) are appended after
-        the generation prompt, one per prompt, with `eos` optionally closing
-        them. With `template` the model's chat template wraps each prompt.
-        Rows are left-padded, ready for `generate`.
+        the images of all prompts in order (anything `vlens.prepare.load_image`
+        reads: PIL images, paths, HWC arrays; any mode is converted to RGB).
+        `answers` (or captions) are appended after the generation prompt, one
+        per prompt, with `eos` optionally closing them. With `template` the
+        model's chat template wraps each prompt. Rows are left-padded, ready
+        for `generate`.
 
         Example:
             >>> import vlens; from PIL import Image
@@ -314,260 +326,11 @@ class VLM(TransformersModel):
             >>> [int(n) for n in b.layout.answer.sum(1)]
             [1, 3]
         """
-        return prepare(self.processor, self.config, prompts, images, answers, template=template, eos=eos)
+        return prepare(self.family, self.processor, self.config, prompts, images, answers, template=template, eos=eos)
 
     def __repr__(self) -> str:
         return (
-            f"VLM({self.name!r}: {self.n_layers} LM layers × d_model {self.d_model}, "
-            f"{self.n_vision_layers} vision layers, {self.layout_version})"
+            f"VLM({self.name!r}: {self.family.name}, {self.n_layers} LM layers × d_model {self.d_model}, "
+            f"{self.n_vision_layers} vision layers)"
         )
 
-
-def _strip_root(path: str) -> str:
-    return path[len("model.") :] if path.startswith("model.") else path
-
-
-def _unbatch(inputs: tuple, positions: bool = False) -> tuple:
-    out = []
-    for i in inputs:
-        if isinstance(i, Batch):
-            i = dict(i.inputs)
-            if positions and "position_ids" not in i:
-                i["position_ids"] = position_ids(i["attention_mask"])
-        out.append(i)
-    return tuple(out)
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Position ids of a left-padded batch: 0 at each row's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def check_llava_next(model: torch.nn.Module) -> None:
-    """Raise a clear error if `model` is not LLaVA-Next."""
-    mtype = getattr(getattr(model, "config", None), "model_type", None)
-    if mtype != "llava_next":
-        raise TypeError(
-            f"vlens supports {SUPPORTED}; got {type(model).__name__} (model_type {mtype!r}). "
-            "Load a llava-hf LLaVA-Next checkpoint, or build one with vlens.tiny()."
-        )
-
-
-# -- prepare ------------------------------------------------------------------------------
-
-
-def _to_rgb(image: Any):
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
-    elif isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if not isinstance(image, Image.Image):
-        import numpy as np
-
-        arr = np.asarray(image)
-        if arr.dtype != np.uint8:
-            raise TypeError(f"images must be PIL images, paths, or uint8 HWC arrays; got an array of {arr.dtype}")
-        image = Image.fromarray(arr)
-    if image.mode != "RGB":
-        if image.mode in ("RGBA", "LA", "P"):
-            image = image.convert("RGBA")
-            bg = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(bg, image)
-        image = image.convert("RGB")
-    return image
-
-
-def _as_list(x: Any) -> list:
-    if x is None:
-        return []
-    if isinstance(x, (str, bytes)) or not isinstance(x, (list, tuple)):
-        return [x]
-    return list(x)
-
-
-def prepare(
-    processor: Any,
-    config: Any,
-    prompts: str | Sequence[str],
-    images: Any = None,
-    answers: str | Sequence[str] | None = None,
-    *,
-    template: bool = True,
-    eos: bool = False,
-) -> Batch:
-    """`VLM.prepare` for a bare processor and config (see there)."""
-    tok = processor.tokenizer
-    image_token = processor.image_token
-    prompts = _as_list(prompts)
-    images = [_to_rgb(im) for im in _as_list(images)]
-    answers_list = _as_list(answers)
-    if not prompts:
-        raise ValueError("prepare needs at least one prompt")
-    if answers is not None and len(answers_list) != len(prompts):
-        raise ValueError(f"got {len(answers_list)} answers for {len(prompts)} prompts: give one answer per prompt")
-    counts = [p.count(image_token) for p in prompts]
-    if sum(counts) != len(images):
-        missing = [i for i, c in enumerate(counts) if c == 0]
-        hint = (
-            f" Prompt(s) {missing} have no {image_token!r} placeholder: write it where the image goes, "
-            f"e.g. '{image_token}\\nWhat is shown in this image?'."
-            if missing and images
-            else ""
-        )
-        raise ValueError(
-            f"{len(images)} image(s) but {sum(counts)} {image_token!r} placeholder(s) in the prompts; "
-            f"give one image per placeholder, in order.{hint}"
-        )
-
-    texts = [_render(processor, p, image_token) if template else p for p in prompts]
-    enc = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-    ids_rows = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
-
-    ans_rows: list[list[int]] = [[] for _ in prompts]
-    for i, a in enumerate(answers_list):
-        ans_rows[i] = tok(a, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
-
-    B = len(prompts)
-    S = max(len(p) + len(a) for p, a in zip(ids_rows, ans_rows))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    input_ids = torch.full((B, S), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, S), dtype=torch.long)
-    prompt_m = torch.zeros((B, S), dtype=torch.bool)
-    answer_m = torch.zeros((B, S), dtype=torch.bool)
-    for b, (p, a) in enumerate(zip(ids_rows, ans_rows)):
-        n = len(p) + len(a)
-        input_ids[b, S - n :] = torch.tensor(p + a, dtype=torch.long)
-        attention[b, S - n :] = 1
-        prompt_m[b, S - n : S - len(a)] = True
-        answer_m[b, S - len(a) :] = True
-    pad = attention == 0
-    image = input_ids == int(config.image_token_id)
-    bos = torch.zeros_like(pad)
-    if tok.bos_token_id is not None:
-        first = (S - attention.sum(1)).clamp(max=S - 1)
-        bos[torch.arange(B), first] = input_ids[torch.arange(B), first] == tok.bos_token_id
-    prompt_m &= ~image & ~bos
-
-    spans: list[ImageSpan] = []
-    if images:
-        ip = processor.image_processor
-        tile = ip.crop_size["height"]
-        resize_to = ip.size.get("shortest_edge") or ip.size.get("height") or tile
-        pins = config.image_grid_pinpoints
-        sizes = enc["image_sizes"].tolist()
-        k = 0
-        for b, c in enumerate(counts):
-            pos = image[b].nonzero().flatten().tolist()
-            start = 0
-            for _ in range(c):
-                geom = image_geometry(
-                    tuple(sizes[k]), pinpoints=pins, tile_size=tile, patch_size=processor.patch_size, resize_to=resize_to
-                )
-                s0 = pos[start]
-                s1 = s0 + geom.n_tokens
-                if pos[start : start + geom.n_tokens] != list(range(s0, s1)):
-                    raise RuntimeError(
-                        f"token geometry of image {k} ({sizes[k]}) disagrees with the processor: expected "
-                        f"{geom.n_tokens} consecutive image tokens at position {s0}. Please report this with "
-                        "the processor settings."
-                    )
-                spans.append(ImageSpan(image=k, batch_index=b, start=s0, end=s1, geometry=geom))
-                start += geom.n_tokens
-                k += 1
-            if start != len(pos):
-                raise RuntimeError(
-                    f"row {b} has {len(pos)} image tokens but its images account for {start}: the processor's "
-                    "image settings do not match the model config (vision_feature_select_strategy, "
-                    "num_additional_image_tokens, patch_size)."
-                )
-
-    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention}
-    if images:
-        inputs["pixel_values"] = enc["pixel_values"]
-        inputs["image_sizes"] = enc["image_sizes"]
-    layout = TokenLayout(input_ids=input_ids, image=image, prompt=prompt_m, answer=answer_m, bos=bos, pad=pad,
-                         images=spans)
-    return Batch(inputs=inputs, layout=layout, prompts=list(prompts))
-
-
-def _render(processor: Any, prompt: str, image_token: str) -> str:
-    if not getattr(processor, "chat_template", None):
-        return prompt
-    n = prompt.count(image_token)
-    text = prompt.replace(image_token, "").lstrip("\n").strip()
-    content = [{"type": "image"} for _ in range(n)] + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
-
-
-# -- loading --------------------------------------------------------------------------
-
-
-def load(
-    name_or_path: Any,
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    lazy: bool = False,
-    meta: bool = False,
-    **kwargs: Any,
-) -> VLM:
-    """Load a LLaVA-Next model as a `VLM`.
-
-    `name_or_path` is `"toy"` (the embedded toy model, offline), a llava-hf
-    LLaVA-Next hub id or local directory, or a `(model, processor)` pair.
-    `device` and `dtype` go to `from_pretrained` (e.g. `device="cuda"`,
-    `dtype=torch.float16`). `lazy=True` builds the model on the meta device
-    without weights (nnsight's lazy loading; weights arrive on the first
-    trace, or stay remote with `trace(..., remote=True)` on NDIF).
-    `meta=True` builds a known checkpoint's architecture offline on the meta
-    device (see `vlens.configs`), for geometry and module paths only.
-
-    Example:
-        >>> import vlens
-        >>> vlm = vlens.load("toy")
-        >>> vlm.n_layers
-        6
-    """
-    if isinstance(name_or_path, tuple):
-        model, processor = name_or_path
-        if device is not None or dtype is not None:
-            model = model.to(device=device, dtype=_dtype(dtype))
-        return VLM.wrap(model, processor, name=kwargs.get("name"))
-    if name_or_path == "toy":
-        from .toy import load_toy
-
-        return load_toy(device=device, dtype=_dtype(dtype))
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(f"load takes 'toy', a hub id, a directory, or a (model, processor) pair; got {type(name_or_path).__name__}")
-    from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
-
-    name = str(name_or_path)
-    if meta:
-        from .configs import KNOWN, meta as build_meta
-
-        if name in KNOWN:
-            return build_meta(name)
-    config = AutoConfig.from_pretrained(name)
-    if config.model_type != "llava_next":
-        raise TypeError(f"{name} is a {config.model_type!r} model; vlens supports {SUPPORTED}")
-    if lazy:
-        return VLM(name, name=name, dtype=_dtype(dtype), **kwargs)
-    if meta:
-        with torch.device("meta"):
-            model = LlavaNextForConditionalGeneration(config)
-    else:
-        model = LlavaNextForConditionalGeneration.from_pretrained(
-            name, dtype=_dtype(dtype) or "auto", device_map=device, **kwargs
-        )
-    model.eval()
-    processor = AutoProcessor.from_pretrained(name)
-    return VLM.wrap(model, processor, name=name)
-
-
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    return getattr(torch, str(dtype).removeprefix("torch."))

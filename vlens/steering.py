@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .interventions import add, check_vector
-from .positions import Batch
+from .tokens import Batch
 
 __all__ = [
     "CAPTION_PROMPT",
@@ -438,12 +438,10 @@ def steered_generate(
                 _edits(vlm, batch, vector, layer, k, tokens, False, edit)
                 ids = tracer.result.save()
         else:
-            from .model import _unbatch
-
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*was never reached.*")
                 with vlm.generate(**kw) as tracer:
-                    with tracer.invoke(*_unbatch((batch,))):
+                    with tracer.invoke(*vlm._unbatch((batch,))):
                         for _ in tracer.all():
                             _edits(vlm, batch, vector, layer, k, tokens, True, edit)
                     with tracer.invoke():

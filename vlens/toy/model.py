@@ -71,7 +71,7 @@ def build_processor(arch: ToyArch | None = None) -> "LlavaNextProcessor":
         >>> proc.tokenizer.tokenize("red circle")
         ['red', 'circle']
     """
-    from ..tiny import tiny_processor
+    from ..families.llava_next import tiny_processor
 
     arch = arch or ToyArch()
     t = arch.tile_size
@@ -93,7 +93,7 @@ def build_model(arch: ToyArch | None = None, processor: Any = None, seed: int = 
     """
     from transformers import LlavaNextForConditionalGeneration
 
-    from ..tiny import tiny_config
+    from ..families.llava_next import tiny_config
 
     arch = arch or ToyArch()
     processor = processor or build_processor(arch)
@@ -228,7 +228,7 @@ def answer_correct(
     the argmax after the tokens before it, which is exactly when greedy
     decoding emits that answer.
     """
-    from ..model import position_ids
+    from ..prepare import position_ids
 
     kw = dict(inputs)
     kw.setdefault("position_ids", position_ids(kw["attention_mask"]))

@@ -130,12 +130,13 @@ class ToyBatches:
 
     def warm(self, pairs: Sequence[tuple[str, str]], chunk: int = 64) -> None:
         """Prepare the rows of many (prompt, answer) pairs at once; grows `seq_len`."""
-        from ..model import prepare
+        from ..families.llava_next import LLAVA_NEXT
+        from ..prepare import prepare
 
         todo = [p for p in dict.fromkeys(pairs) if p not in self._cache]
         for i in range(0, len(todo), chunk):
             part = todo[i : i + chunk]
-            b = prepare(self.processor, self.config, [p for p, _ in part], [self._dummy] * len(part),
+            b = prepare(LLAVA_NEXT, self.processor, self.config, [p for p, _ in part], [self._dummy] * len(part),
                         [a for _, a in part], eos=True)
             ids, keep, ans = b.inputs["input_ids"], b.inputs["attention_mask"].bool(), b.layout.answer
             for k, pa in enumerate(part):
@@ -144,7 +145,7 @@ class ToyBatches:
 
     def batch(self, idx: Sequence[int], examples: Sequence[tuple[str, str]]) -> tuple[dict, Bool[Tensor, "b s"]]:
         """Model inputs and the answer mask of images `idx` with (prompt, answer) `examples`."""
-        from ..model import position_ids
+        from ..prepare import position_ids
 
         self.warm(examples)
         B, S = len(idx), self.seq_len

@@ -1,0 +1,89 @@
+"""Old import paths of vlens 0.1, kept for one minor version: each warns and forwards to the new home.
+
+vlens 0.2 moved several modules (see docs/architecture.md). `import vlens`
+installs a finder that serves the old module paths as thin shim modules:
+`from vlens.harvest import ActivationStore` still works, with a
+`DeprecationWarning` naming the new path. Where an old module shared its name
+with a function (`vlens.harvest`, `vlens.tiny`, `vlens.sae.train`, ...), the
+shim is also callable, so `vlens.harvest(...)` keeps working even after the old
+module path was imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+import warnings
+from typing import Any
+
+#: old module path -> (new module paths searched in order, function the shim calls when called)
+MOVED: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "vlens.positions": (("vlens.tokens", "vlens.families.llava_next"), None),
+    "vlens.tiny": (("vlens.loading", "vlens.families.llava_next", "vlens.families.wordlevel"), "tiny"),
+    "vlens.configs": (("vlens.families.llava_next", "vlens.loading"), None),
+    "vlens.harvest": (("vlens.activations", "vlens.prompts"), "harvest"),
+    "vlens.report": (("vlens.viz",), None),
+    "vlens.sae.train": (("vlens.sae.training",), "train"),
+    "vlens.sae.evaluate": (("vlens.sae.evals",), "evaluate"),
+    "vlens.sae.export": (("vlens.sae.io",), "export"),
+    "vlens.sae.dashboard": (("vlens.sae.dashboards",), "dashboard"),
+}
+
+#: Names whose spelling changed, per old module: old name -> new name.
+RENAMED: dict[str, dict[str, str]] = {
+    "vlens.harvest": {"DEFAULT_PROMPT": "QUESTION"},
+}
+
+
+class _Shim(types.ModuleType):
+    """A stand-in for a moved module: attribute access warns and forwards; calling it calls `_call_name`."""
+
+    _targets: tuple[str, ...] = ()
+    _call_name: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        new_name = RENAMED.get(self.__name__, {}).get(name, name)
+        for target in self._targets:
+            mod = importlib.import_module(target)
+            if hasattr(mod, new_name):
+                warnings.warn(
+                    f"{self.__name__}.{name} moved to {target}.{new_name}; the old path goes away in vlens 0.3",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                return getattr(mod, new_name)
+        raise AttributeError(f"module {self.__name__!r} (moved to {', '.join(self._targets)}) has no attribute {name!r}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._call_name is None:
+            raise TypeError(f"module {self.__name__!r} is not callable")
+        return getattr(importlib.import_module(self._targets[0]), self._call_name)(*args, **kwargs)
+
+
+class _Loader(importlib.abc.Loader):
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        targets, call = MOVED[spec.name]
+        mod = _Shim(spec.name, f"Deprecated: moved to {', '.join(targets)}.")
+        mod._targets, mod._call_name = targets, call
+        return mod
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        return None
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in MOVED or importlib.machinery.PathFinder.find_spec(fullname, path) is not None:
+            return None  # not moved, or its file is still there
+        return importlib.machinery.ModuleSpec(fullname, _Loader())
+
+
+def install() -> None:
+    """Serve the old module paths (idempotent)."""
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())

@@ -1,0 +1,182 @@
+"""Model families: everything vlens knows about one kind of VLM, behind one small interface.
+
+A family says where its modules live (`ModuleLayout`s, as data), how its
+processor lays out the tokens of an image (`geometries`), which encoding keys
+carry the image, how a prompt with `<image>` becomes its chat template, and
+how to build a tiny random copy offline. `VLM`, `prepare` and `load` ask the
+family and nothing else; a new family is one new file here plus its tests.
+
+    >>> from vlens import families
+    >>> families.names()
+    ['llava-next']
+    >>> families.get("llava-next").model_types
+    ('llava_next',)
+
+Add a family by subclassing `Family` in a new module and calling `register`
+on an instance at its end (see `llava_next.py` and docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..errors import UnsupportedModelError
+from ..sites import ModuleLayout
+
+if TYPE_CHECKING:
+    from ..tokens import ImageGeometry
+
+__all__ = ["Family", "register", "get", "names", "of_config", "of_model"]
+
+
+class Family:
+    """The interface of a model family. Subclass it; override what differs.
+
+    Attributes (data):
+        name: the name users pass (`vlens.tiny(family=...)`), e.g. 'llava-next'.
+        model_types: HF `config.model_type` values of this family.
+        layouts: the module layouts the family has had across transformers
+            releases, by name, tried in order; the first whose every path exists wins.
+        image_inputs: encoding keys that carry images to the model.
+
+    Example:
+        >>> from vlens.families import get
+        >>> get("llava-next").layouts["transformers>=5.23"].lm_layers
+        'model.language_model.layers'
+    """
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    layouts: dict[str, ModuleLayout] = {"transformers>=5": ModuleLayout()}
+    image_inputs: tuple[str, ...] = ("pixel_values",)
+
+    # -- config facts --
+    def text_config(self, config: Any) -> Any:
+        """The language model's config inside the VLM config."""
+        return config.text_config
+
+    def image_token_id(self, config: Any) -> int:
+        """The id of the image placeholder token."""
+        return int(config.image_token_id)
+
+    def image_token(self, processor: Any) -> str:
+        """The image placeholder string prompts use."""
+        return processor.image_token
+
+    # -- inputs --
+    def render(self, processor: Any, prompt: str) -> str:
+        """Wrap a prompt (with image placeholders) in the processor's chat template, images first."""
+        if not getattr(processor, "chat_template", None):
+            return prompt
+        token = self.image_token(processor)
+        n = prompt.count(token)
+        text = prompt.replace(token, "").lstrip("\n").strip()
+        content = [{"type": "image"} for _ in range(n)] + [{"type": "text", "text": text}]
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+
+    def geometries(self, processor: Any, config: Any, encoding: Any) -> list["ImageGeometry"]:
+        """The token geometry of every image of a processed batch, in the order images were given."""
+        raise NotImplementedError
+
+    def position_ids(self, inputs: dict) -> Tensor | None:
+        """Position ids for a left-padded batch (None: the model computes its own, e.g. M-RoPE)."""
+        from ..prepare import position_ids
+
+        return position_ids(inputs["attention_mask"])
+
+    # -- builds --
+    def tiny(self, seed: int = 0, **sizes: Any) -> tuple[torch.nn.Module, Any]:
+        """A tiny random `(model, processor)` pair built offline."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"Family({self.name!r})"
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Add a family to the registry (by its name and every model type).
+
+    Example:
+        >>> from vlens.families import Family, register, get
+        >>> class Mine(Family):
+        ...     name, model_types = "mine", ("mine_vlm",)
+        >>> get(register(Mine()).name).model_types
+        ('mine_vlm',)
+        >>> _ = _REGISTRY.pop("mine")
+    """
+    if not family.name or not family.model_types:
+        raise UnsupportedModelError("a family needs a name and at least one model_type")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def _load_builtin() -> None:
+    if not _REGISTRY:
+        from . import llava_next  # noqa: F401  (registers itself)
+
+
+def names() -> list[str]:
+    """The names of every registered family.
+
+    Example:
+        >>> "llava-next" in names()
+        True
+    """
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Family:
+    """A family by name.
+
+    Example:
+        >>> get("llava-next").name
+        'llava-next'
+    """
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise UnsupportedModelError(f"unknown model family {name!r}: vlens knows {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def of_config(config: Any) -> Family:
+    """The family of an HF config (by `model_type`).
+
+    Example:
+        >>> from vlens.families.llava_next import known_config
+        >>> of_config(known_config("llava-hf/llava-v1.6-mistral-7b-hf")).name
+        'llava-next'
+    """
+    _load_builtin()
+    mtype = getattr(config, "model_type", None)
+    for fam in _REGISTRY.values():
+        if mtype in fam.model_types:
+            return fam
+    supported = "; ".join(f"{f.name} (model_type {', '.join(f.model_types)})" for f in _REGISTRY.values())
+    raise UnsupportedModelError(
+        f"vlens has no model family for model_type {mtype!r}; supported: {supported}. "
+        "Load a checkpoint of one of these, or build one with vlens.tiny()."
+    )
+
+
+def of_model(model: torch.nn.Module) -> Family:
+    """The family of a built model (by its config's `model_type`).
+
+    Example:
+        >>> import vlens
+        >>> of_model(vlens.tiny()._module).name
+        'llava-next'
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no HF config: vlens wraps transformers VLMs")
+    return of_config(config)
+

@@ -1,0 +1,153 @@
+"""Getting a `VLM`: `load` (the toy model, a hub id or directory, a built pair), `tiny` and `meta` builds.
+
+Loading sits above the model: it knows the families, the toy model and the
+known checkpoints, and hands a built module and processor to `VLM.wrap`.
+
+    >>> import vlens
+    >>> vlens.load("toy").n_layers, vlens.tiny(n_layers=2).n_layers
+    (6, 2)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from . import families
+from .errors import InputError, UnsupportedModelError
+from .model import VLM
+
+__all__ = ["load", "tiny", "meta", "as_dtype"]
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name ('bfloat16', 'torch.float16'); None stays None.
+
+    Example:
+        >>> as_dtype("bfloat16"), as_dtype(None)
+        (torch.bfloat16, None)
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    d = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(d, torch.dtype):
+        raise InputError(f"unknown dtype {dtype!r}: use e.g. torch.float16, 'bfloat16' or 'float32'")
+    return d
+
+
+def tiny(family: str = "llava-next", seed: int = 0, *, backbone: str | None = None, **sizes: Any) -> VLM:
+    """A random tiny VLM of a family wrapped as a `VLM`, offline, in well under a second.
+
+    `sizes` go to the family's tiny build (for LLaVA-Next: `d_model`,
+    `n_layers`, `vision_layers`, `image_size`, `patch_size`, `words`...; see
+    `vlens.families.llava_next.tiny_config`). `backbone` picks the language
+    model ('mistral' or 'llama'); a first positional argument naming a
+    backbone is read as one, as in earlier releases.
+
+    Example:
+        >>> vlm = tiny(backbone="llama", n_layers=3)
+        >>> vlm.n_layers, vlm.d_model, vlm.family.name
+        (3, 64, 'llava-next')
+    """
+    if family in ("mistral", "llama"):  # vlens 0.1: tiny("llama")
+        family, backbone = "llava-next", family
+    fam = families.get(family)
+    if backbone is not None:
+        sizes["backbone"] = backbone
+    model, processor = fam.tiny(seed=seed, **sizes)
+    return VLM.wrap(model, processor, name=f"tiny-{family}" + (f"-{backbone}" if backbone else ""))
+
+
+def meta(name: str = "llava-hf/llava-v1.6-mistral-7b-hf") -> VLM:
+    """A weightless `VLM` of a known checkpoint on the meta device, offline: real module tree and image settings.
+
+    Example:
+        >>> vlm = meta()
+        >>> vlm.n_layers, vlm.d_model, vlm.device.type
+        (32, 4096, 'meta')
+    """
+    return _meta_vlm(name)
+
+
+def _meta_vlm(name: str) -> VLM:
+    from transformers import LlavaNextForConditionalGeneration
+
+    from .families.llava_next import known_config, real_processor
+
+    config = known_config(name)
+    with torch.device("meta"):
+        model = LlavaNextForConditionalGeneration(config)
+    return VLM.wrap(model, real_processor(name), name=f"{name} (meta)")
+
+
+def load(
+    name_or_path: Any,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    lazy: bool = False,
+    meta: bool = False,
+    **kwargs: Any,
+) -> VLM:
+    """Load a VLM of a supported family as a `VLM`.
+
+    `name_or_path` is `"toy"` (the embedded toy model, offline), a hub id or
+    local directory of a supported family (see `vlens.families`), or a
+    `(model, processor)` pair. `device` and `dtype` go to `from_pretrained`
+    (e.g. `device="cuda"`, `dtype=torch.float16`). `lazy=True` builds the
+    model on the meta device without weights (nnsight's lazy loading; weights
+    arrive on the first trace, or stay remote with `trace(..., remote=True)`
+    on NDIF). `meta=True` builds a known checkpoint's architecture offline on
+    the meta device (see `vlens.loading.meta`), for geometry and module paths only.
+
+    Example:
+        >>> import vlens
+        >>> vlm = vlens.load("toy")
+        >>> vlm.n_layers
+        6
+    """
+    torch_dtype = as_dtype(dtype)
+    if isinstance(name_or_path, tuple):
+        if len(name_or_path) != 2:
+            raise InputError("load takes a (model, processor) pair: a tuple of two")
+        model, processor = name_or_path
+        if device is not None or torch_dtype is not None:
+            model = model.to(device=device, dtype=torch_dtype)
+        return VLM.wrap(model, processor, name=kwargs.get("name"))
+    if name_or_path == "toy":
+        from .toy.model import load_toy
+
+        return load_toy(device=device, dtype=torch_dtype)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise InputError(
+            f"load takes 'toy', a hub id, a directory, or a (model, processor) pair; got {type(name_or_path).__name__}"
+        )
+    name = str(name_or_path)
+    if meta:
+        from .families.llava_next import KNOWN
+
+        if name in KNOWN:
+            return _meta_vlm(name)
+    local = os.path.isdir(os.path.expanduser(name))
+    if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise InputError(f"no model directory at {name}: check the path (a hub id looks like 'org/name')")
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    config = AutoConfig.from_pretrained(name)
+    families.of_config(config)  # refuse an unsupported family before loading weights
+    if lazy:
+        return VLM(name, name=name, dtype=torch_dtype, **kwargs)
+    if meta:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, dtype=torch_dtype or "auto", device_map=device, **kwargs
+        )
+    model.eval()
+    processor = AutoProcessor.from_pretrained(name)
+    if not hasattr(processor, "tokenizer"):
+        raise UnsupportedModelError(f"{name} has no multimodal processor (got {type(processor).__name__})")
+    return VLM.wrap(model, processor, name=name)
