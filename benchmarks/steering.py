@@ -121,10 +121,10 @@ def toy_sweep(n_pairs: int, n_images: int, kind: str = "colour", layers=(1,), ks
     rng = np.random.default_rng(0)
     pairs = [pairs[i] for i in rng.choice(len(pairs), size=min(n_pairs, len(pairs)), replace=False)]
     captions = toy.toy_dataset("heldout", n=32, seed=1)
-    prompt = lambda s, t: "<image>\n" + toy.two_choice_prompt(s, t)  # noqa: E731
+    prompt = toy.two_choice_prompt
     sw = steering.sweep(vlm, pairs, ks=list(ks), layers=layers, data=held, vectors=means,
                         captions=captions, n_images=n_images, n_captions=32, prompt=prompt,
-                        caption_prompt="<image>\n" + toy.CAPTION_PROMPT)
+                        caption_prompt=toy.CAPTION_PROMPT)
     best: dict = {}
     for s in sw.success(0.9):  # per pair: the layer needing the smallest k
         key = (s["src"], s["tgt"])
@@ -169,7 +169,7 @@ def main() -> None:
 
         tv = vlens.load("toy")
         ds = toy.toy_dataset("heldout", n=args.batch)
-        tb = tv.prepare(["<image>\n" + toy.CAPTION_PROMPT] * args.batch, [s.image for s in ds])
+        tb = tv.prepare([toy.CAPTION_PROMPT] * args.batch, [s.image for s in ds])
         t = measure(tv, tb, args.new, args.repeats, 1, "toy")
         out.update(steered_vs_plain_generate_toy=round(t["ratio"], 3), cache_speedup_toy=round(t["cache_speedup"], 2),
                    steered_equals_no_cache_toy=t["same_ids"])

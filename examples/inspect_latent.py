@@ -11,6 +11,7 @@ from PIL import Image
 
 import vlens
 import vlens.sae as vs
+import vlens.viz
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--layer", type=int, default=3)
@@ -21,7 +22,7 @@ a = p.parse_args()
 vlm = vlens.load("toy")
 data = vlens.data.toy("train", n=60)
 store = vlens.harvest(vlm, data, [a.layer], tokens="image+answer", captions=True, out=tempfile.mkdtemp(),
-                      prompt="<image>\n" + vlens.toy.CAPTION_PROMPT, progress=False)
+                      prompt=vlens.toy.CAPTION_PROMPT, progress=False)
 sae = vs.train(store, "topk", layer=a.layer, expansion=4, k=16, steps=300, progress=False)
 
 stats = sae.modality
@@ -34,7 +35,7 @@ print(f"latent {latent}: modality score {float(stats.score[latent]):.2f} (1 = im
 
 # Top images: encode every image token of a held-out batch inside a trace, keep the max per image.
 held = vlens.data.toy("heldout", n=40)
-batch = vlm.prepare(["<image>\n" + vlens.toy.QUESTION] * len(held), [s.image for s in held])
+batch = vlm.prepare([vlens.toy.QUESTION] * len(held), [s.image for s in held])
 with torch.no_grad(), vlm.trace(batch) as tracer:
     acts = sae.encode(vlm.resid_pre(a.layer))[..., latent].save()
     tracer.stop()
@@ -43,7 +44,7 @@ tiles = []
 for i in best:
     span = batch.layout.images[i]
     g = span.geometry
-    tiles.append(vs.heatmap_overlay(held[i].image, g.box, acts[i, span.start:span.end]))
+    tiles.append(vlens.viz.heatmap_overlay(held[i].image, g.box, acts[i, span.start:span.end]))
     print(f"  image {i}: {vlens.toy.CLASS_NAMES[held[i].label]!r}, max activation {float(acts[i].max()):.2f}")
 sheet = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)), "white")
 x = 0

@@ -27,7 +27,7 @@ means = steering.class_means(*store.pooled(a.layer), n_classes=len(names))
 v = means[names.index(a.tgt)] - means[names.index(a.src)]
 
 image = next(s.image for s in vlens.data.toy("heldout", n=100) if names[s.label] == a.src)
-batch = vlm.prepare(["<image>\n" + toy.QUESTION], [image])
+batch = vlm.prepare([toy.QUESTION], [image])
 for k in [float(x) for x in a.ks.split(",")]:
     # Plain nnsight inside: the vector is added to the image tokens during the prefill only.
     with vlm.generate(batch, max_new_tokens=4, do_sample=False) as tracer:

@@ -7,7 +7,7 @@ import sys
 import vlens
 from vlens import distributed
 from vlens.data import toy
-from vlens.harvest import harvest
+from vlens.activations import harvest
 
 out, n, kill_rank, kill_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 env = distributed.init()

@@ -32,7 +32,7 @@ def test_demo_writes_report_and_results(demo, capsys):
 
 
 def test_demo_rerun_reuses_finished_stages(demo):
-    from vlens.harvest import ActivationStore
+    from vlens.activations import ActivationStore
 
     store = ActivationStore(demo / "store-pooled")
     assert store.complete and len(store) == 120
@@ -47,3 +47,49 @@ def test_demo_report_renders_in_chromium(demo, tmp_path):
     dom, png = render_in_chromium(demo / "report.html", tmp_path)
     assert plotly_drawn(dom) >= 5
     assert screenshot_stats(png).ink > 0.05
+
+
+def _write_real_style_data(root):
+    """An image folder (class/xxx.png) and a ShareGPT4V-style caption JSON, as a user of a real model has them."""
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+    records = []
+    for name, rgb in colours.items():
+        (root / "classes" / name).mkdir(parents=True)
+        for i in range(8):
+            im = Image.new("RGB", (32 + 8 * i, 32), tuple(max(0, c - 9 * i) for c in rgb))
+            im.save(root / "classes" / name / f"{i}.png")
+            records.append({"id": f"{name}-{i}", "image": f"classes/{name}/{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the image."},
+                {"from": "gpt", "value": f"a {name} square"}]})
+    (root / "captions.json").write_text(json.dumps(records))
+    return list(colours)
+
+
+def test_demo_runs_on_a_non_toy_model_with_image_folder_and_captions(tmp_path):
+    """The real-model path of the demo (no toy data): an image folder, caption JSON, a VLM passed in, one prompt
+    convention (this path once doubled the `<image>` placeholder at its steering stage)."""
+    import vlens
+    from vlens.demo import DemoConfig, run
+
+    names = _write_real_style_data(tmp_path)
+    vlm = vlens.tiny(words=[*names, "square"], n_layers=2)
+    cfg = DemoConfig(n_train=15, n_heldout=9, n_sae_samples=12, sae_steps=20, sae_expansion=2, sae_k=4,
+                     steer_images=2, ks=(0.0, 2.0), n_pairs=1, n_dashboards=1, batch_size=8)
+    path = run(tmp_path / "out", model=vlm, data=str(tmp_path / "classes"), captions=str(tmp_path / "captions.json"),
+               config=cfg)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["model"] == vlm.name and set(res["probe_accuracy"]) == {"0", "1"}
+    assert res["steering"] and res["steering"][0]["src"] in names
+    assert (tmp_path / "out" / "sae-lens-layer-1" / "cfg.json").exists()
+    assert "Steering" in open(path).read()
+
+
+def test_demo_without_data_for_a_non_toy_model_names_the_fix():
+    import vlens
+    from vlens.demo import run
+    from vlens.errors import InputError
+
+    with pytest.raises(InputError, match="--data"):
+        run("/nonexistent-never-written", model=vlens.tiny(), fast=True)

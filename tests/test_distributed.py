@@ -13,7 +13,7 @@ import torch
 
 import vlens
 from vlens.data import toy
-from vlens.harvest import ActivationStore, harvest
+from vlens.activations import ActivationStore, harvest
 
 HERE = Path(__file__).parent
 N = 10

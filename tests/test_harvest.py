@@ -1,4 +1,4 @@
-"""vlens.harvest: correct values, early stop, atomic resumable shards, the store API, SAE-Lens round trip."""
+"""vlens.activations.harvest: correct values, early stop, atomic resumable shards, the store API, SAE-Lens round trip."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import torch
 
 import vlens
 from vlens.data import Sample
-from vlens.harvest import DEFAULT_PROMPT, ActivationStore, HarvestError, export_sae_lens, harvest
+from vlens.activations import ActivationStore, export_sae_lens, harvest
+from vlens.errors import HarvestError, InputError, SelectionError, SiteError, StoreError
 from vlens.model import position_ids
+from vlens.prompts import QUESTION
 
 WORDS = ["red", "blue", "square", "circle", "large", "small"]
 CAPTIONS = ["a red square", "a large blue circle", "blue", "a small red circle on the left", "a square", "red"]
@@ -51,7 +53,7 @@ def reference(vlm, data, layers, tokens, batch_size, captions, site="resid_pre")
     outs = {L: [] for L in layers}
     for b0 in range(0, len(data), batch_size):
         chunk = data[b0 : b0 + batch_size]
-        batch = vlm.prepare([DEFAULT_PROMPT] * len(chunk), [s.image for s in chunk],
+        batch = vlm.prepare([QUESTION] * len(chunk), [s.image for s in chunk],
                             answers=[s.caption for s in chunk] if captions else None)
         mask = batch.layout.select(tokens)
         with torch.no_grad():
@@ -75,7 +77,7 @@ def test_values_equal_hidden_states_and_metadata(vlm, data, tmp_path):
     m = store.meta
     assert store.sample_ids == [s.id for s in data]
     for i in (0, 3):
-        b = vlm.prepare([DEFAULT_PROMPT], [data[i].image], answers=[data[i].caption])
+        b = vlm.prepare([QUESTION], [data[i].image], answers=[data[i].caption])
         rows = m["sample"] == i
         sel = b.layout.select("image+answer")[0]
         assert m["position"][rows].tolist() == sel.nonzero().flatten().tolist()
@@ -91,21 +93,47 @@ def test_values_equal_hidden_states_and_metadata(vlm, data, tmp_path):
 
 
 def test_pooled_and_resid_post(vlm, data, tmp_path):
-    store = harvest(vlm, data, layers=[1], pool="mean", site="resid_post", batch_size=4, out=tmp_path / "p",
+    store = harvest(vlm, data, layers=["resid_post.1"], pool="mean", batch_size=4, out=tmp_path / "p",
                     progress=False, dtype=torch.float64)
+    assert store.layers == [1] and store.sites == ["resid_post.1"] and store.config["site"] == "resid_post"
     X, y = store.pooled(1)
     assert X.dtype == torch.float32 and y.tolist() == [s.label for s in data]
     for i in (0, 5):
-        b = vlm.prepare([DEFAULT_PROMPT], [data[i].image])
+        b = vlm.prepare([QUESTION], [data[i].image])
         with torch.no_grad():
             hs = vlm._module(**b.inputs, output_hidden_states=True).hidden_states
         torch.testing.assert_close(X[i], hs[2][b.layout.image].mean(0), rtol=1e-4, atol=1e-5)
     assert store.meta["n_tokens"].tolist()[0] == int(vlm.prepare(["<image>"], [data[0].image]).layout.image.sum())
     # a per-token store pools to the same means
-    tok = harvest(vlm, data, layers=[1], site="resid_post", batch_size=4, out=tmp_path / "t", progress=False)
-    X2, y2 = tok.pooled(1)
+    tok = harvest(vlm, data, layers=["resid_post.1"], batch_size=4, out=tmp_path / "t", progress=False)
+    X2, y2 = tok.pooled("resid_post.1")
     torch.testing.assert_close(X2, X, rtol=1e-4, atol=1e-5)
     assert y2.equal(y)
+
+
+def test_old_site_keyword_still_works(vlm, data, tmp_path):
+    """harvest(..., site="resid_post") (vlens 0.1) warns and writes the store `layers=["resid_post.L", ...]` writes."""
+    new = harvest(vlm, data[:4], layers=["resid_post.3", "resid_post.1"], batch_size=2, out=tmp_path / "new",
+                  progress=False)
+    with pytest.warns(DeprecationWarning, match="site= goes away"):
+        old = harvest(vlm, data[:4], layers=[3, -3], site="resid_post", batch_size=2, out=tmp_path / "old",
+                      progress=False)
+    index_new, index_old = (json.loads((s.path / "index.json").read_text()) for s in (new, old))
+    assert index_old["config"] == index_new["config"] and index_old["hook_names"] == index_new["hook_names"]
+    assert index_old["config"]["layers"] == [1, 3] and index_old["config"]["site"] == "resid_post"
+    assert index_old["hook_names"] == {"1": "blocks.1.hook_resid_post", "3": "blocks.3.hook_resid_post"}
+    _same(old, new)
+    # a store written under the old keyword resumes under the new spelling (same configuration)
+    assert harvest(vlm, data[:4], layers=["resid_post.1", "resid_post.3"], batch_size=2, out=tmp_path / "old",
+                   progress=False).complete
+    with pytest.warns(DeprecationWarning, match="use store.sites"):
+        assert old.site == "resid_post"
+    with pytest.raises(InputError, match="mix the site kinds"):
+        harvest(vlm, data, layers=[1, "resid_post.2"], out=tmp_path / "m", progress=False)
+    with pytest.raises(InputError, match="contradicts"), pytest.warns(DeprecationWarning):
+        harvest(vlm, data, layers=["resid_pre.1"], site="resid_post", out=tmp_path / "m", progress=False)
+    with pytest.raises(InputError, match="residual-stream sites.*read_layers"):
+        harvest(vlm, data, layers=["embed"], out=tmp_path / "m", progress=False)
 
 
 def test_stops_after_deepest_layer(vlm, data, tmp_path):
@@ -189,7 +217,7 @@ import os, signal, sys
 import vlens
 sys.path.insert(0, {tests!r})
 from test_harvest import WORDS, make_data
-from vlens.harvest import harvest
+from vlens.activations import harvest
 vlm = vlens.tiny(words=WORDS, seed=3)
 n = [0]
 def cb(info):
@@ -259,15 +287,15 @@ def test_orphan_and_tmp_files_are_cleaned_on_resume(vlm, data, tmp_path):
 
 
 def test_bad_inputs(vlm, data, tmp_path):
-    with pytest.raises(IndexError, match=r"layer 4 is out of range.*0\.\.3"):
+    with pytest.raises(SiteError, match=r"layer 4 is out of range.*0\.\.3"):
         harvest(vlm, data, layers=[1, 4], out=tmp_path / "a", progress=False)
-    with pytest.raises(ValueError, match=r"layer\(s\) \[1\] more than once"):
+    with pytest.raises(InputError, match=r"layer\(s\) \[1\] more than once"):
         harvest(vlm, data, layers=[1, 2, -3], out=tmp_path / "a", progress=False)
-    with pytest.raises(ValueError, match="unknown site 'resid_mid'.*resid_pre"):
+    with pytest.raises(InputError, match="unknown site 'resid_mid'.*resid_pre"), pytest.warns(DeprecationWarning):
         harvest(vlm, data, layers=[1], site="resid_mid", out=tmp_path / "a", progress=False)
-    with pytest.raises(ValueError, match="unknown token selection 'imgae'"):
+    with pytest.raises(SelectionError, match="unknown token selection 'imgae'"):
         harvest(vlm, data, layers=[1], tokens="imgae", out=tmp_path / "a", progress=False)
-    with pytest.raises(ValueError, match="no caption.*captions=False"):
+    with pytest.raises(InputError, match="no caption.*captions=False"):
         harvest(vlm, [Sample(data[0].image, id="x")], layers=[1], captions=True, out=tmp_path / "c", progress=False)
 
 
@@ -322,8 +350,11 @@ def test_store_api(vlm, data, tmp_path):
     assert all(len(b) == 64 for b in bs[:-1])
     txt = torch.cat(list(store.batches(2, batch_size=10, modality="text", shuffle=False)))
     assert txt.equal(full[m["modality"] == 0])
-    with pytest.raises(KeyError, match="layer 1 was not harvested.*layers \\[0, 2\\]"):
+    with pytest.raises(StoreError, match="layer 1 was not harvested.*layers \\[0, 2\\]"):
         store.activations(1)
+    with pytest.raises(StoreError, match="holds resid_pre sites.*not resid_post.2"):
+        store.activations("resid_post.2")
+    assert store.activations("resid_pre.2")[:3].equal(full[:3])
     # numpy interop and repr
     import numpy as np
 
@@ -340,6 +371,10 @@ def test_sae_lens_trains_from_export(vlm, data, tmp_path):
     store = harvest(vlm, data, layers=[2], tokens="image+answer", captions=True, out=tmp_path / "s", progress=False)
     cfg = export_sae_lens(store, 2, tmp_path / "acts", context_size=16, shuffle=False)
     assert cfg["hook_name"] == "blocks.2.hook_resid_pre" and cfg["n_tokens"] == len(store) // 16 * 16
+    with pytest.warns(DeprecationWarning, match="export_sae_lens"):  # the old method: a thin wrapper
+        old = store.to_sae_lens(2, tmp_path / "acts-old", context_size=16, shuffle=False)
+    assert {k: v for k, v in old.items() if k != "cached_activations_path"} == {
+        k: v for k, v in cfg.items() if k != "cached_activations_path"}
     acts = ActivationsStore(
         model=None, dataset=None, streaming=False, hook_name=cfg["hook_name"], hook_head_index=None,
         context_size=cfg["context_size"], d_in=cfg["d_in"], n_batches_in_buffer=8, total_training_tokens=1024,
@@ -363,11 +398,13 @@ def test_sae_lens_trains_from_export(vlm, data, tmp_path):
     assert trainer.n_training_steps == 30 and after < before
 
 
-def test_command_line(tmp_path, capsys):
-    from vlens.harvest import main
+def test_old_import_path_warns_and_forwards():
+    import importlib
 
-    assert main(["--model", "toy", "--data", "toy", "--n", "4", "--layers", "1,2", "--pool", "mean",
-                 "--batch-size", "4", "--out", str(tmp_path / "cli")]) == 0
-    store = ActivationStore(tmp_path / "cli")
-    assert store.layers == [1, 2] and len(store) == 4 and store.config["model"] == "toy"
-    assert "ActivationStore" in capsys.readouterr().out
+    old = importlib.import_module("vlens.harvest")
+    with pytest.warns(DeprecationWarning, match="vlens.activations"):
+        assert old.ActivationStore is ActivationStore and old.export_sae_lens is export_sae_lens
+    with pytest.warns(DeprecationWarning, match="vlens.prompts.QUESTION"):
+        assert old.DEFAULT_PROMPT == QUESTION
+    with pytest.warns(DeprecationWarning):
+        assert old.HarvestError is HarvestError

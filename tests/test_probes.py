@@ -1,4 +1,4 @@
-"""Linear, pairwise and sparse probes; per-layer sweeps; features from a real (tiny) trace."""
+"""Linear, pairwise and sparse probes; per-layer sweeps; features from a real (tiny) trace; the moved names."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import torch
 from PIL import Image
 
 import vlens
-from vlens import probes
-from vlens.steering import pool_features
+from vlens import probes, sparsity
+from vlens._fitdata import standardise
+from vlens._lbfgs import logistic_lbfgs
+from vlens.activations import read_layers
+from vlens.prompts import PROBE_PROMPT
 
 torch.set_num_threads(1)
 
@@ -55,10 +58,10 @@ def test_solver_reaches_the_optimum_and_stops_by_the_gradient_rule(kind):
 
     X, y = blobs(n_classes=4, per=30, d=12, sep=1.5)
     tr, te = probes.split(y)
-    mu, sd = probes._standardise(X[tr])
+    mu, sd = standardise(X[tr])
     Z, ytr = (X[tr] - mu) / sd, y[tr]
     n = len(ytr)
-    W, b, _, it = probes._logistic_lbfgs(Z, ytr, 4, kind, 0.5 / n, max_iter=500, tol=1e-6)
+    W, b, _, it = logistic_lbfgs(Z, ytr, 4, kind, 0.5 / n, max_iter=500, tol=1e-6)
     assert 0 < it < 500
     if kind == "softmax":
         sk = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(Z.double().numpy(), ytr.numpy())
@@ -71,7 +74,7 @@ def test_solver_reaches_the_optimum_and_stops_by_the_gradient_rule(kind):
     np.testing.assert_allclose(b.numpy(), ref_b, atol=2e-3, rtol=2e-3)
 
     for tol in (1e-6, 1e-4):
-        W, b, z, it = probes._logistic_lbfgs(Z, ytr, 4, kind, 0.5 / n, max_iter=500, tol=tol)
+        W, b, z, it = logistic_lbfgs(Z, ytr, 4, kind, 0.5 / n, max_iter=500, tol=tol)
         Wt, bt = W.clone().requires_grad_(), b.clone().requires_grad_()
         logits = Z @ Wt.T + bt
         if kind == "softmax":
@@ -157,7 +160,7 @@ def test_bad_probe_inputs():
 
 
 def test_hard_concrete_gates():
-    g = probes.HardConcrete(1000, init=0.0)
+    g = sparsity.HardConcrete(1000, init=0.0)
     torch.manual_seed(0)
     s = g().detach()
     assert float(s.min()) == 0.0 and float(s.max()) == 1.0  # the stretch makes exact 0s and 1s
@@ -175,7 +178,7 @@ def test_sparse_probe_finds_the_informative_latents():
     Z = torch.relu(torch.randn(120, 200, generator=g))
     Z[:, 11] += 1.5 * y
     Z[:, 42] += 1.5 * (1 - y)
-    r = probes.sparse_probe(Z, y, penalties=[0.0, 0.03, 0.3])
+    r = sparsity.sparse_probe(Z, y, penalties=[0.0, 0.03, 0.3])
     rows = {row["penalty"]: row for row in r.rows}
     assert rows[0.03]["test_accuracy"] >= 0.85 and {11, 42} & set(rows[0.03]["latents"])
     assert rows[0.03]["n_latents"] <= 10 < rows[0.0]["n_latents"]
@@ -190,8 +193,15 @@ def test_sparse_probe_on_sae_lens_latents_of_a_pair():
     torch.manual_seed(0)
     sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=64))
     X, y = blobs(n_classes=3, d=16, sep=4.0)
-    r = probes.sparse_probe(X, y, penalties=[0.01], sae=sae, pair=(0, 2), steps=200)
+    r = sparsity.sparse_probe(X, y, penalties=[0.01], sae=sae, pair=(0, 2), steps=200)
     assert r.rows[0]["test_accuracy"] >= 0.8 and 0 < r.rows[0]["n_latents"] <= 64
+
+
+def image_features(vlm, ims, layers, batch_size=16):
+    """The paper's probe features: mean of resid_pre.L over the image tokens of a bare <image> prompt, per image."""
+    parts = [read_layers(vlm, vlm.prepare([PROBE_PROMPT] * len(ims[i : i + batch_size]), ims[i : i + batch_size]),
+                         layers, pool="mean", dtype=torch.float32) for i in range(0, len(ims), batch_size)]
+    return {L: torch.cat([p[L] for p in parts]) for L in layers}
 
 
 def test_probe_on_features_from_a_trace():
@@ -205,7 +215,7 @@ def test_probe_on_features_from_a_trace():
         arr = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
         ims.append(Image.fromarray(arr))
         labels.append(c)
-    feats = pool_features(vlm, ims, layers=[1, 3], batch_size=12)
+    feats = image_features(vlm, ims, [1, 3], batch_size=12)
     y = torch.tensor(labels)
     # the same features, computed by hand: mean of resid_pre(L) over each row's image tokens
     b = vlm.prepare(["<image>"] * 2, ims[:2])
@@ -215,3 +225,74 @@ def test_probe_on_features_from_a_trace():
     assert torch.allclose(feats[3][:2], by_hand, atol=1e-5)
     s = probes.sweep({L: (X, y) for L, X in feats.items()})
     assert max(s.accuracy.values()) >= 0.9
+
+
+# -- the moved names and the one gate loop ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["HardConcrete", "SparseProbeResult", "sparse_probe"])
+def test_moved_sparse_names_warn_and_are_the_same_objects(name):
+    with pytest.warns(DeprecationWarning, match=f"vlens.probes.{name} moved to vlens.sparsity.{name}"):
+        old = getattr(probes, name)
+    assert old is getattr(sparsity, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        probes.nope  # noqa: B018
+
+
+def test_deprecated_sparse_probe_gives_the_same_result():
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(2).repeat_interleave(30)
+    Z = torch.rand(60, 32, generator=g)
+    Z[:, 5] += y
+    with pytest.warns(DeprecationWarning):
+        old = probes.sparse_probe(Z, y, penalties=[0.02], steps=60)
+    assert old.rows == sparsity.sparse_probe(Z, y, penalties=[0.02], steps=60).rows
+
+
+def test_fit_gates_trades_the_loss_against_the_penalty():
+    """The one gate loop: a loss that needs gates 2 and 5 keeps them open; a huge penalty closes every gate."""
+    target = torch.zeros(10)
+    target[[2, 5]] = 1.0
+
+    def fit(penalty):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.ones(10))
+        return sparsity.fit_gates(10, lambda g: (g * w - target).pow(2).sum(), penalty, [w], steps=300)
+
+    z = fit(0.2)
+    assert z.shape == (10,) and (z > 0).nonzero().flatten().tolist() == [2, 5]
+    assert not fit(100.0).any()
+    assert bool(((z >= 0) & (z <= 1)).all())
+
+
+def test_sparse_probe_and_sparse_approximation_share_the_gate_loop(monkeypatch):
+    """Both fits go through `fit_gates` (one call per penalty), and their results are what it makes of them."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2).repeat_interleave(30)
+    Z = torch.rand(60, 40, generator=g)
+    Z[:, 3] += y
+    W = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=-1)
+    v = W[1] - 2 * W[7]
+    before = (sparsity.sparse_probe(Z, y, penalties=[0.01, 0.1], steps=50).rows,
+              sparsity.sparse_approximation(v, W, penalties=[0.01], steps=50).rows)
+
+    calls = []
+    real = sparsity.fit_gates
+
+    def spy(n, loss, penalty, params=(), **kw):
+        calls.append((n, penalty, kw.get("init", 2.0)))
+        return real(n, loss, penalty, params, **kw)
+
+    monkeypatch.setattr(sparsity, "fit_gates", spy)
+    after = (sparsity.sparse_probe(Z, y, penalties=[0.01, 0.1], steps=50).rows,
+             sparsity.sparse_approximation(v, W, penalties=[0.01], steps=50).rows)
+    assert calls == [(40, 0.01, 2.0), (40, 0.1, 2.0), (40, 0.01, 0.0)]
+    assert after[0] == before[0]
+    # the same gates; the least-squares refit may differ in the last float32 bit from run to run
+    (ra,), (rb,) = after[1], before[1]
+    assert ra["latents"] == rb["latents"] and ra["coefficients"] == pytest.approx(rb["coefficients"], rel=1e-5)
+
+    # what the loop returns decides the latents: gates forced shut leave no latent in either fit
+    monkeypatch.setattr(sparsity, "fit_gates", lambda n, loss, penalty, params=(), **kw: torch.zeros(n))
+    assert sparsity.sparse_probe(Z, y, penalties=[0.01], steps=5).rows[0]["n_latents"] == 0
+    assert sparsity.sparse_approximation(v, W, penalties=[0.01], steps=5).rows[0]["n_latents"] == 0

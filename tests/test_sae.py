@@ -1,4 +1,4 @@
-"""vlens.sae training: fused step vs autograd, presets, determinism, resume, bad input."""
+"""vlens.sae training: fused step vs autograd, presets, the split config, determinism, resume, bad input."""
 
 from __future__ import annotations
 
@@ -43,6 +43,50 @@ def test_fused_step_matches_sae_lens_autograd(apply_b_dec, bias):
         assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
 
 
+def test_schedules_match_sae_lens_to_rounding():
+    """vlens keeps closed-form schedules (vlens.sae.training.config says why): SAE-Lens's scheduler and
+    coefficient warm-up give the same values up to rounding, not bit for bit."""
+    from sae_lens.training.optim import CoefficientScheduler, get_lr_scheduler
+
+    cfg = vs.TrainConfig.preset("paper", total_steps=1000)
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = get_lr_scheduler("constant", opt, 1000, cfg.lr, 0, 200, cfg.lr, 1)
+    theirs = []
+    for _ in range(1000):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = [cfg.lr_at(s) for s in range(1000)]
+    assert ours == pytest.approx(theirs, rel=1e-13, abs=1e-20)
+    assert ours != theirs  # hence vlens's own: resumed and fresh runs stay bit-identical without scheduler state
+    warm = CoefficientScheduler(50, 5.0)
+    assert [cfg.coefficient_at(s) for s in range(1000)] == pytest.approx([warm.step() for _ in range(1000)], rel=1e-13)
+
+
+def test_split_config_and_flat_compatibility(acts):
+    cfg = vs.TrainConfig.preset("topk", d_in=16, d_sae=32, k=4, lr=1e-3, batch_size=128)
+    assert isinstance(cfg.sae, vs.ArchitectureConfig) and isinstance(cfg.trainer, vs.TrainerConfig)
+    assert (cfg.sae.architecture, cfg.sae.k, cfg.trainer.lr, cfg.k, cfg.lr) == ("topk", 4, 1e-3, 4, 1e-3)
+    # the flat dict is vlens 0.1's checkpoint / metadata format, field for field
+    assert list(cfg.to_dict()) == [
+        "architecture", "d_in", "d_sae", "batch_size", "total_steps", "lr", "lr_warmup_steps", "lr_decay_frac",
+        "adam_beta1", "adam_beta2", "grad_clip", "l1_coefficient", "coefficient_warmup_frac", "k",
+        "aux_loss_coefficient", "l0_coefficient", "jumprelu_init_threshold", "jumprelu_bandwidth",
+        "apply_b_dec_to_input", "decoder_init_norm", "normalize", "n_norm_batches", "dead_window_tokens", "seed",
+        "shuffle", "fused"]
+    assert vs.TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.warns(DeprecationWarning, match="flat fields is deprecated"):
+        flat = vs.TrainConfig(architecture="topk", d_in=16, d_sae=32, k=4, lr=1e-3, batch_size=128)
+    assert flat == vs.TrainConfig(sae=vs.ArchitectureConfig("topk", d_in=16, d_sae=32, k=4),
+                                  trainer=vs.TrainerConfig(lr=1e-3, batch_size=128))
+    assert vs.TrainConfig() == vs.PRESETS["paper"]
+    with pytest.raises(ValueError, match="unknown training option"):
+        cfg.replace(learning_rate=1.0)
+    x, mod = acts
+    sae = vs.train((x, mod), cfg.replace(total_steps=3), progress=False)
+    assert sae.cfg.k == 4 and sae.cfg.metadata.vlens_training["config"] == cfg.replace(total_steps=3).to_dict()
+
+
 def test_paper_preset_recipe():
     cfg = vs.TrainConfig.preset("paper", d_in=64, d_sae=512, total_steps=1000)
     assert (cfg.lr, cfg.l1_coefficient, cfg.grad_clip, cfg.apply_b_dec_to_input) == (5e-5, 5.0, 1.0, False)
@@ -59,7 +103,7 @@ def test_paper_preset_recipe():
 def test_presets_train_and_are_sae_lens_saes(acts, preset):
     x, mod = acts
     sae = vs.train((x, mod), preset, d_sae=64, steps=40, batch_size=256, k=8, progress=False)
-    assert isinstance(sae, SAE) and isinstance(sae, vs.MultimodalSAE)
+    assert isinstance(sae, SAE) and "modality" in vars(sae)  # a plain SAE-Lens SAE, statistics attached
     f = sae.encode(x[:100])
     assert f.shape == (100, 64) and torch.isfinite(sae.decode(f)).all()
     mix = sae.cfg.metadata.vlens_training["mix"]
@@ -149,13 +193,18 @@ def test_iterable_source_with_modality_pairs():
 def test_toy_middle_layer_quality_and_modality_over_all_layers():
     """Issue 6 quality bar: a middle-layer SAE on the toy model reaches EV >= 0.9 at L0 <= 32 on held-out tokens."""
     import vlens
-    from vlens.toy import CAPTION_PROMPT, toy_dataset
+    from vlens.prompts import CAPTION_PROMPT
+    from vlens.toy import toy_dataset
 
     vlm = vlens.load("toy")
-    prompt = "<image>\n" + CAPTION_PROMPT
     layers = list(range(vlm.n_layers))
-    train_acts = vs.collect_activations(vlm, toy_dataset("train", n=200), layers, prompt=prompt, progress=False)
-    held = vs.collect_activations(vlm, toy_dataset("heldout", n=50), layers, prompt=prompt, progress=False)
+
+    def acts(split, n):
+        store = vlens.harvest(vlm, toy_dataset(split, n=n), layers, tokens="image+answer", captions=True,
+                              text_only=True, prompt=CAPTION_PROMPT, progress=False)
+        return {L: (store.activations(L)[:], store.meta["modality"]) for L in layers}
+
+    train_acts, held = acts("train", 200), acts("heldout", 50)
     mid = vlm.n_layers // 2
     sae = vs.train(train_acts[mid], "topk", k=32, expansion=8, epochs=10, batch_size=1024, progress=False)
     r = vs.evaluate(sae, held[mid])
@@ -171,8 +220,8 @@ def test_train_from_activation_store(tmp_path):
     from PIL import Image
 
     import vlens
+    from vlens.activations import harvest
     from vlens.data import Sample
-    from vlens.harvest import harvest
 
     vlm = vlens.tiny(words=["a", "red", "blue", "square", "circle"])
     data = [Sample(Image.new("RGB", (32, 32), c), caption=f"a {c} {s}", id=i)

@@ -10,7 +10,10 @@ from PIL import Image
 
 import vlens
 import vlens.sae as vs
+from vlens.activations import read_layers
 from vlens.data import Sample
+from vlens.prompts import QUESTION
+from vlens.viz import heatmap_overlay
 
 WORDS = ["a", "red", "green", "blue", "square", "circle", "on", "white"]
 
@@ -31,13 +34,9 @@ def samples():
 
 def _harvest(vlm, samples, layer):
     """Image + caption tokens at resid_pre.layer with modality codes (instruction tokens and BOS excluded)."""
-    batch = vlm.prepare(["<image>\nWhat is shown in this image?"] * len(samples), [s.image for s in samples],
-                        answers=[s.caption for s in samples])
-    with torch.no_grad(), vlm.trace(batch) as tracer:
-        h = vlm.resid_pre(layer).save()
-        tracer.stop()
+    batch = vlm.prepare([QUESTION] * len(samples), [s.image for s in samples], answers=[s.caption for s in samples])
     sel = batch.layout.select("image+answer")
-    return h[sel].float(), batch.layout.image[sel].long()
+    return read_layers(vlm, batch, layer, tokens=sel, dtype=torch.float32)[layer], batch.layout.image[sel].long()
 
 
 def test_evaluate_per_modality(vlm, samples):
@@ -57,10 +56,10 @@ def test_evaluate_per_modality(vlm, samples):
 
 def test_loss_recovered_identity_and_zero(vlm, samples):
     """An SAE that reconstructs exactly recovers 100%; one that outputs zeros recovers 0%."""
-    from sae_lens.saes import StandardSAEConfig
+    from sae_lens.saes import StandardSAE, StandardSAEConfig
 
     d = vlm.d_model
-    exact = vs.MultimodalStandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d, apply_b_dec_to_input=False))
+    exact = StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d, apply_b_dec_to_input=False))  # any SAE-Lens SAE
     with torch.no_grad():  # f = relu([x, -x]), x_hat = f_+ - f_- = x
         exact.W_enc.data = torch.cat([torch.eye(d), -torch.eye(d)], 1)
         exact.b_enc.data.zero_()
@@ -70,7 +69,7 @@ def test_loss_recovered_identity_and_zero(vlm, samples):
     for g in ("overall", "image", "text"):
         assert r[g]["loss_recovered"] == pytest.approx(1.0, abs=1e-4), r
         assert r[g]["ce_zero"] != pytest.approx(r[g]["ce_clean"])
-    dead = vs.MultimodalStandardSAE(StandardSAEConfig(d_in=d, d_sae=8))
+    dead = StandardSAE(StandardSAEConfig(d_in=d, d_sae=8))
     with torch.no_grad():
         for p in dead.parameters():
             p.zero_()
@@ -120,7 +119,7 @@ def test_dashboard_pages(vlm, samples, tmp_path):
         page = (tmp_path / f"latent_{i}.html").read_text()
         assert "modality score" in page and "Top images" in page and "plotly" in page.lower()
     assert (tmp_path / "plotly.min.js").exists()
-    img = vs.heatmap_overlay(Image.new("RGB", (40, 20)), torch.tensor([[0.0, 0.0, 20.0, 20.0], [float("nan")] * 4]),
+    img = heatmap_overlay(Image.new("RGB", (40, 20)), torch.tensor([[0.0, 0.0, 20.0, 20.0], [float("nan")] * 4]),
                              torch.tensor([2.0, 5.0]), vmax=2.0)
     px = img.resize((40, 20)).getpixel((5, 5))
     assert px[0] > 100 and img.resize((40, 20)).getpixel((35, 5)) == (0, 0, 0)
@@ -130,7 +129,7 @@ def test_sae_inside_a_trace(vlm, samples):
     """encode/decode on a residual read inside an nnsight trace, written back at the image positions."""
     x, mod = _harvest(vlm, samples, 1)
     sae = vs.train((x, mod), "paper", d_sae=64, steps=5, batch_size=64, progress=False)
-    batch = vlm.prepare(["<image>\nWhat is shown in this image?"], [samples[0].image])
+    batch = vlm.prepare([QUESTION], [samples[0].image])
     with torch.no_grad(), vlm.trace(batch):
         h = vlm.resid_pre(1)
         feats = sae.encode(h[batch.layout.image]).save()

@@ -1,4 +1,4 @@
-"""vlens.sae export/import: SAE-Lens round trip in a clean process, converters, bad files."""
+"""vlens.sae.io: SAE-Lens round trip in a clean process, any SAE-Lens architecture, converters, bad files, old paths."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import vlens.sae as vs
+from sae_lens import SAE
+from sae_lens.registry import get_sae_class
+from sae_lens.saes import StandardSAE, StandardSAEConfig
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ def test_export_loads_in_plain_sae_lens_without_vlens(tmp_path):
 def test_vlens_load_round_trip_keeps_modality(trained, tmp_path):
     sae, x, _ = trained
     back = vs.load(vs.export(sae, tmp_path / "s"))
-    assert isinstance(back, vs.MultimodalStandardSAE)
+    assert type(back) is StandardSAE and back.modality is not None
     assert torch.equal(back.encode(x[:32]), sae.encode(x[:32]))
     for name in ("freq_image", "freq_text", "mean_image", "mean_text"):
         assert torch.equal(getattr(back.modality, name), getattr(sae.modality, name))
@@ -172,3 +175,93 @@ def test_convert_sparsify_checkpoint(tmp_path):
     (src / "cfg.json").write_text(json.dumps({"d_in": d, "k": k, "activation": "groupmax"}))
     with pytest.raises(ValueError, match="groupmax"):
         vs.convert_sparsify_checkpoint(src)
+
+
+def _sae_lens_sae(arch: str, d: int = 16, m: int = 48):
+    """A plain SAE-Lens inference SAE of `arch` with random weights (no vlens involved)."""
+    import dataclasses
+
+    cls, cfg_cls = get_sae_class(arch)
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
+    kw = dict(d_in=d, d_sae=m)
+    if "k" in names:
+        kw["k"] = 6
+    if "d_out" in names:
+        kw.update(d_out=d, apply_b_dec_to_input=False)
+    sae = cls(cfg_cls(**kw))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            if name == "threshold":
+                p.abs_()
+    return sae
+
+
+@pytest.mark.parametrize("arch", ["gated", "abstopk", "matching_pursuit", "topk", "jumprelu", "transcoder"])
+def test_load_any_sae_lens_architecture_with_modality(tmp_path, arch):
+    """SAEs written by plain SAE-Lens `save_model` load through vlens.sae.load, take modality statistics by
+    composition, and keep them through export / load (the export still loads in plain SAE-Lens)."""
+    sae = _sae_lens_sae(arch)
+    sae.save_model(tmp_path / "plain")
+    back = vs.load(tmp_path / "plain")
+    assert type(back) is type(sae) and back.modality is None
+    g = torch.Generator().manual_seed(6)
+    x, mod = torch.randn(400, 16, generator=g), (torch.arange(400) % 2).long()
+    assert torch.equal(back.encode(x), sae.encode(x))
+    with pytest.raises(ValueError, match="reads 16-dimensional"):
+        back.encode(torch.randn(3, 12))
+    st = vs.modality_stats(back, (x, mod))
+    assert st.n_image == 200 and vs.modality_stats(back) is st and st.alive.any()
+    out = vs.export(back, tmp_path / "vlens", hook_name="blocks.3.hook_resid_pre")
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "modality.safetensors", "sae_weights.safetensors",
+                                                      "sparsity.safetensors"]
+    again = vs.load(out)
+    assert type(again) is type(sae)
+    for name in ("freq_image", "freq_text", "mean_image", "mean_text"):
+        assert torch.equal(getattr(again.modality, name), getattr(st, name))
+    assert (again.modality.n_image, again.modality.n_text) == (200, 200)
+    plain = SAE.load_from_disk(out)
+    assert torch.equal(plain.encode(x), back.encode(x)) and plain.cfg.metadata.hook_name == "blocks.3.hook_resid_pre"
+
+
+def test_export_writes_with_sae_lens_save_model(trained, tmp_path):
+    """The weights file is SAE-Lens's own `save_model` output, byte for byte; the caller's SAE is unchanged."""
+    sae, _, _ = trained
+    meta_before = dict(sae.cfg.metadata.to_dict())
+    out = vs.export(sae, tmp_path / "v", model_name="m", hook_name="blocks.1.hook_resid_pre")
+    sae.save_model(tmp_path / "plain")
+    assert (out / "sae_weights.safetensors").read_bytes() == (tmp_path / "plain" / "sae_weights.safetensors").read_bytes()
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["device"] == "cpu" and cfg["metadata"]["model_name"] == "m" and "vlens_modality" in cfg["metadata"]
+    assert sae.cfg.metadata.to_dict() == meta_before
+
+
+def test_old_import_paths_warn_and_work(monkeypatch):
+    """vlens 0.1's module paths and class names keep working for one minor version, with a DeprecationWarning."""
+    import importlib
+    import sys
+
+    import vlens.viz
+
+    monkeypatch.setattr(vs, "train", vs.train)  # importing the old module path rebinds vlens.sae.train
+    for old, name, new in [("vlens.sae.train", "TrainConfig", vs.TrainConfig), ("vlens.sae.evaluate", "evaluate", vs.evaluate),
+                           ("vlens.sae.export", "load", vs.load), ("vlens.sae.dashboard", "dashboard", vs.dashboard),
+                           ("vlens.report", "Report", vlens.viz.Report)]:
+        monkeypatch.delitem(sys.modules, old, raising=False)
+        mod = importlib.import_module(old)
+        with pytest.warns(DeprecationWarning, match="moved to"):
+            obj = getattr(mod, name)
+        assert obj is new
+        monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(DeprecationWarning, match="MultimodalStandardSAE is deprecated"):
+        legacy = vs.MultimodalStandardSAE
+    sae = legacy(StandardSAEConfig(d_in=4, d_sae=8))
+    assert type(sae) is StandardSAE and isinstance(sae, legacy) and sae.modality is None
+    assert not isinstance(StandardSAE(StandardSAEConfig(d_in=4, d_sae=8)), legacy)
+    with pytest.warns(DeprecationWarning, match="vlens.viz.heatmap_overlay"):
+        from vlens.viz import heatmap_overlay
+
+        assert vs.heatmap_overlay is heatmap_overlay
+    with pytest.warns(DeprecationWarning, match="flat fields"):
+        vs.TrainConfig(lr=1e-3)

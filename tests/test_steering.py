@@ -1,4 +1,4 @@
-"""Steering vectors, sparse SAE approximation, efficacy / damage, sweeps, and the toy-model check."""
+"""Steering vectors, sparse SAE approximation, efficacy / damage, sweeps, the toy-model check, and the moved names."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import vlens
-from vlens import steering
+from vlens import prompts, sparsity, steering
+from vlens.activations import read_layers
 from vlens.data import ListDataset, Sample
 
 torch.set_num_threads(1)
@@ -93,7 +94,7 @@ def test_sparse_approximation_with_sae_lens():
     sae = StandardSAE(StandardSAEConfig(d_in=48, d_sae=384))
     W = sae.W_dec.detach()
     v = 3 * W[10] - 2 * W[200] + W[77]
-    r = steering.sparse_approximation(v, sae, penalties=[3e-3, 3e-2, 0.3])
+    r = sparsity.sparse_approximation(v, sae, penalties=[3e-3, 3e-2, 0.3])
     assert [row["n_latents"] for row in r.rows] == sorted(row["n_latents"] for row in r.rows)
     good = r.best(5)
     assert set(good["latents"]) >= {10, 200} and good["cosine"] > 0.9
@@ -103,7 +104,7 @@ def test_sparse_approximation_with_sae_lens():
     assert float((approx - v).norm() / v.norm()) < 0.5
     assert r.figure().data[0].y[-1] == r.rows[-1]["cosine"]
     with pytest.raises(ValueError, match="width"):
-        steering.sparse_approximation(torch.ones(5), sae)
+        sparsity.sparse_approximation(torch.ones(5), sae)
 
 
 def test_efficacy_probability_is_the_teacher_forced_name_probability(vlm, data):
@@ -111,7 +112,7 @@ def test_efficacy_probability_is_the_teacher_forced_name_probability(vlm, data):
     v = torch.randn(vlm.d_model)
     r = steering.efficacy(vlm, ims, "red", "blue", v, layer=2, k=2.0)
     # by hand: steered trace of the two-choice prompt, softmax at the last prompt position
-    b = vlm.prepare([steering.two_choice_prompt("red", "blue")] * 2, ims)
+    b = vlm.prepare([prompts.two_choice_prompt("red", "blue")] * 2, ims)
     with torch.no_grad(), vlm.trace(b):
         vlm.resid_pre(2)[b.layout.image] += 2.0 * v
         logits = vlm.read("logits").save()
@@ -121,7 +122,7 @@ def test_efficacy_probability_is_the_teacher_forced_name_probability(vlm, data):
     assert len(r["answers"]) == 2 and r["flipped"].dtype == torch.bool
     # two-token names: the product of the two teacher-forced probabilities
     r2 = steering.efficacy(vlm, ims[:1], "red circle", "blue square", None, layer=2, k=0.0, generate=False)
-    b = vlm.prepare([steering.two_choice_prompt("red circle", "blue square")], ims[:1], answers=["blue square"])
+    b = vlm.prepare([prompts.two_choice_prompt("red circle", "blue square")], ims[:1], answers=["blue square"])
     with torch.no_grad(), vlm.trace(b):
         lp = vlm.read("logits").log_softmax(-1).save()
     ids = b.inputs["input_ids"][0]
@@ -160,6 +161,86 @@ def test_sweep_rows_success_and_figures(vlm, data):
         steering.sweep(vlm, [("red", "blue")], ks=[1], layers=[2], data=data, vectors=lambda s, t, L: torch.ones(3))
 
 
+def image_features(vlm, data, layer, batch_size=16):
+    """Mean of resid_pre.layer over the image tokens of a bare <image> prompt, per sample (the paper's features)."""
+    ims = [s.image for s in data]
+    return torch.cat([read_layers(vlm, vlm.prepare([prompts.PROBE_PROMPT] * len(ims[i : i + batch_size]),
+                                                   ims[i : i + batch_size]), layer, pool="mean", dtype=torch.float32)[layer]
+                      for i in range(0, len(ims), batch_size)])
+
+
+# -- the package and the moved names -------------------------------------------------------------------
+
+
+def test_package_exports_and_submodules():
+    import types
+
+    from vlens.steering import evaluation, generation, vectors
+
+    for mod in (vectors, generation, evaluation):
+        assert isinstance(getattr(steering, mod.__name__.rsplit(".", 1)[1]), types.ModuleType)
+        for name in mod.__all__:
+            assert getattr(steering, name) is getattr(mod, name) and name in steering.__all__
+    assert not {"vectors", "generation", "evaluation"} & set(steering.__all__)
+    assert vlens.steered_generate is generation.steered_generate
+
+
+@pytest.mark.parametrize("name, home", [("sparse_approximation", sparsity), ("SparseApproximation", sparsity),
+                                        ("TWO_CHOICE", prompts), ("CAPTION_PROMPT", prompts),
+                                        ("two_choice_prompt", prompts)])
+def test_moved_names_warn_and_are_the_same_objects(name, home):
+    with pytest.warns(DeprecationWarning, match=f"vlens.steering.{name} moved to {home.__name__}.{name}"):
+        old = getattr(steering, name)
+    assert old is getattr(home, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        steering.nope  # noqa: B018
+
+
+def test_moved_prompts_keep_their_values():
+    with pytest.warns(DeprecationWarning):
+        assert steering.two_choice_prompt("cat", "dog") == (
+            '<image>\nReply either "cat" or "dog" in lowercase depending on what is shown in the image. '
+            "Do not output any other text.")
+    with pytest.warns(DeprecationWarning):
+        assert steering.CAPTION_PROMPT == "<image>\nDescribe the image."
+
+
+def test_deprecated_sparse_approximation_gives_the_same_result():
+    g = torch.Generator().manual_seed(0)
+    W = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=-1)
+    v = W[4] - W[9]
+    with pytest.warns(DeprecationWarning):
+        old = steering.sparse_approximation(v, W, penalties=[0.01], steps=100)
+    new = sparsity.sparse_approximation(v, W, penalties=[0.01], steps=100)
+    assert old.rows[0]["latents"] == new.rows[0]["latents"]
+    assert old.rows[0]["cosine"] == pytest.approx(new.rows[0]["cosine"], abs=1e-6)
+
+
+def test_pool_features_warns_and_equals_read_layers(vlm, data):
+    """The deprecated wrapper: `read_layers(..., pool="mean")` per batch of the bare <image> prompt."""
+    with pytest.warns(DeprecationWarning, match="vlens.read_layers"):
+        feats = steering.pool_features(vlm, data, [3, 1], batch_size=5)
+    assert list(feats) == [1, 3] and feats[1].shape == (len(data), vlm.d_model) and feats[1].dtype == torch.float32
+    for L in (1, 3):
+        assert torch.equal(feats[L], image_features(vlm, data, L, batch_size=5))
+    b = vlm.prepare(["<image>\nWhat is it?"] * 2, [data[0].image, data[1].image])
+    with pytest.warns(DeprecationWarning):
+        text = steering.pool_features(vlm, [data[0].image, data[1].image], [2], prompt="<image>\nWhat is it?",
+                                      tokens="text")
+    assert torch.equal(text[2], read_layers(vlm, b, 2, tokens="text", pool="mean", dtype=torch.float32)[2])
+    with pytest.raises(ValueError, match="range|layer"):
+        with pytest.warns(DeprecationWarning):
+            steering.pool_features(vlm, data, [99])
+
+
+def test_steered_generate_checks_the_selection_before_running(vlm, data):
+    b = vlm.prepare(["<image>\nWhat is it?"], [data[0].image])
+    with pytest.raises(ValueError, match="unknown token selection"):
+        steering.steered_generate(vlm, b, torch.ones(vlm.d_model), layer=2, tokens="images")
+    with pytest.raises(ValueError, match="selects no token"):
+        steering.steered_generate(vlm, b, torch.ones(vlm.d_model), layer=2, tokens="answer")
+
+
 # -- the toy model ----------------------------------------------------------------------------------
 
 HAS_TOY = (Path(vlens.__file__).parent / "toy" / "checkpoint").exists()
@@ -174,9 +255,9 @@ def test_toy_steering_flips_answers_and_random_does_not():
     train = toy.toy_dataset("train", n=20 * 12)
     held = toy.toy_dataset("heldout", n=20 * 4)
     names = held.class_names
-    X = steering.pool_features(vlm, train, [layer])[layer]
+    X = image_features(vlm, train, layer)
     y = torch.tensor([s.label for s in train])
-    prompt = lambda s, t: "<image>\n" + toy.two_choice_prompt(s, t)  # noqa: E731
+    prompt = prompts.two_choice_prompt  # the image placeholder is in the prompt (vlens.prompts' convention)
     flipped = []
     for src, tgt in [("green square", "green triangle"), ("red circle", "blue circle"),
                      ("blue cross", "blue circle"), ("yellow triangle", "purple triangle")]:

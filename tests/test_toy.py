@@ -85,10 +85,10 @@ def test_captions_describe_the_image():
 
 def test_prompts_and_pairs():
     assert two_choice_prompt("red circle", "blue square") == (
-        'Reply either "red circle" or "blue square" in lowercase depending on what is shown in the image. '
+        '<image>\nReply either "red circle" or "blue square" in lowercase depending on what is shown in the image. '
         "Do not output any other text."
     )
-    assert QUESTION == "What is shown in this image?"
+    assert QUESTION == "<image>\nWhat is shown in this image?"  # the paper's prompts carry their placeholder
     for kind, check in [("colour", lambda a, b: a[1] == b[1] and a[0] != b[0]),
                         ("shape", lambda a, b: a[0] == b[0] and a[1] != b[1])]:
         pairs = class_pairs(kind)
@@ -100,7 +100,8 @@ def test_prompts_and_pairs():
 
 def test_toy_vocabulary_covers_every_prompt_and_answer(toy_vlm):
     tok = toy_vlm.tokenizer
-    texts = [QUESTION, CAPTION_PROMPT, COLOUR_QUESTION, SHAPE_QUESTION, two_choice_prompt(*class_pairs()[0])]
+    prompts = [QUESTION, CAPTION_PROMPT, COLOUR_QUESTION, SHAPE_QUESTION, two_choice_prompt(*class_pairs()[0])]
+    texts = [p.replace("<image>\n", "") for p in prompts]
     texts += [s.caption for s in toy_dataset("train", n=40)] + CLASS_NAMES
     for t in texts:
         ids = tok(t, add_special_tokens=False)["input_ids"]
@@ -115,8 +116,8 @@ def test_task_examples():
     rng = np.random.default_rng(0)
     s = toy_dataset("train", n=5)[4]
     name = CLASS_NAMES[s.label]
-    assert task_example("question", s.meta, s.label, rng) == ("<image>\n" + QUESTION, name)
-    assert task_example("caption", s.meta, s.label, rng) == ("<image>\n" + CAPTION_PROMPT, s.caption)
+    assert task_example("question", s.meta, s.label, rng) == (QUESTION, name)
+    assert task_example("caption", s.meta, s.label, rng) == (CAPTION_PROMPT, s.caption)
     assert task_example("colour", s.meta, s.label, rng)[1] == s.meta["colour"]
     assert task_example("shape", s.meta, s.label, rng)[1] == s.meta["shape"]
     for _ in range(20):
@@ -220,7 +221,7 @@ def test_shipped_model_generates_answers(toy_vlm):
     """Greedy generation through nnsight says the class; the captioning prompt names colour and shape."""
     ds = toy_dataset("heldout", n=40)
     samples = [ds[i] for i in range(0, 40, 4)]
-    prompts = ["<image>\n" + QUESTION] * len(samples) + ["<image>\n" + CAPTION_PROMPT] * len(samples)
+    prompts = [QUESTION] * len(samples) + [CAPTION_PROMPT] * len(samples)
     batch = toy_vlm.prepare(prompts, [s.image for s in samples] * 2)
     with torch.no_grad(), toy_vlm.generate(batch, max_new_tokens=14, do_sample=False) as tracer:
         ids = tracer.result.save()
@@ -237,7 +238,7 @@ def test_shipped_model_answers_two_choice(toy_vlm):
         name = CLASS_NAMES[s.label]
         other = b if a == name else a if b == name else b
         src, tgt = (name, other) if s.label % 2 else (other, name)
-        prompts.append("<image>\n" + two_choice_prompt(src, tgt))
+        prompts.append(two_choice_prompt(src, tgt))
         images.append(s.image)
         want.append(name)
     batch = toy_vlm.prepare(prompts, images)
@@ -245,26 +246,6 @@ def test_shipped_model_answers_two_choice(toy_vlm):
         ids = tracer.result.save()
     out = toy_vlm.decode(ids, batch)
     assert sum(o == w for o, w in zip(out, want)) >= 0.9 * len(want)
-
-
-def test_cli_eval_last_line():
-    from vlens.toy.cli import main
-
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        assert main(["eval", "--n", "40"]) == 0
-    last = buf.getvalue().strip().splitlines()[-1]
-    m = re.fullmatch(r"accuracy: (\d\.\d\d)", last)
-    assert m and float(m.group(1)) >= 0.9
-
-
-def test_cli_usage():
-    from vlens.toy.cli import main
-
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        assert main(["frobnicate"]) == 2
-    assert "vlens toy" in buf.getvalue()
 
 
 # -- slow: retrain from scratch -----------------------------------------------------------------

@@ -18,7 +18,9 @@ from . import _deprecated
 
 _deprecated.install()
 
-from . import data, errors, families, interventions, probes, prompts, scoring, sites, steering, tokens, toy  # noqa: E402
+from . import (  # noqa: E402
+    data, errors, families, interventions, probes, prompts, scoring, sites, sparsity, steering, tokens, toy,
+)
 from .activations import ActivationStore, harvest, read_layers  # noqa: E402
 from .errors import VlensError  # noqa: E402
 from .loading import load, tiny  # noqa: E402
@@ -30,7 +32,7 @@ __version__ = "0.2.0"
 __all__ = [
     "VLM", "Batch", "TokenLayout", "ActivationStore", "VlensError", "load", "tiny", "harvest", "read_layers",
     "steered_generate", "data", "errors", "families", "interventions", "probes", "prompts", "scoring", "sites",
-    "steering", "tokens", "toy",
+    "sparsity", "steering", "tokens", "toy",
 ]
 
 

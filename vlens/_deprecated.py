@@ -24,17 +24,22 @@ MOVED: dict[str, tuple[tuple[str, ...], str | None]] = {
     "vlens.positions": (("vlens.tokens", "vlens.families.llava_next"), None),
     "vlens.tiny": (("vlens.loading", "vlens.families.llava_next", "vlens.families.wordlevel"), "tiny"),
     "vlens.configs": (("vlens.families.llava_next", "vlens.loading"), None),
-    "vlens.harvest": (("vlens.activations", "vlens.prompts"), "harvest"),
+    "vlens.harvest": (
+        ("vlens.activations", "vlens.activations.harvesting", "vlens.activations.store", "vlens.activations.figures",
+         "vlens.prompts"),
+        "harvest",
+    ),
     "vlens.report": (("vlens.viz",), None),
     "vlens.sae.train": (("vlens.sae.training",), "train"),
     "vlens.sae.evaluate": (("vlens.sae.evals",), "evaluate"),
     "vlens.sae.export": (("vlens.sae.io",), "export"),
     "vlens.sae.dashboard": (("vlens.sae.dashboards",), "dashboard"),
+    "vlens.sae.base": (("vlens.sae.modality", "vlens.sae.data"), None),
 }
 
 #: Names whose spelling changed, per old module: old name -> new name.
 RENAMED: dict[str, dict[str, str]] = {
-    "vlens.harvest": {"DEFAULT_PROMPT": "QUESTION"},
+    "vlens.harvest": {"DEFAULT_PROMPT": "QUESTION", "SITES": "KINDS"},
 }
 
 

@@ -1,58 +1,359 @@
-"""The `vlens` command line: `vlens demo`, `vlens toy train|eval`, `vlens harvest`, `vlens train-sae`, `vlens export`.
+"""The `vlens` command line, one module: `demo`, `toy train|eval|samples`, `harvest`, `train-sae`, `export`.
 
-Each subcommand is a thin shell over a library function; `python -m vlens`
-is the same program (so `torchrun -m vlens harvest ...` works).
+Each command is a thin shell over a library function. Its flags come from the
+function's signature or config dataclass (so a default is written once, in
+the library), arguments are checked before anything heavy loads, and a user
+error prints one line `vlens: error: ...` and exits with code 2. `python -m
+vlens` is the same program (so `torchrun ... -m vlens harvest ...` works).
+
+    $ vlens harvest --layers 1,3 --pool mean --n 200 --out runs/pooled
+    $ vlens toy eval --n 100
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import inspect
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
+import typer
 
-def _lazy(module: str, func: str) -> Callable[[Sequence[str]], int | None]:
-    def run(argv: Sequence[str]) -> int | None:
-        import importlib
+from .errors import InputError, VlensError
 
-        return getattr(importlib.import_module(module), func)(list(argv))
+__all__ = ["app", "main"]
 
-    return run
-
-
-#: subcommand -> (one-line help, runner taking the remaining argv)
-COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int | None]]] = {
-    "demo": ("run every experiment of the paper on the toy model and write an HTML report", _lazy("vlens.demo", "main")),
-    "toy": ("train or evaluate the embedded toy LLaVA-Next: `vlens toy train|eval`", _lazy("vlens.toy.__main__", "main")),
-    "harvest": ("harvest residual activations to an on-disk store", _lazy("vlens.harvest", "main")),
-    "train-sae": ("train a multimodal SAE on a harvested store", _lazy("vlens.sae.train", "main")),
-    "export": ("export or convert an SAE to SAE-Lens's disk format", _lazy("vlens.sae.export", "main")),
-}
+app = typer.Typer(
+    name="vlens",
+    help="vlens: interpretability for vision-language models. `vlens COMMAND --help` describes each command.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+toy_app = typer.Typer(help="Train, evaluate or sample the embedded toy LLaVA-Next.", no_args_is_help=True)
+app.add_typer(toy_app, name="toy")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `vlens` command.
+    """Run the `vlens` command with `argv` (default: `sys.argv[1:]`); return its exit code.
 
     Example:
-        >>> main(["--help"])  # doctest: +SKIP
+        >>> main(["toy", "eval", "--n", "0"])    # prints `vlens: error: --n must be at least 1 (got 0)` to stderr
+        2
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="vlens",
-        description="vlens: interpretability for vision-language models (LLaVA-Next).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {k:<10} {v[0]}" for k, v in COMMANDS.items())
-        + "\n\n`vlens COMMAND --help` describes each.",
-    )
-    parser.add_argument("command", choices=sorted(COMMANDS), metavar="command")
-    if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help()
-        return 0
-    if argv[0] not in COMMANDS:
-        parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
-    code = COMMANDS[argv[0]][1](argv[1:])
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = app(args=args, prog_name="vlens", standalone_mode=False)
+    except (typer.Abort, KeyboardInterrupt):
+        print("vlens: interrupted", file=sys.stderr)
+        return 130
+    except VlensError as e:
+        print(f"vlens: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # typer's usage errors (its vendored click exceptions) show themselves
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
+            e.show()
+            return int(e.exit_code)
+        raise
     return int(code or 0)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+# -- flags from the library --------------------------------------------------------------------
+
+
+def _default(func: Callable, name: str) -> Any:
+    """The default of `func`'s parameter `name`: CLI defaults are the library's, written once."""
+    return inspect.signature(func).parameters[name].default
+
+
+def _config_options(cls: type, *, skip: Sequence[str] = ()) -> list[inspect.Parameter]:
+    """One `--field` option per plain (int / float / str / bool) field of a config dataclass; None = not given."""
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.name in skip or type(default) not in (int, float, str, bool):
+            continue
+        typ = type(default)
+        help_text = f"{cls.__name__}.{f.name} (default {default})"
+        out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[typ],
+                                     default=typer.Option(None, help=help_text, rich_help_panel=cls.__name__)))
+    return out
+
+
+def _with_options(*extra: list[inspect.Parameter]) -> Callable[[Callable], Callable]:
+    """Add generated keyword options to a command function's signature (typer reads `__signature__`)."""
+
+    def wrap(func: Callable) -> Callable:
+        sig = inspect.signature(func, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        params = own + [p for group in extra for p in group]  # the generated options arrive in **kwargs
+        func.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        func.__annotations__ = {**func.__annotations__, **{p.name: p.annotation for group in extra for p in group}}
+        return func
+
+    return wrap
+
+
+def _given(cls: type, kwargs: dict) -> dict:
+    """The config fields the user gave on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in kwargs.items() if k in names and v is not None}
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise InputError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+
+
+def _layers(text: str, n_layers: int) -> list[int]:
+    from .sites import resolve
+
+    try:
+        items = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--layers takes comma-separated ints such as 1,2,3, not {text!r}") from None
+    if not items:
+        raise InputError("--layers needs at least one layer, e.g. --layers 1,2,3")
+    for L in items:
+        resolve(L, n_layers)
+    return items
+
+
+def _data(data: str, n: int):
+    from . import data as vdata
+
+    if data == "toy":
+        return vdata.toy("train", n=n)
+    if not Path(data).is_dir():
+        raise InputError(f"--data is 'toy' or an image folder (class/xxx.jpg); {data!r} is neither")
+    return vdata.image_folder(data)
+
+
+def _device(device: str | None, env: Any) -> str | None:
+    return f"cuda:{env.local_rank}" if device == "cuda" and env.enabled else device
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def _demo_command() -> Callable:
+    from .demo import DemoConfig, run
+
+    @_with_options(_config_options(DemoConfig))
+    def demo(
+        out: Path = typer.Option(Path(_default(run, "out")), help="output directory (report, stores, SAEs, dashboards)"),
+        model: str = typer.Option(_default(run, "model"), help="'toy', a hub id or a model directory"),
+        device: Optional[str] = typer.Option(None, help="e.g. cuda"),
+        fast: bool = typer.Option(False, "--fast", help="CI-sized run (about 2 minutes on 2 CPU cores)"),
+        data: Optional[str] = typer.Option(None, help="image-class data for a real model: folder or HF dataset id"),
+        captions: Optional[Path] = typer.Option(None, help="ShareGPT4V-style caption JSON for a real model"),
+        image_root: Optional[Path] = typer.Option(None, help="image root of --captions"),
+        **sizes: Any,
+    ) -> None:
+        """Run every experiment of the paper on the toy model (or a real one) and write an HTML report.
+
+        On the real LLaVA-Next architecture with random weights (offline, no GPU), for example:
+        `vlens demo --model llava-hf/llava-v1.6-mistral-7b-hf --data DIR --captions caps.json` with a
+        downloaded checkpoint, or pass a VLM to `vlens.demo.run` from Python.
+        """
+        if model != "toy" and (data is None or captions is None):
+            raise InputError("a model other than the toy needs --data (an image folder or HF dataset id) and "
+                             "--captions (a ShareGPT4V-style JSON), with --image-root if its paths are relative")
+        base = DemoConfig.fast() if fast else DemoConfig()
+        cfg = dataclasses.replace(base, **_given(DemoConfig, sizes))
+        run(out, model=model, device=device, data=data, captions=None if captions is None else str(captions),
+            image_root=None if image_root is None else str(image_root), config=cfg)
+
+    return demo
+
+
+app.command("demo")(_demo_command())
+
+
+def _toy_train_command() -> Callable:
+    from .toy.model import ToyArch
+    from .toy.train import TrainConfig, train
+
+    @_with_options(_config_options(TrainConfig))
+    def toy_train(
+        out: Path = typer.Option(Path(_default(train, "out")), help="run directory: state.pt (resume) and checkpoint/"),
+        layers: int = typer.Option(ToyArch().n_layers, help="language-model layers"),
+        vision_layers: int = typer.Option(ToyArch().vision_layers, help="vision-tower layers"),
+        eval_n: int = typer.Option(_default(train, "eval_n"), help="held-out images scored at the end (0: skip)"),
+        ship: bool = typer.Option(False, "--ship", help="also write the checkpoint into the installed package"),
+        **options: Any,
+    ) -> None:
+        """Train the toy LLaVA-Next on CPU (resumable: rerun the same command to continue)."""
+        from .toy.model import CHECKPOINT_DIR
+
+        _positive("layers", layers)
+        cfg = TrainConfig(**_given(TrainConfig, options))
+        _positive("steps", cfg.steps)
+        rec = train(out, cfg, ToyArch(n_layers=layers, vision_layers=vision_layers), ship=ship, eval_n=eval_n)
+        print(f"checkpoint: {out / 'checkpoint'}" + (f" (and {CHECKPOINT_DIR})" if ship else ""))
+        print(f"train time: {rec['train_seconds']:.0f} s")
+        print(f"accuracy: {rec['accuracy']:.2f}")
+
+    return toy_train
+
+
+toy_app.command("train")(_toy_train_command())
+
+
+@toy_app.command("eval")
+def toy_eval(
+    n: int = typer.Option(500, help="held-out images"),
+    path: Optional[Path] = typer.Option(None, help="checkpoint directory (default: the shipped one)"),
+    seed: int = typer.Option(0, help="seed of the held-out images"),
+    threads: int = typer.Option(2, help="torch CPU threads"),
+) -> None:
+    """Score "What is shown in this image?" on held-out toy images; the last line is `accuracy: 0.97`."""
+    import torch
+
+    from .toy.model import evaluate, load_toy
+
+    _positive("n", n)
+    torch.set_num_threads(threads)
+    print(f"accuracy: {evaluate(load_toy(path=path), n=n, seed=seed):.2f}")
+
+
+@toy_app.command("samples")
+def toy_samples(
+    out: Path = typer.Option(Path("docs/assets/toy"), help="output folder"),
+    n: int = typer.Option(10, help="how many images"),
+    split: str = typer.Option("heldout", help="'train' or 'heldout'"),
+) -> None:
+    """Write sample toy images and print their Markdown captions table."""
+    from .toy.samples import samples_table, write_samples
+
+    _positive("n", n)
+    paths = write_samples(out, n=n, split=split)
+    print(f"wrote {len(paths)} images to {out}; their Markdown table (links relative to docs/):\n")
+    print(samples_table(n=n, split=split))
+
+
+def _harvest_command() -> Callable:
+    from .activations.harvesting import harvest
+
+    def run_harvest(
+        layers: str = typer.Option(..., help="comma-separated LM layers, e.g. 1,2,3 (negative counts from the end)"),
+        out: Path = typer.Option(..., help="the store directory"),
+        model: str = typer.Option("toy", help="'toy', a hub id or a model directory"),
+        data: str = typer.Option("toy", help="'toy' (the toy image set) or an image folder (class/xxx.jpg)"),
+        n: int = typer.Option(200, help="number of toy samples"),
+        site: str = typer.Option("resid_pre", help="resid_pre (entering layer L) or resid_post (leaving it)"),
+        tokens: str = typer.Option(_default(harvest, "tokens"), help="token selection, e.g. image, image+answer"),
+        pool: Optional[str] = typer.Option(None, help="mean: one row per sample"),
+        captions: bool = typer.Option(False, "--captions", help="append each sample's caption as the answer"),
+        text_only: bool = typer.Option(False, "--text-only", help="also run a text-only pass over the captions"),
+        prompt: str = typer.Option(_default(harvest, "prompt"), help="the prompt, with <image>"),
+        batch_size: int = typer.Option(_default(harvest, "batch_size"), help="samples per forward"),
+        dtype: Optional[str] = typer.Option(None, help="storage dtype, e.g. bfloat16 (default: the model's)"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace a store of another configuration"),
+        device: Optional[str] = typer.Option(None, help="e.g. cuda (under torchrun each rank takes cuda:LOCAL_RANK)"),
+    ) -> None:
+        """Harvest residual activations of a data set to an on-disk store (resumable)."""
+        from . import distributed
+        from .loading import facts, load
+        from .model import as_dtype
+        from .tokens import check_selection
+
+        # Everything checkable is checked before the model loads.
+        _positive("n", n)
+        _positive("batch-size", batch_size)
+        if site not in ("resid_pre", "resid_post"):
+            raise InputError(f"--site is resid_pre or resid_post, not {site!r}")
+        if pool not in (None, "mean"):
+            raise InputError(f"--pool is mean (or absent), not {pool!r}")
+        check_selection(tokens)
+        as_dtype(dtype)
+        if not str(out).strip():
+            raise InputError("--out must name a directory")
+        layer_ids = _layers(layers, facts(model).n_layers)
+        dataset = _data(data, n)
+        env = distributed.init()  # joins torchrun's process group; a no-op on one process
+        vlm = load(model, device=_device(device, env))
+        store = harvest(vlm, dataset, [f"{site}.{L}" for L in layer_ids], tokens=tokens, pool=pool,
+                        batch_size=batch_size, dtype=dtype, out=out, prompt=prompt, captions=captions,
+                        text_only=text_only, overwrite=overwrite, progress=env.is_main)
+        if env.is_main:
+            print(store)
+        distributed.cleanup()
+
+    return run_harvest
+
+
+app.command("harvest")(_harvest_command())
+
+
+def _train_sae_command() -> Callable:
+    from .sae.training import PRESETS, ArchitectureConfig, TrainerConfig, train
+
+    arch_options = _config_options(ArchitectureConfig, skip=("architecture", "d_in", "d_sae"))
+    trainer_options = _config_options(TrainerConfig, skip=("total_steps",))
+
+    @_with_options(arch_options, trainer_options)
+    def train_sae(
+        store: Path = typer.Option(..., help="a harvest directory (vlens harvest ... --out DIR)"),
+        layer: int = typer.Option(..., help="the store's layer to train on"),
+        out: Path = typer.Option(..., help="export directory (SAE-Lens format)"),
+        preset: str = typer.Option(_default(train, "preset"), help=f"one of {', '.join(sorted(PRESETS))}"),
+        expansion: int = typer.Option(8, help="latents per residual dimension (d_sae = expansion × d_model)"),
+        steps: Optional[int] = typer.Option(None, help="training steps (default: one pass over the store)"),
+        checkpoint_dir: Optional[Path] = typer.Option(None, help="periodic checkpoints; rerun to resume"),
+        device: str = typer.Option(_default(train, "device"), help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)"),
+        **options: Any,
+    ) -> None:
+        """Train a multimodal SAE on one layer of a harvest store and export it in SAE-Lens format.
+
+        Runs on one process, or on many under `torchrun --nproc-per-node N -m vlens train-sae ...`
+        (DistributedDataParallel: each rank reads its slice of every global batch).
+        """
+        from . import distributed
+        from .activations import ActivationStore
+        from .sae.io import export
+
+        if preset not in PRESETS:
+            raise InputError(f"--preset must be one of {', '.join(sorted(PRESETS))}, not {preset!r}")
+        _positive("expansion", expansion)
+        _positive("steps", steps)
+        given = {**_given(ArchitectureConfig, options), **_given(TrainerConfig, options)}
+        source = ActivationStore(store)
+        source.hook_name(layer)  # an unknown layer is refused before training starts
+        env = distributed.init()
+        sae = train(source, preset, layer=layer, expansion=expansion, steps=steps, checkpoint_dir=checkpoint_dir,
+                    progress=env.is_main, model_name=source.config.get("model"), device=_device(device, env), **given)
+        if env.is_main:
+            path = export(sae, out, model_name=source.config.get("model"), hook_name=source.hook_name(layer))
+            print(f"SAE exported to {path}")
+        distributed.cleanup()
+
+    return train_sae
+
+
+app.command("train-sae")(_train_sae_command())
+
+
+@app.command("export")
+def export_sae(
+    format: str = typer.Argument(..., help="paper (an fc1/fc2 state dict) or sparsify (a cfg.json + sae.safetensors dir)"),
+    src: Path = typer.Argument(..., help="the checkpoint file or directory"),
+    out: Path = typer.Option(..., help="SAE-Lens directory to write"),
+    model_name: Optional[str] = typer.Option(None, help="the model the SAE belongs to"),
+    hook_name: Optional[str] = typer.Option(None, help="e.g. blocks.16.hook_resid_pre (see VLM.hook_name)"),
+    input_scale: float = typer.Option(8.0, help="paper format: inputs ×scale, outputs ÷scale"),
+) -> None:
+    """Convert the paper's or sparsify's SAE checkpoints to SAE-Lens's disk format."""
+    from .sae.io import convert_paper_checkpoint, convert_sparsify_checkpoint
+
+    if format not in ("paper", "sparsify"):
+        raise InputError(f"the format is paper or sparsify, not {format!r}")
+    if not src.exists():
+        raise InputError(f"no checkpoint at {src}")
+    if format == "paper":
+        convert_paper_checkpoint(src, out, input_scale=input_scale, model_name=model_name, hook_name=hook_name)
+    else:
+        convert_sparsify_checkpoint(src, out, model_name=model_name, hook_name=hook_name)
+    print(f"wrote {out}")

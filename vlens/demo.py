@@ -18,7 +18,7 @@ Stages (each a few library calls; read this file as a worked example):
 
 from __future__ import annotations
 
-import argparse
+import html
 import json
 import time
 from dataclasses import dataclass
@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from .errors import InputError
+from .model import VLM
 
 
 @dataclass
@@ -59,7 +62,7 @@ def _stage(name: str) -> float:
 def run(
     out: str | Path = "vlens-demo",
     *,
-    model: str = "toy",
+    model: "str | VLM" = "toy",
     device: str | None = None,
     fast: bool = False,
     data: str | None = None,
@@ -70,8 +73,8 @@ def run(
     """Run the whole demo and return the report's path.
 
     `model="toy"` uses the embedded toy model and its generated data. Any
-    other model (e.g. `"llava-hf/llava-v1.6-mistral-7b-hf"` with
-    `device="cuda"`) needs `data`: an image-class folder (`class/xxx.jpg`) or
+    other model (a name for `vlens.load`, e.g. `"llava-hf/llava-v1.6-mistral-7b-hf"`
+    with `device="cuda"`, or a `VLM` you built) needs `data`: an image-class folder (`class/xxx.jpg`) or
     an HF dataset id with `image`/`label` columns, and `captions`: a
     ShareGPT4V-style JSON (with `image_root`) for the SAE stages.
 
@@ -80,11 +83,11 @@ def run(
     """
     import sae_lens
 
-    from . import probes, steering
+    from . import probes, prompts, steering
     from . import sae as vsae
-    from .harvest import harvest
+    from .activations import harvest
     from .loading import load
-    from .report import Report
+    from .viz import Report
 
     cfg = config or (DemoConfig.fast() if fast else DemoConfig())
     out = Path(out)
@@ -92,9 +95,11 @@ def run(
     t_start = time.perf_counter()
     torch.manual_seed(0)
 
-    t = _stage(f"load {model}")
-    vlm = load(model, device=device)
-    train, heldout, cap_data, question, two_choice, cap_prompt = _data(model, cfg, data, captions, image_root)
+    t = _stage(f"load {model if isinstance(model, str) else model.name}")
+    vlm = model if isinstance(model, VLM) else load(model, device=device)
+    toy_model = vlm.name == "toy"
+    train, heldout, cap_data = _data(toy_model, cfg, data, captions, image_root)
+    question, two_choice, cap_prompt = prompts.QUESTION, prompts.two_choice_prompt, prompts.CAPTION_PROMPT
     names = list(train.class_names or [])
     layers = list(range(vlm.n_layers))
     mid = vlm.n_layers // 2
@@ -110,7 +115,7 @@ def run(
     # -- 1. harvest ---------------------------------------------------------------------------
     t = _stage(f"1/6 harvest mean image-token activations at all {len(layers)} layers ({len(train)} images)")
     pooled = harvest(vlm, train, layers, tokens="image", pool="mean", batch_size=cfg.batch_size,
-                     out=out / "store-pooled", prompt="<image>\n" + question, overwrite=True)
+                     out=out / "store-pooled", prompt=question, overwrite=True)
     report.section("Data", f"{len(train)} training and {len(heldout)} held-out images, {len(names)} classes.")
     report.images([(s.image, s.caption or names[s.label]) for s in list(heldout)[:10]])
     timings["harvest"] = time.perf_counter() - t
@@ -130,12 +135,12 @@ def run(
 
     # -- 3. steering --------------------------------------------------------------------------
     t = _stage("3/6 steering with class-mean differences")
-    pairs = _pairs(model, names, cfg.n_pairs)
+    pairs = _pairs(toy_model, names, cfg.n_pairs)
     means = {L: steering.class_means(*pooled.pooled(L), n_classes=len(names)) for L in layers}
     src, tgt = pairs[0]
     si, ti = names.index(src), names.index(tgt)
     src_images = [s.image for s in heldout if s.label == si][: min(cfg.steer_images, 6)]
-    batch = vlm.prepare(["<image>\n" + question] * len(src_images), src_images)
+    batch = vlm.prepare([question] * len(src_images), src_images)
     v = means[mid][ti] - means[mid][si]
     before = steering.steered_generate(vlm, batch, None, max_new_tokens=6)
     rows = [{"k": 0.0, **{f"image {i}": a for i, a in enumerate(before)}}]
@@ -147,10 +152,10 @@ def run(
         print(f"  k={r['k']:>4}: {[r[f'image {i}'] for i in range(len(src_images))]}")
     sw = steering.sweep(vlm, pairs, cfg.ks, sorted({max(mid - 1, 0), mid}), data=heldout, vectors=means,
                         captions=cap_data, n_images=cfg.steer_images, n_captions=min(16, cfg.steer_images),
-                        prompt=two_choice, caption_prompt="<image>\n" + cap_prompt, random_control=True)
+                        prompt=two_choice, caption_prompt=cap_prompt, random_control=True)
     report.section("Steering", f"Adding k·(mean<sub>{tgt}</sub> − mean<sub>{src}</sub>) to every image token at "
                    f"<code>resid_pre.{mid}</code> during the prefill only, then decoding greedily from the KV cache. "
-                   f"Answers to <i>{question}</i> on held-out images of class <b>{src}</b>:")
+                   f"Answers to <i>{html.escape(question)}</i> on held-out images of class <b>{src}</b>:")
     report.images([(im, f"image {i}") for i, im in enumerate(src_images)])
     report.table(rows)
     for fig in sw.figures().values():
@@ -166,7 +171,7 @@ def run(
     t = _stage(f"4/6 multimodal SAEs on image + caption tokens at all {len(layers)} layers")
     sae_data = cap_data[: cfg.n_sae_samples]
     tokens = harvest(vlm, sae_data, layers, tokens="image+answer", captions=True, text_only=True,
-                     batch_size=cfg.batch_size, out=out / "store-tokens", prompt="<image>\n" + cap_prompt,
+                     batch_size=cfg.batch_size, out=out / "store-tokens", prompt=cap_prompt,
                      overwrite=True)
     mix = tokens.filter(modality="image"), tokens.filter(modality="text")
     print(f"{len(tokens)} tokens: {len(mix[0])} image, {len(mix[1])} text")
@@ -180,7 +185,7 @@ def run(
     sae = saes[mid]
     ev = vsae.evaluate(sae, tokens, layer=mid)
     held_caps = [s for s in heldout if s.caption][: max(8, cfg.steer_images)]
-    lr = vsae.loss_recovered(vlm, sae, mid, held_caps, prompt="<image>\n" + cap_prompt)
+    lr = vsae.loss_recovered(vlm, sae, mid, held_caps, prompt=cap_prompt)
     report.section(f"Multimodal SAE at layer {mid}",
                    f"{sae.cfg.architecture()} SAE ({cfg.sae_preset} preset), {sae.cfg.d_sae} latents "
                    f"(×{cfg.sae_expansion}), trained on "
@@ -214,7 +219,7 @@ def run(
     same = torch.equal(plain.encode(x), sae.encode(x))
     print(f"exported to {export_dir}; plain SAE-Lens reload encodes identically: {same}")
     dash = vsae.dashboard(sae, vlm, list(heldout)[: max(16, cfg.steer_images)], mid, out / "dashboards",
-                          n_latents=cfg.n_dashboards, prompt="<image>\n" + cap_prompt)
+                          n_latents=cfg.n_dashboards, prompt=cap_prompt)
     report.section("Export and dashboards",
                    f"<code>{export_dir}</code> loads with <code>sae_lens.SAE.load_from_disk</code> "
                    f"(identical encodings: {same}).")
@@ -234,53 +239,29 @@ def run(
     return path
 
 
-def _data(model: str, cfg: DemoConfig, data: str | None, captions: str | None, image_root: str | None):
-    """(train, heldout, caption data, question, two-choice prompt fn, caption prompt) for the model."""
+def _data(toy_model: bool, cfg: DemoConfig, data: str | None, captions: str | None, image_root: str | None):
+    """(train, heldout, caption data) for the model; the prompts are the paper's (`vlens.prompts`)."""
     from . import data as vdata
 
-    if model == "toy" and data is None:
-        from . import toy
-
-        train = vdata.toy("train", n=cfg.n_train)
-        heldout = vdata.toy("heldout", n=cfg.n_heldout)
-        return (train, heldout, train, toy.QUESTION,
-                lambda s, t: "<image>\n" + toy.two_choice_prompt(s, t), toy.CAPTION_PROMPT)
+    if toy_model and data is None:
+        return vdata.toy("train", n=cfg.n_train), vdata.toy("heldout", n=cfg.n_heldout), vdata.toy("train", n=cfg.n_train)
     if data is None or captions is None:
-        raise SystemExit(
+        raise InputError(
             "a model other than the toy needs data: --data <image folder class/xxx.jpg or HF dataset id> and "
             "--captions <ShareGPT4V json> --image-root <dir> (no dataset can be downloaded by the demo itself)"
         )
-    from .steering import two_choice_prompt
-
     classes = vdata.image_folder(data) if Path(data).is_dir() else vdata.from_hf(data, split="validation")
     n = len(classes)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
     train = vdata.ListDataset([classes[i] for i in idx[: cfg.n_train]], class_names=classes.class_names)
     heldout = vdata.ListDataset([classes[i] for i in idx[cfg.n_train: cfg.n_train + cfg.n_heldout]],
                                 class_names=classes.class_names)
-    caps = vdata.sharegpt4v(captions, image_root=image_root)
-    return (train, heldout, caps, "What is shown in this image?",
-            lambda s, t: "<image>\n" + two_choice_prompt(s, t), "Describe the image.")
+    return train, heldout, vdata.sharegpt4v(captions, image_root=image_root)
 
 
-def _pairs(model: str, names: Sequence[str], n: int) -> list[tuple[str, str]]:
-    if model == "toy":
+def _pairs(toy_model: bool, names: Sequence[str], n: int) -> list[tuple[str, str]]:
+    if toy_model:
         from .toy import class_pairs
 
         return list(class_pairs())[:n]
     return [(names[i], names[i + 1]) for i in range(0, 2 * n, 2)]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`vlens demo [--fast] [--out DIR] [--model ID --device cuda --data ... --captions ...]`."""
-    p = argparse.ArgumentParser(prog="vlens demo", description=__doc__.split("\n")[0])
-    p.add_argument("--fast", action="store_true", help="CI-sized run (under 2 minutes on 2 CPU cores)")
-    p.add_argument("--out", default="vlens-demo", help="output directory (report, stores, SAEs, dashboards)")
-    p.add_argument("--model", default="toy", help="'toy' or a llava-hf LLaVA-Next id / directory")
-    p.add_argument("--device", default=None, help="e.g. cuda")
-    p.add_argument("--data", default=None, help="image-class data for a real model: folder or HF dataset id")
-    p.add_argument("--captions", default=None, help="ShareGPT4V-style caption JSON for a real model")
-    p.add_argument("--image-root", default=None, help="image root of --captions")
-    a = p.parse_args(list(argv) if argv is not None else None)
-    run(a.out, model=a.model, device=a.device, fast=a.fast, data=a.data, captions=a.captions, image_root=a.image_root)
-    return 0

@@ -11,30 +11,16 @@ known checkpoints, and hands a built module and processor to `VLM.wrap`.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import families
 from .errors import InputError, UnsupportedModelError
-from .model import VLM
+from .model import VLM, as_dtype
 
-__all__ = ["load", "tiny", "meta", "as_dtype"]
-
-
-def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A torch dtype from a dtype or its name ('bfloat16', 'torch.float16'); None stays None.
-
-    Example:
-        >>> as_dtype("bfloat16"), as_dtype(None)
-        (torch.bfloat16, None)
-    """
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    d = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(d, torch.dtype):
-        raise InputError(f"unknown dtype {dtype!r}: use e.g. torch.float16, 'bfloat16' or 'float32'")
-    return d
+__all__ = ["load", "tiny", "meta", "ModelFacts", "facts"]
 
 
 def tiny(family: str = "llava-next", seed: int = 0, *, backbone: str | None = None, **sizes: Any) -> VLM:
@@ -130,13 +116,10 @@ def load(
 
         if name in KNOWN:
             return _meta_vlm(name)
-    local = os.path.isdir(os.path.expanduser(name))
-    if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise InputError(f"no model directory at {name}: check the path (a hub id looks like 'org/name')")
+    facts(name)  # a missing directory or an unsupported family is refused before any weight loads
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     config = AutoConfig.from_pretrained(name)
-    families.of_config(config)  # refuse an unsupported family before loading weights
     if lazy:
         return VLM(name, name=name, dtype=torch_dtype, **kwargs)
     if meta:
@@ -151,3 +134,44 @@ def load(
     if not hasattr(processor, "tokenizer"):
         raise UnsupportedModelError(f"{name} has no multimodal processor (got {type(processor).__name__})")
     return VLM.wrap(model, processor, name=name)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a model is, read from its config alone (no weights): to check arguments before loading it."""
+
+    name: str
+    family: str
+    n_layers: int
+    d_model: int
+
+
+def facts(name_or_path: str | os.PathLike) -> ModelFacts:
+    """The family, layer count and width of 'toy', a known checkpoint, a hub id or a directory, from its config only.
+
+    Example:
+        >>> facts("toy")
+        ModelFacts(name='toy', family='llava-next', n_layers=6, d_model=64)
+        >>> facts("llava-hf/llava-v1.6-mistral-7b-hf").n_layers
+        32
+    """
+    from .families.llava_next import KNOWN, known_config
+
+    name = str(name_or_path)
+    if name == "toy":
+        from transformers import AutoConfig
+
+        from .toy.model import CHECKPOINT_DIR
+
+        config = AutoConfig.from_pretrained(CHECKPOINT_DIR)
+    elif name in KNOWN:
+        config = known_config(name)
+    else:
+        from transformers import AutoConfig
+
+        if not os.path.isdir(os.path.expanduser(name)) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise InputError(f"no model directory at {name}: check the path (a hub id looks like 'org/name')")
+        config = AutoConfig.from_pretrained(name)
+    fam = families.of_config(config)
+    text = fam.text_config(config)
+    return ModelFacts(name, fam.name, int(text.num_hidden_layers), int(text.hidden_size))

@@ -30,7 +30,7 @@ from .errors import InputError, UnsupportedModelError
 from .prepare import position_ids, prepare
 from .tokens import Batch
 
-__all__ = ["VLM", "position_ids"]
+__all__ = ["VLM", "position_ids", "as_dtype"]
 
 
 def _get(root: Any, path: str) -> Any:
@@ -334,3 +334,17 @@ class VLM(TransformersModel):
             f"{self.n_vision_layers} vision layers)"
         )
 
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name ('bfloat16', 'torch.float16'); None stays None.
+
+    Example:
+        >>> as_dtype("bfloat16"), as_dtype(None)
+        (torch.bfloat16, None)
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    d = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(d, torch.dtype):
+        raise InputError(f"unknown dtype {dtype!r}: use e.g. torch.float16, 'bfloat16' or 'float32'")
+    return d

@@ -71,7 +71,7 @@ def load_image(source: Any) -> "PILImage.Image":
             return _rgb(source)
         if isinstance(source, torch.Tensor) or hasattr(source, "__array__"):
             return _rgb(_from_array(source))
-        if not hasattr(source, "read"):
+        if not isinstance(source, (str, os.PathLike)) and not hasattr(source, "read"):
             raise BadImageError(
                 f"cannot read an image from a {type(source).__name__}: pass a PIL image, a path, bytes, "
                 "or an HWC uint8 array"

@@ -129,5 +129,5 @@ def score_answers(
             edit()
         logits = vlm.read("logits")
         total, count = answer_logprob(logits, ids, answer)
-        out = (total.cpu().save(), count.cpu().save())
-    return out
+        total, count = total.cpu().save(), count.cpu().save()
+    return total, count

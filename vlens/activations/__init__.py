@@ -1,17 +1,32 @@
 """Activations: read them from a forward (`read_layers`), harvest them to disk at scale (`harvest`), read stores back.
 
+| module       | holds                                                                     |
+|--------------|---------------------------------------------------------------------------|
+| `read`       | `read_layers`: the one way vlens reads activations out of a forward       |
+| `harvesting` | `harvest`: the loop over a data set (one process or torchrun), `vlens harvest` |
+| `writer`     | the atomic shard / index writer (interrupted harvests resume)             |
+| `store`      | `ActivationStore`, `ActivationRows`: the store format and its reader      |
+| `sae_lens`   | `export_sae_lens`: a store layer as SAE-Lens's cached-activation dataset  |
+| `figures`    | `selection_grid`, `selection_figure`, `selection_png`: what a selection keeps |
+
     >>> import vlens, tempfile
     >>> from vlens.data import Sample
     >>> from PIL import Image
     >>> data = [Sample(Image.new("RGB", (32, 32)), label=i % 2) for i in range(4)]
-    >>> store = vlens.harvest(vlens.tiny(), data, layers=[1], pool="mean", out=tempfile.mkdtemp(), progress=False)
+    >>> store = vlens.activations.harvest(vlens.tiny(), data, layers=[1], pool="mean", out=tempfile.mkdtemp(),
+    ...                                   progress=False)
     >>> store.pooled(1)[0].shape
     torch.Size([4, 64])
 """
 
+from ..errors import HarvestError
+from .figures import selection_figure, selection_grid
+from .harvesting import harvest
 from .read import read_layers
+from .sae_lens import export_sae_lens
+from .store import ActivationRows, ActivationStore
 
-# Until the harvest moves into this package (transitional; see docs/architecture.md).
-from ..harvest import ActivationStore, ActivationRows, HarvestError, export_sae_lens, harvest  # noqa: E402
-
-__all__ = ["read_layers", "harvest", "ActivationStore", "ActivationRows", "HarvestError", "export_sae_lens"]
+__all__ = [
+    "read_layers", "harvest", "ActivationStore", "ActivationRows", "export_sae_lens", "selection_figure",
+    "selection_grid", "HarvestError",
+]

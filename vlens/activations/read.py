@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -86,7 +87,7 @@ def read_layers(
     with torch.inference_mode(), vlm.trace(batch.to(vlm.device)) as tracer:
         for k in keys:
             h = vlm.read(resolved[k])
-            v = h[mask] if pool is None else torch.einsum("bsd,bs->bd", h, weights.to(h.dtype))
+            v = h[mask] if pool is None else einops.einsum(h, weights.to(h.dtype), "b s d, b s -> b d")
             saved[k] = v.to("cpu", out_dtype).save()
         tracer.stop()
     return saved

@@ -1,49 +1,75 @@
-"""Multimodal sparse autoencoders: SAE-Lens SAEs with modality statistics.
+"""Multimodal sparse autoencoders: SAE-Lens SAEs with modality statistics attached.
 
-Train (`train`), evaluate (`evaluate`, `loss_recovered`), analyse modality
-(`modality_stats`, `sharing_by_layer`, plots), browse (`dashboard`) and
-export to / import from the SAE-Lens format (`export`, `load`,
-`convert_paper_checkpoint`, `convert_sparsify_checkpoint`).
+Train (`train`, presets and `TrainConfig` = `ArchitectureConfig` + `TrainerConfig`),
+evaluate (`evaluate`, `loss_recovered`), analyse modality (`modality_stats`,
+`sharing_by_layer`, plots), browse (`dashboard`) and move SAEs to and from disk in the
+SAE-Lens format (`export`, `load`, `convert_paper_checkpoint`,
+`convert_sparsify_checkpoint`). Any SAE-Lens SAE works: statistics are a plain attribute,
+`sae.modality` (`as_multimodal`).
+
+| module       | holds                                                                        |
+|--------------|------------------------------------------------------------------------------|
+| `modality`   | `ModalityStats`, `as_multimodal`, `modality_stats`, sharing by layer, plots  |
+| `standard`   | the paper's SAE as a registered SAE-Lens training class; the fused step      |
+| `data`       | activation sources (tensors, stores, iterables)                              |
+| `training`   | `config` (the split configs, presets), `trainer` (the loop), `checkpoints`   |
+| `evals`      | `evaluate`, `loss_recovered`                                                 |
+| `io`         | `export`, `load`, converters                                                 |
+| `dashboards` | `dashboard`: static HTML pages per latent                                    |
+
+    >>> import torch, vlens.sae as vs
+    >>> sae = vs.train((torch.randn(512, 8), torch.arange(512) % 2), "paper", d_sae=16, steps=2, batch_size=128,
+    ...                progress=False)
+    >>> type(sae).__name__, vs.modality_stats(sae).n_image
+    ('StandardSAE', 256)
 """
 
-from .base import (
-    IMAGE,
-    TEXT,
+from ..errors import NonFiniteActivations
+from .dashboards import dashboard
+from .data import IMAGE, TEXT, StoreSource, TensorSource, as_source
+from .evals import evaluate, loss_recovered
+from .io import convert_paper_checkpoint, convert_sparsify_checkpoint, export, load
+from .modality import (
     ModalityStats,
-    MultimodalJumpReLUSAE,
-    MultimodalSAE,
-    MultimodalStandardSAE,
-    MultimodalTopKSAE,
     as_multimodal,
-)
-from .data import StoreSource, TensorSource, as_source
-from .standard import PaperTrainingSAE, PaperTrainingSAEConfig, fused_standard_step
-from .train import PRESETS, NonFiniteActivations, TrainConfig, make_training_sae, modality_stats_from_source, train
-
-__all__ = [
-    "IMAGE", "TEXT", "ModalityStats", "MultimodalSAE", "MultimodalStandardSAE", "MultimodalTopKSAE",
-    "MultimodalJumpReLUSAE", "as_multimodal", "StoreSource", "TensorSource", "as_source", "PaperTrainingSAE",
-    "PaperTrainingSAEConfig", "fused_standard_step", "PRESETS", "NonFiniteActivations", "TrainConfig",
-    "make_training_sae", "modality_stats_from_source", "train",
-]
-
-from .export import convert_paper_checkpoint, convert_sparsify_checkpoint, export, load  # noqa: E402
-
-__all__ += ["convert_paper_checkpoint", "convert_sparsify_checkpoint", "export", "load"]
-from .evaluate import evaluate, loss_recovered  # noqa: E402
-from .modality import (  # noqa: E402
     modality_stats,
+    modality_stats_from_source,
     modality_table,
     plot_modality_histogram,
     plot_sharing_by_layer,
     sharing_by_layer,
 )
+from .standard import PaperTrainingSAE, PaperTrainingSAEConfig, fused_standard_step
+from .training import PRESETS, ArchitectureConfig, TrainConfig, TrainerConfig, make_training_sae, train
 
-__all__ += ["evaluate", "loss_recovered", "modality_stats", "modality_table", "plot_modality_histogram",
-            "plot_sharing_by_layer", "sharing_by_layer"]
-from .dashboard import dashboard, heatmap_overlay  # noqa: E402
+__all__ = [
+    "IMAGE", "TEXT", "ModalityStats", "as_multimodal", "modality_stats", "modality_stats_from_source",
+    "modality_table", "plot_modality_histogram", "plot_sharing_by_layer", "sharing_by_layer",
+    "StoreSource", "TensorSource", "as_source",
+    "PaperTrainingSAE", "PaperTrainingSAEConfig", "fused_standard_step",
+    "PRESETS", "ArchitectureConfig", "TrainerConfig", "TrainConfig", "make_training_sae", "train",
+    "NonFiniteActivations", "evaluate", "loss_recovered",
+    "export", "load", "convert_paper_checkpoint", "convert_sparsify_checkpoint", "dashboard",
+]
 
-__all__ += ["dashboard", "heatmap_overlay"]
-from .data import collect_activations  # noqa: E402
+_LEGACY_CLASSES = ("MultimodalSAE", "MultimodalStandardSAE", "MultimodalTopKSAE", "MultimodalJumpReLUSAE")
 
-__all__ += ["collect_activations"]
+
+def __getattr__(name: str):
+    """vlens 0.1 names: the multimodal subclasses, `collect_activations`, `heatmap_overlay` (now `vlens.viz`)."""
+    import warnings
+
+    if name in _LEGACY_CLASSES:
+        from . import modality
+
+        return getattr(modality, name)  # warns there
+    if name == "collect_activations":
+        from .data import collect_activations
+
+        return collect_activations  # warns when called
+    if name == "heatmap_overlay":
+        from ..viz import heatmap_overlay
+
+        warnings.warn("vlens.sae.heatmap_overlay moved to vlens.viz.heatmap_overlay", DeprecationWarning, stacklevel=2)
+        return heatmap_overlay
+    raise AttributeError(f"module 'vlens.sae' has no attribute {name!r}")

@@ -4,7 +4,7 @@ Everything the trainer reads goes through `as_source(data)`, which accepts
 
 - a `[N, d]` tensor (or numpy / memory-mapped array), optionally with a `[N]` modality
   tensor (1 = image token, 0 = text token), as `x` or `(x, modality)`;
-- an `ActivationStore` plus a layer (`StoreSource(store, layer)`), reading its
+- an `ActivationStore` (`vlens.activations`) plus a layer (`StoreSource(store, layer)`), reading its
   memory-mapped activations and its `modality` meta column;
 - a list of those (concatenated: e.g. image+caption tokens and a text-only caption pass);
 - any iterable / iterator of `[batch, d]` tensors or `(x, modality)` pairs.
@@ -17,6 +17,7 @@ resuming bit-identical.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -24,7 +25,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import IMAGE, TEXT
+from ..activations.read import read_layers
+from ..errors import InputError, StoreError
+from ..prompts import QUESTION
+from ..tokens import select
+
+IMAGE, TEXT = 1, 0
+"""Modality codes used everywhere in `vlens.sae`: 1 = image token, 0 = text token."""
 
 
 def modality_codes(values: Any) -> Tensor:
@@ -49,7 +56,7 @@ def _rows(x: Any, idx: Tensor) -> Tensor:
     if isinstance(x, Tensor):
         return x[idx]
     if not isinstance(x, np.ndarray):
-        out = x[idx]  # e.g. vlens.harvest.ActivationRows gathers from its memory-mapped shards
+        out = x[idx]  # e.g. vlens.activations.ActivationRows gathers from its memory-mapped shards
         if isinstance(out, Tensor):
             return out.float()
     out = np.asarray(x[idx.numpy()])
@@ -69,14 +76,14 @@ class TensorSource:
 
     def __init__(self, x: Any, modality: Any = None) -> None:
         if not hasattr(x, "shape") or len(x.shape) != 2:
-            raise ValueError(
+            raise InputError(
                 f"activations must be a [n_tokens, d_model] array, got shape {getattr(x, 'shape', None)}: "
                 "flatten [batch, seq, d] activations with x.reshape(-1, d) after selecting the tokens you want"
             )
         self.x = x
         self.modality = None if modality is None else modality_codes(modality)
         if self.modality is not None and len(self.modality) != x.shape[0]:
-            raise ValueError(f"{len(self.modality)} modality labels for {x.shape[0]} activation rows")
+            raise InputError(f"{len(self.modality)} modality labels for {x.shape[0]} activation rows")
         self.n, self.d = int(x.shape[0]), int(x.shape[1])
         self._perm_cache: tuple[int, int, Tensor] | None = None
 
@@ -114,7 +121,7 @@ class ConcatSource(TensorSource):
     def __init__(self, parts: list[TensorSource]) -> None:
         ds = {p.d for p in parts}
         if len(ds) != 1:
-            raise ValueError(f"cannot mix activations of widths {sorted(ds)} in one training run")
+            raise InputError(f"cannot mix activations of widths {sorted(ds)} in one training run")
         self.parts = parts
         self.offsets = torch.tensor([0] + list(itertools.accumulate(p.n for p in parts)))
         self.n, self.d = int(self.offsets[-1]), ds.pop()
@@ -142,14 +149,14 @@ class ConcatSource(TensorSource):
 
 
 def StoreSource(store: Any, layer: int, modality: str | None = None) -> TensorSource:
-    """A `TensorSource` over one layer of a `vlens.harvest.ActivationStore` (memory-mapped).
+    """A `TensorSource` over one layer of a `vlens.activations.ActivationStore` (memory-mapped).
 
     `modality` ('image' / 'text') keeps only those tokens. The store's meta
     column `modality` gives the per-token codes.
     """
     layers = list(getattr(store, "layers", []))
     if layers and layer not in layers:
-        raise ValueError(f"layer {layer} is not in this store (it holds layers {layers}); harvest it first")
+        raise StoreError(f"layer {layer} is not in this store (it holds layers {layers}); harvest it first")
     x = store.activations(layer)
     meta = getattr(store, "meta", None)
     mod = None
@@ -163,7 +170,7 @@ def StoreSource(store: Any, layer: int, modality: str | None = None) -> TensorSo
     src = TensorSource(x, mod)
     if modality is not None:
         if mod is None:
-            raise ValueError("this store has no 'modality' meta column, so it cannot be filtered by modality")
+            raise StoreError("this store has no 'modality' meta column, so it cannot be filtered by modality")
         keep = (mod == (IMAGE if modality == "image" else TEXT)).nonzero().flatten()
         src = TensorSource(_rows(x, keep), mod[keep])
     return src
@@ -219,7 +226,7 @@ class IterSource:
         try:
             return _split(next(self._it))  # type: ignore[arg-type]
         except StopIteration:
-            raise RuntimeError(
+            raise InputError(
                 "the activation iterator ran out before the requested number of steps: "
                 "pass fewer `steps` / `n_tokens`, or an iterable that yields enough batches"
             ) from None
@@ -318,7 +325,7 @@ def as_source(data: Any, layer: int | None = None, modality: Any = None) -> Tens
         if layer is None:
             ls = list(data.layers)
             if len(ls) != 1:
-                raise ValueError(f"this store holds layers {ls}: pass layer=... to choose one")
+                raise StoreError(f"this store holds layers {ls}: pass layer=... to choose one")
             layer = ls[0]
         return StoreSource(data, layer)
     if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape") and len(data[0].shape) == 2:
@@ -331,7 +338,7 @@ def as_source(data: Any, layer: int | None = None, modality: Any = None) -> Tens
         return ConcatSource([as_source(p, layer) for p in data])  # type: ignore[misc]
     if isinstance(data, Iterable):
         return IterSource(data)
-    raise TypeError(
+    raise InputError(
         f"cannot train on {type(data).__name__}: pass a [n, d] tensor, (tensor, modality), an ActivationStore, "
         "a list of stores, or an iterable of [batch, d] tensors"
     )
@@ -343,32 +350,43 @@ def collect_activations(
     samples: Any,
     layers: Any,
     *,
-    prompt: str = "<image>\nWhat is shown in this image?",
+    prompt: str = QUESTION,
     tokens: str = "image+answer",
     text_only: bool = True,
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict[int, tuple[Tensor, Tensor]]:
-    """Small in-memory harvest for SAE training: `{layer: (x [n, d], modality [n])}` at `resid_pre.layer`.
+    """Deprecated: small in-memory harvest `{layer: (x [n, d], modality [n])}` at `resid_pre.layer`.
 
-    The paper's token mix: image tokens and caption tokens of `prompt` + caption (instruction
-    tokens and BOS excluded via `tokens="image+answer"`), plus, with `text_only`, a pass over
-    the captions alone (no image, no template; caption tokens only, BOS excluded). For large
-    runs use `vlens.harvest` and an `ActivationStore`; this is for the toy and tiny models.
+    Use `vlens.harvest(vlm, samples, layers, tokens="image+answer", captions=True,
+    text_only=True)` and pass the store to `vlens.sae.train(store, layer=L)` instead.
+    The token mix is the paper's: image tokens and caption tokens of `prompt` + caption
+    (instruction tokens and BOS excluded via `tokens="image+answer"`), plus, with
+    `text_only`, a pass over the captions alone (no image, no template; caption tokens
+    only, BOS excluded). Reads through `vlens.activations.read_layers`.
 
     Example:
-        >>> import vlens
+        >>> import vlens, warnings
         >>> from PIL import Image
         >>> from vlens.data import Sample
         >>> vlm = vlens.tiny(words=["a", "red", "square"])
-        >>> acts = collect_activations(vlm, [Sample(Image.new("RGB", (32, 32)), caption="a red square")], [1, 2],
-        ...                            progress=False)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", DeprecationWarning)
+        ...     acts = collect_activations(vlm, [Sample(Image.new("RGB", (32, 32)), caption="a red square")], [1, 2],
+        ...                                progress=False)
         >>> x, mod = acts[2]
         >>> x.shape[1] == vlm.d_model, int((mod == 0).sum())   # 3 caption tokens + 3 text-only tokens
         (True, 6)
     """
     from tqdm.auto import tqdm
 
+    warnings.warn(
+        "vlens.sae.collect_activations is deprecated and goes away in vlens 0.3: harvest with "
+        "vlens.harvest(vlm, samples, layers, tokens='image+answer', captions=True, text_only=True) and train on the "
+        "store (vlens.sae.train(store, layer=L))",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     layers = [int(layers)] if isinstance(layers, int) else [int(layer) for layer in layers]
     order = sorted(set(layers))
     xs: dict[int, list[Tensor]] = {layer: [] for layer in order}
@@ -376,7 +394,7 @@ def collect_activations(
     samples = list(samples)
     caps = [getattr(s, "caption", None) for s in samples]
     if any(c is None for c in caps):
-        raise ValueError("every sample needs a caption: SAE training mixes image tokens with caption tokens")
+        raise InputError("every sample needs a caption: SAE training mixes image tokens with caption tokens")
     passes = [("image", s) for s in range(0, len(samples), batch_size)]
     if text_only:
         passes += [("text", s) for s in range(0, len(samples), batch_size)]
@@ -384,17 +402,13 @@ def collect_activations(
         part = samples[s : s + batch_size]
         if kind == "image":
             batch = vlm.prepare([prompt] * len(part), [p.image for p in part], answers=[p.caption for p in part])
-            sel = batch.layout.select(tokens)
+            sel = select(batch, tokens)
         else:
             batch = vlm.prepare([""] * len(part), None, answers=[p.caption for p in part], template=False)
             sel = batch.layout.answer & ~batch.layout.bos
-        saved: list[Tensor] = []
-        with vlm.trace(batch) as tracer:
-            for layer in order:
-                saved.append(vlm.resid_pre(layer).save())
-            tracer.stop()
-        for layer, h in zip(order, saved):
-            xs[layer].append(h[sel].float().cpu())
+        acts = read_layers(vlm, batch, order, tokens=sel, dtype=torch.float32)
+        for layer in order:
+            xs[layer].append(acts[layer])
         mods.append(batch.layout.image[sel].long())
     mod = torch.cat(mods)
     return {layer: (torch.cat(xs[layer]), mod) for layer in layers}

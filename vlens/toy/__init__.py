@@ -3,14 +3,14 @@
     >>> import vlens
     >>> vlm = vlens.load("toy")                      # or vlens.toy.load_toy()
     >>> ds = vlens.toy.toy_dataset("heldout", n=2)   # coloured shapes with captions
-    >>> batch = vlm.prepare(["<image>\\n" + vlens.toy.QUESTION] * 2, [s.image for s in ds])
+    >>> batch = vlm.prepare([vlens.toy.QUESTION] * 2, [s.image for s in ds])
 
 Data (`vlens.toy.data`): 20 classes "<colour> <shape>" (`CLASS_NAMES`),
 captions in words, train / held-out splits by seed, steering pairs
 (`class_pairs`). Prompts the model was trained on: `QUESTION` (-> class name),
 `CAPTION_PROMPT` (-> caption), `two_choice_prompt(src, tgt)` (-> the true one
-of the two names), `COLOUR_QUESTION`, `SHAPE_QUESTION`. Prefix each with
-"<image>\\n" when you build a prompt.
+of the two names), `COLOUR_QUESTION`, `SHAPE_QUESTION`: the paper's prompts
+of `vlens.prompts`, each carrying its `<image>` placeholder.
 
 Model (`vlens.toy.model`): CLIP tower (3 layers x 64) + Mistral (6 layers x
 64), 64x64 images -> 88 image tokens. Train with `vlens toy train`, score

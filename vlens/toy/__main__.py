@@ -1,8 +1,8 @@
-"""`python -m vlens.toy train|eval|samples [options]`."""
+"""`python -m vlens.toy train|eval|samples [options]` is `vlens toy ...`."""
 
 import sys
 
-from .cli import main
+from ..cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["toy", *sys.argv[1:]]))

@@ -19,7 +19,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..data import Dataset, Sample
+from ..data.records import Dataset, Sample
+# The prompts the toy model is trained on are the paper's (one convention: they carry `<image>`).
+from ..prompts import CAPTION_PROMPT, COLOUR_QUESTION, QUESTION, SHAPE_QUESTION, two_choice_prompt  # noqa: F401
 
 #: Shapes, in label order (label = colour_index * len(SHAPES) + shape_index).
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
@@ -48,33 +50,11 @@ GRID: tuple[float, ...] = (0.25, 0.5, 0.75)
 #: Background words of captions.
 BACKGROUNDS: tuple[str, ...] = ("dark", "light")
 
-#: The prompt whose answer is the class name ("red circle"). Prefix "<image>\\n" to use it.
-QUESTION = "What is shown in this image?"
-#: The captioning prompt; its answer is the caption.
-CAPTION_PROMPT = "Describe the image."
-#: Answer: the colour word ("red").
-COLOUR_QUESTION = "What colour is the shape?"
-#: Answer: the shape word ("circle").
-SHAPE_QUESTION = "What shape is it?"
-
 #: The split names and their stream ids.
 SPLITS: dict[str, int] = {"train": 0, "heldout": 1}
 
 #: Every word the toy model needs beyond `vlens.tiny.BASE_WORDS`.
 WORDS: tuple[str, ...] = (*COLOURS, *SHAPES, "background", "dark", "light", "grey")
-
-
-def two_choice_prompt(src: str, tgt: str) -> str:
-    """The paper's two-choice efficacy prompt for class names `src` and `tgt`.
-
-    Example:
-        >>> two_choice_prompt("red circle", "blue square")
-        'Reply either "red circle" or "blue square" in lowercase depending on what is shown in the image. Do not output any other text.'
-    """
-    return (
-        f'Reply either "{src}" or "{tgt}" in lowercase depending on what is shown in the image. '
-        "Do not output any other text."
-    )
 
 
 def label_of(colour: str, shape: str) -> int:

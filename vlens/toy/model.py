@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool
 from torch import Tensor
 
+from .. import scoring
 from .data import CLASS_NAMES, QUESTION, all_words
 
 if TYPE_CHECKING:
@@ -222,27 +223,25 @@ def _from_saved_keys(state: dict, wanted: set) -> dict | None:
 def answer_correct(
     model: torch.nn.Module, inputs: dict, answer_mask: Bool[Tensor, "batch seq"]
 ) -> Bool[Tensor, " batch"]:
-    """Whether greedy decoding would produce each row's answer tokens exactly.
+    """Whether greedy decoding would produce each row's answer tokens exactly (`vlens.scoring.answer_correct`).
 
     Teacher-forced: every answer token (including a closing `</s>`) must be
     the argmax after the tokens before it, which is exactly when greedy
     decoding emits that answer.
+
+    Example:
+        >>> import vlens
+        >>> vlm = load_toy(); ds = vlens.toy.toy_dataset("heldout", n=2)
+        >>> b = vlm.prepare([QUESTION] * 2, [s.image for s in ds], answers=[CLASS_NAMES[s.label] for s in ds], eos=True)
+        >>> answer_correct(vlm._module, b.inputs, b.layout.answer).tolist()
+        [True, True]
     """
     from ..prepare import position_ids
 
     kw = dict(inputs)
     kw.setdefault("position_ids", position_ids(kw["attention_mask"]))
     logits = model(**kw).logits
-    return _rows_correct(logits, kw["input_ids"], answer_mask)
-
-
-def _rows_correct(
-    logits: Float[Tensor, "batch seq vocab"], input_ids: Int[Tensor, "batch seq"], answer_mask: Bool[Tensor, "batch seq"]
-) -> Bool[Tensor, " batch"]:
-    pred = logits[:, :-1].argmax(-1)
-    tgt = input_ids[:, 1:]
-    m = answer_mask[:, 1:]
-    return ((pred == tgt) | ~m).all(-1)
+    return scoring.answer_correct(logits, kw["input_ids"], answer_mask)
 
 
 def evaluate(
@@ -272,7 +271,7 @@ def evaluate(
     for start in tqdm(range(0, n, batch_size), desc="toy eval", disable=None if progress else True):
         samples = [ds[i] for i in range(start, min(n, start + batch_size))]
         batch = vlm.prepare(
-            ["<image>\n" + QUESTION] * len(samples),
+            [QUESTION] * len(samples),
             [s.image for s in samples],
             answers=[CLASS_NAMES[s.label] for s in samples],
             eos=True,

@@ -20,7 +20,6 @@ uninterrupted one would.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -30,9 +29,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 
+from ..errors import InputError
+from ..scoring import answer_correct, answer_loss
 from .data import (
     CAPTION_PROMPT,
     CLASS_NAMES,
@@ -45,7 +46,7 @@ from .data import (
     toy_dataset,
     two_choice_prompt,
 )
-from .model import CHECKPOINT_DIR, ToyArch, _rows_correct, build_model, build_processor, evaluate, save_toy
+from .model import CHECKPOINT_DIR, ToyArch, build_model, build_processor, evaluate, save_toy
 
 #: The prompt mix of training: task name -> probability.
 TASKS: dict[str, float] = {"question": 0.35, "two_choice": 0.25, "caption": 0.15, "colour": 0.1, "shape": 0.15}
@@ -76,7 +77,7 @@ class TrainConfig:
 
 
 def task_example(task: str, meta: dict, label: int, rng: np.random.Generator) -> tuple[str, str]:
-    """The (prompt text, answer) of one task for one image; prompts start with "<image>\\n".
+    """The (prompt text, answer) of one task for one image (prompts from `vlens.prompts`, with their `<image>`).
 
     Example:
         >>> task_example("question", {}, 0, np.random.default_rng(0))
@@ -84,13 +85,13 @@ def task_example(task: str, meta: dict, label: int, rng: np.random.Generator) ->
     """
     name = CLASS_NAMES[label]
     if task == "question":
-        return "<image>\n" + QUESTION, name
+        return QUESTION, name
     if task == "caption":
-        return "<image>\n" + CAPTION_PROMPT, caption_of(meta)
+        return CAPTION_PROMPT, caption_of(meta)
     if task == "colour":
-        return "<image>\n" + COLOUR_QUESTION, name.split()[0]
+        return COLOUR_QUESTION, name.split()[0]
     if task == "shape":
-        return "<image>\n" + SHAPE_QUESTION, name.split()[1]
+        return SHAPE_QUESTION, name.split()[1]
     if task == "two_choice":
         colour, shape = name.split()
         u = rng.random()
@@ -101,7 +102,7 @@ def task_example(task: str, meta: dict, label: int, rng: np.random.Generator) ->
         else:
             other = str(rng.choice([c for c in CLASS_NAMES if c != name]))
         src, tgt = (name, other) if rng.random() < 0.5 else (other, name)
-        return "<image>\n" + two_choice_prompt(src, tgt), name
+        return two_choice_prompt(src, tgt), name
     raise ValueError(f"unknown task {task!r}; tasks are {list(TASKS)}")
 
 
@@ -183,15 +184,15 @@ def all_examples(samples: Sequence) -> list[tuple[str, str]]:
     out = set()
     for s in samples:
         name = CLASS_NAMES[s.label]
-        out.add(("<image>\n" + CAPTION_PROMPT, caption_of(s.meta)))
+        out.add((CAPTION_PROMPT, caption_of(s.meta)))
     for name in CLASS_NAMES:
-        out.add(("<image>\n" + QUESTION, name))
-        out.add(("<image>\n" + COLOUR_QUESTION, name.split()[0]))
-        out.add(("<image>\n" + SHAPE_QUESTION, name.split()[1]))
+        out.add((QUESTION, name))
+        out.add((COLOUR_QUESTION, name.split()[0]))
+        out.add((SHAPE_QUESTION, name.split()[1]))
         for other in CLASS_NAMES:
             if other != name:
-                out.add(("<image>\n" + two_choice_prompt(name, other), name))
-                out.add(("<image>\n" + two_choice_prompt(other, name), name))
+                out.add((two_choice_prompt(name, other), name))
+                out.add((two_choice_prompt(other, name), name))
     return sorted(out)
 
 
@@ -234,18 +235,6 @@ def pretrain_vision(model: torch.nn.Module, data: "ToyBatches", cfg: TrainConfig
     return acc
 
 
-def answer_loss(
-    logits: Float[Tensor, "batch seq vocab"], input_ids: Int[Tensor, "batch seq"], answer: Bool[Tensor, "batch seq"]
-) -> Tensor:
-    """Cross-entropy of the answer tokens, averaged per example, then over examples.
-
-    Per-example averaging keeps a 13-token caption from outweighing a 3-token class name.
-    """
-    logp = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
-    m = answer[:, 1:].float()
-    return ((logp * m).sum(1) / m.sum(1).clamp(min=1)).mean()
-
-
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to `min_lr_frac` of the peak."""
     if step < cfg.warmup:
@@ -257,6 +246,17 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def _resume_key(cfg: dict) -> dict:
     """The settings a resumed run must share with the saved one (threads and save cadence may change)."""
     return {k: v for k, v in cfg.items() if k not in ("threads", "save_every")}
+
+
+def _load_state(path: Path) -> dict:
+    """Read a resume state with torch's restricted unpickler (tensors and plain containers only: no code runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means: not a state this trainer wrote
+        raise InputError(
+            f"{path} is not a resume state written by `vlens toy train` ({type(e).__name__}: {str(e)[:200]}); "
+            "delete it or pass another --out to start afresh"
+        ) from e
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -306,9 +306,9 @@ def train(
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
         start, elapsed = 0, 0.0
         if state_path.exists():
-            st = torch.load(state_path, map_location="cpu", weights_only=False)
+            st = _load_state(state_path)
             if _resume_key(st["cfg"]) != _resume_key(asdict(cfg)) or st["arch"] != asdict(arch):
-                raise ValueError(
+                raise InputError(
                     f"{state_path} was written with other settings ({st['cfg']}, {st['arch']}); "
                     "rerun with the same options to resume, or pass another --out to start afresh"
                 )
@@ -350,7 +350,7 @@ def train(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 done = step + 1
-                acc = float(_rows_correct(logits.detach(), inputs["input_ids"], answer).float().mean())
+                acc = float(answer_correct(logits.detach(), inputs["input_ids"], answer).float().mean())
                 ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
                 ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
                 bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.2f}", refresh=False)
@@ -390,57 +390,3 @@ def train(
         return record
     finally:
         torch.set_num_threads(prev_threads)
-
-
-# -- command line ----------------------------------------------------------------------------
-
-
-def train_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="vlens toy train", description="Train the toy LLaVA-Next on CPU (resumable).")
-    p.add_argument("--out", default="toy-run", help="run directory: state.pt (resume) and checkpoint/ (default: toy-run)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--n-images", type=int, default=d.n_images, help="distinct training images generated per run")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default 2)")
-    p.add_argument("--layers", type=int, default=ToyArch().n_layers, help="language-model layers")
-    p.add_argument("--vision-layers", type=int, default=ToyArch().vision_layers, help="vision-tower layers")
-    p.add_argument("--eval-n", type=int, default=500, help="held-out images scored at the end (0: skip)")
-    p.add_argument("--ship", action="store_true", help="also write the checkpoint into the installed package")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`vlens toy train [options]`: train, then print the held-out accuracy as the last line."""
-    a = train_parser().parse_args(argv)
-    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_images=a.n_images, seed=a.seed,
-                      threads=a.threads)
-    rec = train(a.out, cfg, ToyArch(n_layers=a.layers, vision_layers=a.vision_layers), ship=a.ship, eval_n=a.eval_n)
-    print(f"checkpoint: {Path(a.out) / 'checkpoint'}" + (f" (and {CHECKPOINT_DIR})" if a.ship else ""))
-    print(f"train time: {rec['train_seconds']:.0f} s")
-    print(f"accuracy: {rec['accuracy']:.2f}")
-    return 0
-
-
-def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlens toy eval",
-                                description='Score "What is shown in this image?" on held-out toy images.')
-    p.add_argument("--n", type=int, default=500, help="held-out images (default 500)")
-    p.add_argument("--path", default=None, help="checkpoint directory (default: the shipped one)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    return p
-
-
-def eval_main(argv: Sequence[str] | None = None) -> int:
-    """`vlens toy eval [--n 500] [--path DIR]`: print `accuracy: 0.97` as the last line."""
-    from .model import load_toy
-
-    a = eval_parser().parse_args(argv)
-    torch.set_num_threads(a.threads)
-    vlm = load_toy(path=a.path)
-    acc = evaluate(vlm, n=a.n, seed=a.seed)
-    print(f"accuracy: {acc:.2f}")
-    return 0

@@ -8,15 +8,19 @@ overall and on image / text tokens separately:
 - `mse`: mean over tokens of ‖x − x̂‖².
 
 `loss_recovered(vlm, sae, layer, samples)` runs the model on image+caption batches
-and splices the SAE into `resid_pre.{layer}` inside an nnsight trace (read the residual,
-`decode(encode(.))`, write it back at the selected positions):
+and splices the SAE into `resid_pre.{layer}` with `vlens.interventions.splice_sae` (the
+residual at the selected positions replaced by `decode(encode(.))`):
 
     loss recovered = 1 − (CE_spliced − CE_clean) / (CE_zero − CE_clean)
 
-with CE the mean next-token cross-entropy on the caption (answer) tokens and
-CE_zero the same with the residual zero-ablated at those positions. "overall"
-splices every image and caption token; "image" only image tokens; "text" only
-caption tokens.
+with CE the mean next-token cross-entropy on the caption (answer) tokens, scored by
+`vlens.scoring.score_answers`, and CE_zero the same with the residual zero-ablated at
+those positions (`vlens.interventions.ablate`). "overall" splices every image and caption
+token; "image" only image tokens; "text" only caption tokens.
+
+Why not SAE-Lens's `sae_lens.evals`: it runs a TransformerLens `HookedTransformer` on text
+token batches; a VLM runs through nnsight with images, and the metrics here are split by
+modality.
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .base import IMAGE, TEXT
-from .data import as_source
+from ..errors import InputError
+from ..interventions import ablate, splice_sae
+from ..prompts import QUESTION
+from ..scoring import score_answers
+from ..sites import SiteLike
+from .data import IMAGE, TEXT, as_source
 
 
 class _Group:
@@ -98,42 +105,18 @@ def evaluate(sae: SAE, data: Any, *, n_tokens: int | None = None, batch_size: in
     return {k: g.result() for k, g in groups.items()}
 
 
-def _answer_ce(logits: Tensor, ids: Tensor, answer: Tensor) -> Tensor:
-    """Sum and count of next-token CE over answer positions (logits at t-1 predict token t)."""
-    pred = logits[:, :-1].float()
-    target = ids[:, 1:]
-    mask = answer[:, 1:]
-    ce = F.cross_entropy(pred[mask], target[mask], reduction="sum")
-    return torch.stack([ce, mask.sum().to(ce)])
-
-
-def splice_trace(vlm: Any, batch: Any, site: str, mask: Tensor, fn: Any) -> Tensor:
-    """Run `batch`, replace `site` at `mask` positions by `fn(h[mask])`, return the logits.
-
-    Plain nnsight: read the residual, edit a copy, write it back.
-    """
-    with torch.no_grad(), vlm.trace(batch):
-        if fn is not None:
-            h = vlm.read(site)
-            new = h.clone()
-            new[mask] = fn(h[mask]).to(h.dtype)
-            vlm.write(site, new)
-        logits = vlm.read("logits").save()
-    return logits
-
-
 @torch.no_grad()
 def loss_recovered(
     vlm: Any,
     sae: SAE,
-    layer: int,
+    layer: SiteLike,
     samples: Sequence[Any],
     *,
-    prompt: str = "<image>\nWhat is shown in this image?",
+    prompt: str = QUESTION,
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Loss recovered with `sae` spliced into `resid_pre.{layer}`, overall / image tokens / caption tokens.
+    """Loss recovered with `sae` spliced into `layer` (an int L is `resid_pre.L`; any site name works), by token group.
 
     `samples` are `vlens.data.Sample`s with `image` and `caption` (the caption is the answer whose
     cross-entropy is measured).
@@ -148,41 +131,42 @@ def loss_recovered(
         >>> sorted(r["overall"])
         ['ce_clean', 'ce_spliced', 'ce_zero', 'loss_recovered', 'n_tokens']
     """
-    site = f"resid_pre.{layer}"
     if sae.cfg.d_in != vlm.d_model:
-        raise ValueError(f"SAE d_in {sae.cfg.d_in} != model d_model {vlm.d_model}: this SAE belongs to another model")
+        raise InputError(f"SAE d_in {sae.cfg.d_in} != model d_model {vlm.d_model}: this SAE belongs to another model")
     missing = [i for i, s in enumerate(samples) if getattr(s, "caption", None) is None or getattr(s, "image", None) is None]
     if missing:
-        raise ValueError(f"samples {missing[:5]} lack an image or a caption; loss recovered needs both")
+        raise InputError(f"samples {missing[:5]} lack an image or a caption; loss recovered needs both")
     sae = sae.to(vlm.device)
     groups = ("overall", "image", "text")
-    sums = {g: {k: torch.zeros(2) for k in ("clean", "spliced", "zero")} for g in groups}
+    sums = {g: {k: [0.0, 0] for k in ("clean", "spliced", "zero")} for g in groups}  # [Σ CE, answer tokens]
 
-    def recon(h: Tensor) -> Tensor:
-        return sae.decode(sae.encode(h.to(sae.dtype)))
-
-    def zero(h: Tensor) -> Tensor:
-        return torch.zeros_like(h)
+    def ce(batch: Any, edit: Any = None) -> tuple[float, int]:
+        """Σ CE over the answer tokens and their count, with `edit()` applied in the trace."""
+        logprob, count = score_answers(vlm, batch, edit)
+        return -float(logprob.sum()), int(count.sum())
 
     chunks = range(0, len(samples), batch_size)
     for s in tqdm(chunks, desc="loss recovered", disable=(not progress) or None):
         part = samples[s : s + batch_size]
         batch = vlm.prepare([prompt] * len(part), [x.image for x in part], answers=[x.caption for x in part])
         lay = batch.layout
-        ids = lay.input_ids
         masks = {"overall": lay.image | lay.answer, "image": lay.image, "text": lay.answer}
-        clean = _answer_ce(splice_trace(vlm, batch, site, masks["overall"], None).cpu(), ids, lay.answer)
+        clean = ce(batch)
         for g in groups:
-            sums[g]["clean"] += clean
-            sums[g]["spliced"] += _answer_ce(splice_trace(vlm, batch, site, masks[g], recon).cpu(), ids, lay.answer)
-            sums[g]["zero"] += _answer_ce(splice_trace(vlm, batch, site, masks[g], zero).cpu(), ids, lay.answer)
+            mask = masks[g]
+            runs = {"clean": clean,
+                    "spliced": ce(batch, lambda: splice_sae(vlm, layer, sae, batch=batch, tokens=mask)),
+                    "zero": ce(batch, lambda: ablate(vlm, layer, batch=batch, tokens=mask))}
+            for k, (total, count) in runs.items():
+                sums[g][k][0] += total
+                sums[g][k][1] += count
     out: dict[str, dict[str, float]] = {}
     for g in groups:
-        ce = {k: float(v[0] / v[1].clamp_min(1)) for k, v in sums[g].items()}
-        denom = ce["zero"] - ce["clean"]
+        mean = {k: v[0] / max(v[1], 1) for k, v in sums[g].items()}
+        denom = mean["zero"] - mean["clean"]
         out[g] = {
-            "ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"],
-            "loss_recovered": 1 - (ce["spliced"] - ce["clean"]) / denom if abs(denom) > 1e-12 else float("nan"),
-            "n_tokens": int(sums[g]["clean"][1]),
+            "ce_clean": mean["clean"], "ce_spliced": mean["spliced"], "ce_zero": mean["zero"],
+            "loss_recovered": 1 - (mean["spliced"] - mean["clean"]) / denom if abs(denom) > 1e-12 else float("nan"),
+            "n_tokens": sums[g]["clean"][1],
         }
     return out

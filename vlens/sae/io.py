@@ -1,4 +1,4 @@
-"""Export to and import from the SAE-Lens on-disk format, and converters from other formats.
+"""SAEs on disk: export to and load from SAE-Lens's format, and converters from other formats.
 
 An export directory holds exactly what `sae_lens.SAE.load_from_disk` reads:
 
@@ -8,26 +8,36 @@ An export directory holds exactly what `sae_lens.SAE.load_from_disk` reads:
 - `sae_weights.safetensors`: the state dict, activation scaling already folded in;
 - `sparsity.safetensors`: key `sparsity`, log10 firing density per latent (SAE-Lens convention);
 - `modality.safetensors` (vlens only, ignored by SAE-Lens): per-latent modality statistics.
+
+`export` writes the weights and `cfg.json` with SAE-Lens's own `SAE.save_model` (same
+bytes for the weights; the config is written from a copy of `sae.cfg` that carries the
+vlens metadata and `device: cpu`, so the caller's SAE is not changed). `load` reads with
+`SAE.load_from_disk`, so every architecture SAE-Lens registers loads (standard, topk,
+jumprelu, gated, abstopk, matching_pursuit, transcoders...), and attaches the modality
+statistics by composition (`vlens.sae.modality.as_multimodal`). The converters are disk
+loaders for formats SAE-Lens cannot read as they are: the paper's `fc1`/`fc2` state dicts
+and sparsify checkpoints (SAE-Lens's own `sparsify_disk_loader` transposes `W_dec` of
+eai-sparsify 1.3 checkpoints).
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 from pathlib import Path
-from typing import Any
 
 import sae_lens
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from sae_lens import SAE
 from sae_lens.registry import SAE_CLASS_REGISTRY
 from sae_lens.saes import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from torch import Tensor
 
-from .base import ModalityStats, as_multimodal
+from ..errors import InputError
+from .modality import ModalityStats, as_multimodal
 
 MODALITY_FILENAME = "modality.safetensors"
 
@@ -35,12 +45,12 @@ MODALITY_FILENAME = "modality.safetensors"
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
     """Load a safetensors file, turning truncation/corruption into a clear error (never unpickles)."""
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise InputError(f"{path} does not exist")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(
+        raise InputError(
             f"{path} is not a readable safetensors file (truncated or corrupt: {e}). "
             "Re-download or re-export it; vlens never falls back to pickle."
         ) from None
@@ -71,12 +81,11 @@ def export(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if sae.cfg.normalize_activations not in ("none", None):
-        raise ValueError(
+        raise InputError(
             f"this SAE normalises its inputs at run time ({sae.cfg.normalize_activations!r}); fold the scaling "
             "into the weights first (sae.fold_activation_norm_scaling_factor(factor)) so SAE-Lens users get the same maps"
         )
-    cfg = sae.cfg.to_dict()
-    meta = dict(cfg.get("metadata") or {})
+    meta = sae.cfg.metadata.to_dict()
     meta["sae_lens_version"] = meta.get("sae_lens_version") or sae_lens.__version__
     if model_name is not None:
         meta["model_name"] = model_name
@@ -85,11 +94,15 @@ def export(
     modality: ModalityStats | None = getattr(sae, "modality", None)
     if modality is not None:
         meta["vlens_modality"] = modality.summary()
-    cfg["metadata"] = meta
-    cfg["device"] = "cpu"
-    state = {k: v.detach().to("cpu").contiguous() for k, v in sae.state_dict().items()}
-    save_file(state, path / "sae_weights.safetensors")
-    (path / "cfg.json").write_text(json.dumps(cfg, indent=2, default=_json_default))
+    written = copy.copy(sae.cfg)
+    written.metadata = SAEMetadata.from_dict(meta)
+    written.device = "cpu"
+    own = sae.cfg
+    try:  # SAE-Lens's writer, with the copied config
+        sae.cfg = written
+        sae.save_model(path)
+    finally:
+        sae.cfg = own
     if sparsity is None and modality is not None:
         sparsity = modality.frequency
     if sparsity is not None:
@@ -99,18 +112,11 @@ def export(
     return path
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    if isinstance(o, Tensor):
-        return o.tolist()
-    return str(o)
-
-
 def load(path: str | Path, device: str = "cpu") -> SAE:
-    """Load an SAE-Lens directory as a vlens multimodal SAE, with its modality statistics if present.
+    """Load any SAE-Lens directory (every registered architecture) with `sae.modality` attached when saved.
 
-    Clear errors for a missing/unknown architecture and for truncated or corrupt weights.
+    The result is SAE-Lens's own class (`StandardSAE`, `GatedSAE`, ...). Clear errors for a
+    missing/unknown architecture and for truncated or corrupt weights.
 
     Example:
         >>> import tempfile, torch, vlens.sae as vs
@@ -123,7 +129,7 @@ def load(path: str | Path, device: str = "cpu") -> SAE:
     path = Path(path)
     cfg_path = path / "cfg.json"
     if not cfg_path.exists():
-        raise FileNotFoundError(
+        raise InputError(
             f"{cfg_path} not found: an SAE-Lens directory has cfg.json and sae_weights.safetensors "
             "(for sparsify checkpoints use convert_sparsify_checkpoint, for the paper's fc1/fc2 files "
             "convert_paper_checkpoint)"
@@ -131,22 +137,22 @@ def load(path: str | Path, device: str = "cpu") -> SAE:
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+        raise InputError(f"{cfg_path} is not valid JSON ({e})") from None
     arch = cfg.get("architecture")
     if arch not in SAE_CLASS_REGISTRY:
-        raise ValueError(
+        raise InputError(
             f"{cfg_path} names architecture {arch!r}, which SAE-Lens {sae_lens.__version__} does not know; "
             f"known: {sorted(SAE_CLASS_REGISTRY)}. Was it written by another library (try the converters)?"
         )
     weights = path / "sae_weights.safetensors"
     _read_safetensors(weights)  # validates before SAE-Lens touches it
     sae = SAE.load_from_disk(path, device=device)
-    sae = as_multimodal(sae)
     mpath = path / MODALITY_FILENAME
     summary = (cfg.get("metadata") or {}).get("vlens_modality")
+    stats = None
     if mpath.exists() and summary is not None:
-        sae.modality = ModalityStats.from_saved(_read_safetensors(mpath), summary)  # type: ignore[attr-defined]
-    return sae
+        stats = ModalityStats.from_saved(_read_safetensors(mpath), summary)
+    return as_multimodal(sae, stats)
 
 
 def _save_or_return(sae: SAE, out: str | Path | None, model_name: str | None, hook_name: str | None) -> SAE:
@@ -166,18 +172,18 @@ def _read_state_dict(src: str | Path | dict[str, Tensor]) -> dict[str, Tensor]:
     if src.is_dir():
         cands = sorted(src.glob("*.safetensors")) or sorted(src.glob("*.pt")) + sorted(src.glob("*.pth"))
         if not cands:
-            raise FileNotFoundError(f"no .safetensors/.pt/.pth checkpoint in {src}")
+            raise InputError(f"no .safetensors/.pt/.pth checkpoint in {src}")
         src = cands[0]
     if src.suffix == ".safetensors":
         return _read_safetensors(src)
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)  # restricted unpickler: tensors only
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read {src} as a tensors-only torch checkpoint ({e}); convert it to safetensors") from None
+        raise InputError(f"cannot read {src} as a tensors-only torch checkpoint ({e}); convert it to safetensors") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ValueError(f"{src} holds a {type(obj).__name__}, not a state dict")
+        raise InputError(f"{src} holds a {type(obj).__name__}, not a state dict")
     return obj
 
 
@@ -210,11 +216,11 @@ def convert_paper_checkpoint(
     need = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
     missing = [k for k in need if k not in sd]
     if missing:
-        raise ValueError(f"not a paper-style SAE checkpoint: missing {missing}; found keys {sorted(sd)[:8]}")
+        raise InputError(f"not a paper-style SAE checkpoint: missing {missing}; found keys {sorted(sd)[:8]}")
     w1, b1, w2, b2 = (sd[k].float() for k in need)
     d_sae, d_in = w1.shape
     if w2.shape != (d_in, d_sae) or b1.shape != (d_sae,) or b2.shape != (d_in,):
-        raise ValueError(f"inconsistent fc1/fc2 shapes: fc1 {tuple(w1.shape)}, fc2 {tuple(w2.shape)}")
+        raise InputError(f"inconsistent fc1/fc2 shapes: fc1 {tuple(w1.shape)}, fc2 {tuple(w2.shape)}")
     cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False,
                             metadata=SAEMetadata(vlens_converted_from={"format": "paper_fc1_fc2",
                                                                        "input_scale": input_scale}))
@@ -253,52 +259,28 @@ def convert_sparsify_checkpoint(
     src = Path(src)
     cfg_path = src / "cfg.json"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} not found: a sparsify checkpoint is a folder with cfg.json and sae.safetensors")
+        raise InputError(f"{cfg_path} not found: a sparsify checkpoint is a folder with cfg.json and sae.safetensors")
     c = json.loads(cfg_path.read_text())
     if c.get("transcode"):
-        raise ValueError("this sparsify checkpoint is a transcoder (transcode=true): only SAEs can be converted")
+        raise InputError("this sparsify checkpoint is a transcoder (transcode=true): only SAEs can be converted")
     act = c.get("activation", "topk")
     if act != "topk":
-        raise ValueError(f"sparsify activation {act!r} is not supported: only 'topk' maps onto SAE-Lens")
+        raise InputError(f"sparsify activation {act!r} is not supported: only 'topk' maps onto SAE-Lens")
     sd = _read_safetensors(src / "sae.safetensors")
     if "W_skip" in sd or c.get("skip_connection"):
-        raise ValueError("this sparsify checkpoint has a skip connection (W_skip), which SAE-Lens's topk SAE lacks")
+        raise InputError("this sparsify checkpoint has a skip connection (W_skip), which SAE-Lens's topk SAE lacks")
     missing = [k for k in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if k not in sd]
     if missing:
-        raise ValueError(f"not a sparsify SAE: sae.safetensors lacks {missing} (has {sorted(sd)})")
+        raise InputError(f"not a sparsify SAE: sae.safetensors lacks {missing} (has {sorted(sd)})")
     w_enc = sd["encoder.weight"].float()
     d_sae, d_in = w_enc.shape
     if "d_in" in c and int(c["d_in"]) != d_in:
-        raise ValueError(f"cfg.json says d_in={c['d_in']} but encoder.weight has shape {tuple(w_enc.shape)}")
+        raise InputError(f"cfg.json says d_in={c['d_in']} but encoder.weight has shape {tuple(w_enc.shape)}")
     if "k" not in c:
-        raise ValueError("sparsify cfg.json has no 'k'")
+        raise InputError("sparsify cfg.json has no 'k'")
     cfg = TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=int(c["k"]), apply_b_dec_to_input=True,
                         metadata=SAEMetadata(vlens_converted_from={"format": "sparsify", "cfg": c}))
     sae = as_multimodal(TopKSAE(cfg))
     sae.load_state_dict({"W_enc": w_enc.T.contiguous(), "b_enc": sd["encoder.bias"].float(),
                          "W_dec": sd["W_dec"].float().contiguous(), "b_dec": sd["b_dec"].float()})
     return _save_or_return(sae, out, model_name, hook_name)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`vlens export`: convert the paper's or sparsify's SAE checkpoints to SAE-Lens's disk format.
-
-    Example:
-        >>> main(["--help"])  # doctest: +SKIP
-    """
-    import argparse
-
-    p = argparse.ArgumentParser(prog="vlens export", description=main.__doc__.split("\n")[0])
-    p.add_argument("format", choices=["paper", "sparsify"], help="paper: fc1/fc2 state dict; sparsify: cfg.json + sae.safetensors dir")
-    p.add_argument("src", help="the checkpoint file or directory")
-    p.add_argument("--out", required=True, help="SAE-Lens directory to write")
-    p.add_argument("--model-name", default=None)
-    p.add_argument("--hook-name", default=None, help="e.g. blocks.16.hook_resid_pre (see VLM.hook_name)")
-    p.add_argument("--input-scale", type=float, default=8.0, help="paper format: inputs ×scale, outputs ÷scale")
-    a = p.parse_args(argv)
-    if a.format == "paper":
-        convert_paper_checkpoint(a.src, a.out, input_scale=a.input_scale, model_name=a.model_name, hook_name=a.hook_name)
-    else:
-        convert_sparsify_checkpoint(a.src, a.out, model_name=a.model_name, hook_name=a.hook_name)
-    print(f"wrote {a.out}")
-    return 0

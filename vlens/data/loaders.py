@@ -1,90 +1,26 @@
-"""Image-class and image-caption data, as plain sequences of `Sample`.
+"""Loaders of image-class and image-caption data: image folders, HF `datasets`, ShareGPT4V caption JSON.
 
-Every vlens experiment reads data the same way: an indexable sequence of
-`Sample` records (a `Dataset` below, or any list of them). Loaders for HF
-`datasets`, image folders, ShareGPT4V-style caption JSON and the toy
-generator all return a `Dataset`.
+Each returns a `Dataset` of `Sample`s, lazily: images are read (through
+`vlens.prepare.load_image`, the one conversion path) when indexed. Unreadable
+images are skipped with one warning (`on_error="skip"`) or raise
+`BadImageError` (`on_error="raise"`).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ..errors import BadImageError, InputError
+from ..prepare import load_image
+from .records import Dataset, ListDataset, Sample
 
-@dataclass
-class Sample:
-    """One example: an image (PIL, RGB) and what we know about it.
+__all__ = ["IMAGE_EXTENSIONS", "image_folder", "from_hf", "hf_captions", "sharegpt4v", "imagenet_class_names",
+           "HFDataset"]
 
-    `label` indexes the data set's `class_names`; `caption` is a free-text
-    description (used as the answer after the prompt, for SAE training and
-    damage evaluation); `id` identifies the sample in harvest metadata.
-    """
-
-    image: Any = None
-    label: int | None = None
-    caption: str | None = None
-    id: Any = None
-    meta: dict = field(default_factory=dict)
-
-
-class Dataset(Sequence[Sample]):
-    """An indexable sequence of `Sample`s with optional `class_names`.
-
-    Subclasses implement `__len__` and `_get(i)`; loading is lazy, so a data
-    set over thousands of image files costs nothing until indexed.
-
-    Example:
-        >>> from PIL import Image
-        >>> ds = ListDataset([Sample(Image.new("RGB", (8, 8)), label=0)], class_names=["black"])
-        >>> ds.class_names[ds[0].label]
-        'black'
-    """
-
-    class_names: list[str] | None = None
-
-    def __len__(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _get(self, i: int) -> Sample:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return ListDataset([self[j] for j in range(*i.indices(len(self)))], class_names=self.class_names)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} out of range for a data set of {len(self)} samples")
-        return self._get(i)
-
-    def __iter__(self) -> Iterator[Sample]:
-        for i in range(len(self)):
-            yield self[i]
-
-
-class ListDataset(Dataset):
-    """A `Dataset` over an in-memory list of samples."""
-
-    def __init__(self, samples: Sequence[Sample], class_names: Sequence[str] | None = None) -> None:
-        self.samples = list(samples)
-        self.class_names = list(class_names) if class_names is not None else None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _get(self, i: int) -> Sample:
-        return self.samples[i]
-
-
-# =====================================================================================
-# Loaders
-# =====================================================================================
 
 #: File extensions `image_folder` reads (lowercase).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -92,72 +28,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 _ON_ERROR = ("skip", "raise")
 
 
-class BadImageError(ValueError):
-    """An image file that is missing or cannot be decoded (the message names it)."""
-
-
 def _check_on_error(on_error: str) -> str:
     if on_error not in _ON_ERROR:
-        raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
+        raise InputError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
     return on_error
-
-
-def load_image(source: Any):
-    """Open an image as PIL RGB from a path, bytes, an HF `{"bytes", "path"}` dict or a PIL image.
-
-    Grayscale, palette and CMYK become RGB; transparency is composited on white.
-    Raises `BadImageError` naming the file when it is missing or corrupt.
-
-    Example:
-        >>> from PIL import Image
-        >>> load_image(Image.new("LA", (4, 4))).mode
-        'RGB'
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    name = "<image>"
-    try:
-        if isinstance(source, dict):
-            name = source.get("path") or name
-            data = source.get("bytes")
-            source = io.BytesIO(data) if data is not None else source.get("path")
-            if source is None:
-                raise BadImageError("an image record with neither bytes nor path")
-        if isinstance(source, (bytes, bytearray)):
-            source = io.BytesIO(source)
-        if isinstance(source, (str, os.PathLike)):
-            name = str(source)
-            if not os.path.exists(source):
-                raise BadImageError(f"image file not found: {name}")
-        if isinstance(source, Image.Image):
-            return _rgb(source)
-        with Image.open(source) as im:
-            im.load()
-            out = _rgb(im)
-            return im.copy() if out is im else out  # detach from the (now closed) file
-    except BadImageError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadImageError(f"cannot decode image {name}: {e}") from e
-
-
-def _rgb(im):
-    from PIL import Image
-
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, im).convert("RGB")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        import numpy as np
-
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
-        im = Image.fromarray(a.astype("uint8"))
-    return im.convert("RGB")
 
 
 class _SkipLog:
@@ -278,7 +152,7 @@ def imagenet_class_names() -> list[str]:
         >>> len(names), names[0], names[1], names[999]
         (1000, 'tench', 'goldfish', 'toilet tissue')
     """
-    path = Path(__file__).with_name("assets") / "imagenet_classes.txt"
+    path = Path(__file__).parent.parent / "assets" / "imagenet_classes.txt"
     return path.read_text().splitlines()
 
 
@@ -313,23 +187,23 @@ def image_folder(
     exts = tuple(e.lower() for e in extensions)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise ValueError(f"{root} has no class sub-folders: lay images out as {root}/<class name>/<image files>")
+        raise InputError(f"{root} has no class sub-folders: lay images out as {root}/<class name>/<image files>")
     if class_names is None:
         names = [f.name for f in folders]
     elif isinstance(class_names, dict):
         missing = [f.name for f in folders if f.name not in class_names]
         if missing:
-            raise ValueError(f"class_names has no entry for folder(s) {missing[:5]}")
+            raise InputError(f"class_names has no entry for folder(s) {missing[:5]}")
         names = [class_names[f.name] for f in folders]
     else:
         names = list(class_names)
         if len(names) != len(folders):
-            raise ValueError(f"{len(names)} class_names for {len(folders)} class folders in {root}")
+            raise InputError(f"{len(names)} class_names for {len(folders)} class folders in {root}")
     records = []
     for label, folder in enumerate(folders):
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts)
         if not files:
-            raise ValueError(
+            raise InputError(
                 f"class folder {folder} has no images (looked for {', '.join(exts)}); remove it or add images"
             )
         for f in files[:per_class]:
@@ -352,7 +226,7 @@ def _hf_load(dataset: Any, split: str | None, streaming: bool = False, n: int | 
         ds = dataset
     if isinstance(ds, datasets.IterableDataset):
         if n is None:
-            raise ValueError("a streaming data set needs n= (how many rows to take)")
+            raise InputError("a streaming data set needs n= (how many rows to take)")
         ds = datasets.Dataset.from_list(list(ds.take(n)), features=ds.features)
     return ds
 
@@ -431,7 +305,7 @@ def _select_per_class(labels: Sequence[int], classes: Sequence[int] | None, per_
     if wanted is not None:
         empty = [c for c in wanted if c not in counts]
         if empty:
-            raise ValueError(f"no samples of class(es) {empty[:10]} in the data set")
+            raise InputError(f"no samples of class(es) {empty[:10]} in the data set")
     return out
 
 
@@ -552,11 +426,11 @@ def sharegpt4v(
         try:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is neither a JSON list nor JSON lines: {e}") from e
+            raise InputError(f"{path} is neither a JSON list nor JSON lines: {e}") from e
     if isinstance(data, dict):
         data = data.get("data") or data.get("annotations") or [data]
     if not isinstance(data, list):
-        raise ValueError(f"{path} should hold a list of records with 'image' and 'conversations'")
+        raise InputError(f"{path} should hold a list of records with 'image' and 'conversations'")
     log = _SkipLog(f"sharegpt4v({path})")
     records = []
     for k, rec in enumerate(data):
@@ -569,7 +443,7 @@ def sharegpt4v(
         rid = rec.get("id", k)
         if not image or caption is None:
             if on_error == "raise":
-                raise ValueError(f"record {rid} of {path} lacks an 'image' or a 'gpt' turn: {str(rec)[:200]}")
+                raise InputError(f"record {rid} of {path} lacks an 'image' or a 'gpt' turn: {str(rec)[:200]}")
             log.add(f"record {rid}", "no image or no caption")
             continue
         file = root / image
@@ -581,19 +455,3 @@ def sharegpt4v(
         prompt = prompt.replace("<image>", "").strip()
         records.append((str(file), None, caption.strip(), rid, {"path": str(file), "prompt": prompt}))
     return _RecordDataset(records, None, on_error, what=f"sharegpt4v({path})", skipped=log)
-
-
-# -- the toy set ---------------------------------------------------------------------------
-
-
-def toy(split: str = "train", n: int = 500, seed: int = 0) -> Dataset:
-    """The generated toy data set of `vlens.toy` (coloured shapes; 20 classes; captions).
-
-    Example:
-        >>> ds = toy("heldout", n=4)
-        >>> ds.class_names[ds[1].label], ds[1].caption.split()[2:4]
-        ('red square', ['red', 'square'])
-    """
-    from .toy.data import toy_dataset
-
-    return toy_dataset(split, n=n, seed=seed)

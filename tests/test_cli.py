@@ -1,0 +1,106 @@
+"""The one `vlens` command line: flags from the library, checks before anything heavy, one-line errors, exit 2."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+
+from vlens.cli import app, main
+
+
+def _click_default(command: str, option: str, group=None):
+    import typer.main
+
+    cmd = typer.main.get_command(app)
+    for part in command.split():
+        cmd = cmd.commands[part]
+    return next(p.default for p in cmd.params if p.name == option)
+
+
+def test_defaults_come_from_the_library():
+    from vlens.activations.harvesting import harvest
+    from vlens.demo import run
+    from vlens.sae.training import train
+
+    sig = inspect.signature(harvest).parameters
+    assert _click_default("harvest", "batch_size") == sig["batch_size"].default
+    assert _click_default("harvest", "prompt") == sig["prompt"].default
+    assert _click_default("harvest", "tokens") == sig["tokens"].default
+    assert _click_default("train-sae", "preset") == inspect.signature(train).parameters["preset"].default
+    assert _click_default("demo", "model") == inspect.signature(run).parameters["model"].default
+    # config dataclasses become flags: every plain field of the toy trainer's config is an option
+    from dataclasses import fields
+
+    from vlens.toy.train import TrainConfig
+
+    import typer.main
+
+    names = {p.name for p in typer.main.get_command(app).commands["toy"].commands["train"].params}
+    assert {f.name for f in fields(TrainConfig) if type(f.default) in (int, float, str, bool)} <= names
+
+
+def test_toy_eval_prints_accuracy_last(capsys):
+    assert main(["toy", "eval", "--n", "40"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    m = re.fullmatch(r"accuracy: (\d\.\d\d)", last)
+    assert m and float(m.group(1)) >= 0.9
+
+
+def test_harvest_command(tmp_path, capsys):
+    from vlens.activations import ActivationStore
+
+    assert main(["harvest", "--model", "toy", "--data", "toy", "--n", "4", "--layers", "1,2", "--pool", "mean",
+                 "--batch-size", "4", "--out", str(tmp_path / "cli")]) == 0
+    store = ActivationStore(tmp_path / "cli")
+    assert store.layers == [1, 2] and len(store) == 4 and store.config["model"] == "toy"
+    assert "ActivationStore" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["harvest", "--layers", "99", "--out", "x"], r"resid_pre layer 99 is out of range: this model has layers 0\.\.5"),
+    (["harvest", "--layers", "1,a", "--out", "x"], "comma-separated ints"),
+    (["harvest", "--layers", "1", "--n", "0", "--out", "x"], "--n must be at least 1"),
+    (["harvest", "--layers", "1", "--tokens", "pixels", "--out", "x"], "unknown token selection 'pixels'"),
+    (["harvest", "--layers", "1", "--site", "resid_mid", "--out", "x"], "--site is resid_pre or resid_post"),
+    (["harvest", "--layers", "1", "--dtype", "float17", "--out", "x"], "unknown dtype 'float17'"),
+    (["harvest", "--layers", "1", "--data", "/no/such/folder", "--out", "x"], "--data is 'toy' or an image folder"),
+    (["harvest", "--layers", "1", "--model", "./no/such/model", "--out", "x"], "no model directory at"),
+    (["toy", "eval", "--n", "0"], "--n must be at least 1"),
+    (["train-sae", "--store", "/no/store", "--layer", "1", "--out", "x", "--preset", "nope"], "--preset must be one of"),
+    (["export", "paper", "/no/such/file.pt", "--out", "x"], "no checkpoint at"),
+    (["demo", "--model", "some/model"], "needs --data"),
+])
+def test_user_errors_are_one_line_and_exit_2_before_any_model_loads(argv, message, capsys, monkeypatch):
+    import vlens.loading
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(vlens.loading, "load", refuse)
+    assert main(argv) == 2
+    out = capsys.readouterr().err
+    assert out.startswith("vlens: error: ") and len(out.strip().splitlines()) == 1
+    assert re.search(message, out), out
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "No such command" in capsys.readouterr().err
+    assert main(["harvest"]) == 2  # --layers and --out are required
+
+
+def test_help_exits_0(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "harvest", "train-sae", "export", "toy"):
+        assert command in out
+
+
+def test_python_dash_m_vlens_toy_is_vlens_toy():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "vlens.toy", "eval", "--n", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--n must be at least 1" in r.stderr

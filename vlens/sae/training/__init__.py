@@ -1,0 +1,59 @@
+"""Train multimodal SAEs: the paper's recipe as a preset, modern presets through SAE-Lens classes.
+
+    >>> import torch, vlens.sae as vs
+    >>> x = torch.randn(2048, 16); mod = torch.arange(2048) % 2
+    >>> sae = vs.train((x, mod), preset="paper", d_sae=64, steps=20, batch_size=256, progress=False)
+    >>> sae.cfg.d_sae, sae.modality is not None
+    (64, True)
+
+| module        | holds                                                                          |
+|---------------|--------------------------------------------------------------------------------|
+| `config`      | `ArchitectureConfig` (what the SAE is), `TrainerConfig` (how it is trained), `TrainConfig` (both), `PRESETS`, `make_training_sae` |
+| `trainer`     | `train`: the loop (fused sparse step or SAE-Lens's training pass, DDP, token mix), `vlens train-sae` |
+| `checkpoints` | periodic checkpoints and bit-identical resume                                   |
+
+Presets (`PRESETS`, override any field by keyword):
+
+- `"paper"`: the paper's multimodal SAE. ReLU, biases both sides (`PaperTrainingSAE`);
+  decoder rows Gaussian with norm 0.1, encoder = decoderᵀ, zero biases; loss Σ squared
+  error + λ Σ f_i ||W_dec,i|| with λ = 5 warmed up linearly over the first 5% of steps;
+  Adam(β 0.9, 0.999), lr 5e-5 constant for 80% of steps then linear decay to 0; gradient
+  norm clipped at 1; activations scaled by one constant so their mean norm is √d_model
+  (folded into the weights at the end). Trained with a fused sparse step (no autograd).
+- `"standard"`: SAE-Lens's `StandardTrainingSAE` (b_dec subtracted from the input,
+  Kaiming-uniform init), λ = 1, lr 3e-4, same schedule shape.
+- `"topk"`, `"batchtopk"`, `"jumprelu"`: SAE-Lens's training classes, lr 3e-4 with the
+  same schedule shape, normalised activations; BatchTopK and JumpReLU end as
+  SAE-Lens `jumprelu` inference SAEs, TopK as `topk`.
+"""
+
+from .config import (
+    PRESETS,
+    TRAINING_ARCHITECTURES,
+    ArchitectureConfig,
+    TrainConfig,
+    TrainerConfig,
+    make_training_sae,
+)
+from .trainer import train
+
+__all__ = [
+    "ArchitectureConfig", "TrainerConfig", "TrainConfig", "PRESETS", "TRAINING_ARCHITECTURES", "make_training_sae",
+    "train",
+]
+
+
+def __getattr__(name: str):
+    """Names vlens 0.1's `vlens.sae.train` module also held."""
+    import warnings
+
+    from ..modality import modality_stats_from_source
+    from ...errors import NonFiniteActivations
+
+    moved = {"modality_stats_from_source": ("vlens.sae.modality", modality_stats_from_source),
+             "NonFiniteActivations": ("vlens.errors", NonFiniteActivations)}
+    if name not in moved:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    where, obj = moved[name]
+    warnings.warn(f"vlens.sae.training.{name} lives in {where}", DeprecationWarning, stacklevel=2)
+    return obj

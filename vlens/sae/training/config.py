@@ -1,0 +1,244 @@
+"""Training configuration: what the SAE is (`ArchitectureConfig`) and how it is trained (`TrainerConfig`).
+
+`TrainConfig` pairs the two (`cfg.sae`, `cfg.trainer`, as SAE-Lens's runner config pairs
+its `sae` config with trainer fields); `PRESETS` holds the paper's recipe and the modern
+SAE-Lens architectures. Flat field names still read (`cfg.lr`, `cfg.d_sae`) and
+`TrainConfig.preset(name, **fields)` / `cfg.replace(**fields)` route each field to its
+half. Checkpoints and `sae.cfg.metadata.vlens_training["config"]` store the flat dict of
+`cfg.to_dict()`, the format of vlens 0.1, so old checkpoints resume and compare.
+
+Why vlens keeps its own schedules rather than SAE-Lens's `get_lr_scheduler` and
+`CoefficientScheduler`: the shapes are the same (linear warm-up, constant, linear decay to
+0; linear coefficient warm-up from λ/W), but SAE-Lens's chained `LinearLR` updates the
+learning rate recursively and `CoefficientScheduler` multiplies in another order, so
+their values differ from the closed forms below in the last bits at a fraction of the
+steps (measured: 196 of 1000 lr values, up to 3.6e-15 relative; 13 of 1000 coefficient
+values). Closed forms of the step number also make a resumed run bit-identical without
+saving scheduler state (`tests/test_sae.py::test_schedules_match_sae_lens_to_rounding`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import SAEMetadata, TrainingSAE
+
+from ...errors import InputError
+from .. import standard as _standard  # noqa: F401  (registers "vlens_paper" with SAE-Lens)
+
+TRAINING_ARCHITECTURES = ("vlens_paper", "standard", "topk", "batchtopk", "jumprelu")
+
+
+@dataclass
+class ArchitectureConfig:
+    """What the SAE is: its SAE-Lens training architecture, sizes and initialisation.
+
+    Example:
+        >>> ArchitectureConfig("topk", d_in=64, d_sae=512, k=16).k
+        16
+    """
+
+    architecture: str = "vlens_paper"
+    d_in: int = 0
+    d_sae: int = 0
+    k: float = 32
+    jumprelu_init_threshold: float = 0.01
+    apply_b_dec_to_input: bool = False
+    decoder_init_norm: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    """How the SAE is trained: length, batch, optimiser and schedules, loss coefficients, data handling.
+
+    Example:
+        >>> t = TrainerConfig(total_steps=1000)
+        >>> t.lr_at(0), round(t.lr_at(999), 12)
+        (5e-05, 2.5e-07)
+    """
+
+    batch_size: int = 4096
+    total_steps: int = 0
+    lr: float = 5e-5
+    lr_warmup_steps: int = 0
+    lr_decay_frac: float = 0.2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    l1_coefficient: float = 5.0
+    coefficient_warmup_frac: float = 0.05
+    aux_loss_coefficient: float = 1.0 / 32
+    l0_coefficient: float = 1.0
+    jumprelu_bandwidth: float = 0.05
+    normalize: bool = True
+    n_norm_batches: int = 16
+    dead_window_tokens: int = 1_000_000
+    seed: int = 0
+    shuffle: bool = True
+    fused: bool = True
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate at `step`: linear warm-up, constant, then linear decay to 0 over the last `lr_decay_frac`."""
+        lr = self.lr
+        if self.lr_warmup_steps and step < self.lr_warmup_steps:
+            lr *= (step + 1) / self.lr_warmup_steps
+        decay_steps = int(round(self.lr_decay_frac * self.total_steps))
+        start = self.total_steps - decay_steps
+        if decay_steps > 0 and step >= start:
+            lr *= (self.total_steps - step) / decay_steps
+        return lr
+
+
+_ARCH_FIELDS = tuple(f.name for f in fields(ArchitectureConfig))
+_TRAINER_FIELDS = tuple(f.name for f in fields(TrainerConfig))
+#: Every field name, in the order of vlens 0.1's flat `TrainConfig` (the checkpoint format).
+FIELDS = (
+    "architecture", "d_in", "d_sae", "batch_size", "total_steps", "lr", "lr_warmup_steps", "lr_decay_frac",
+    "adam_beta1", "adam_beta2", "grad_clip", "l1_coefficient", "coefficient_warmup_frac", "k", "aux_loss_coefficient",
+    "l0_coefficient", "jumprelu_init_threshold", "jumprelu_bandwidth", "apply_b_dec_to_input", "decoder_init_norm",
+    "normalize", "n_norm_batches", "dead_window_tokens", "seed", "shuffle", "fused",
+)
+assert set(FIELDS) == set(_ARCH_FIELDS) | set(_TRAINER_FIELDS)
+
+
+def _check_names(names: Any) -> None:
+    bad = sorted(set(names) - set(FIELDS))
+    if bad:
+        raise InputError(f"unknown training option(s) {bad}; valid: {sorted(FIELDS)}")
+
+
+@dataclass(init=False)
+class TrainConfig:
+    """A training run: `sae` (an `ArchitectureConfig`) and `trainer` (a `TrainerConfig`).
+
+    Build one from a preset (`TrainConfig.preset("paper", d_sae=4096, lr=1e-4)`) or from
+    the two halves (`TrainConfig(sae=ArchitectureConfig(...), trainer=TrainerConfig(...))`).
+    Flat names read through (`cfg.lr` is `cfg.trainer.lr`); the flat constructor of
+    vlens 0.1 (`TrainConfig(lr=..., d_sae=...)`) still works, with a DeprecationWarning.
+
+    Example:
+        >>> cfg = TrainConfig.preset("paper", d_in=64, d_sae=512, total_steps=1000)
+        >>> cfg.lr, cfg.l1_coefficient, cfg.lr_at(0), round(cfg.lr_at(999), 12), cfg.coefficient_at(0)
+        (5e-05, 5.0, 5e-05, 2.5e-07, 0.1)
+        >>> cfg.sae.d_sae, cfg.trainer.total_steps
+        (512, 1000)
+    """
+
+    sae: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __init__(self, sae: ArchitectureConfig | None = None, trainer: TrainerConfig | None = None,
+                 **flat: Any) -> None:
+        object.__setattr__(self, "sae", sae if sae is not None else ArchitectureConfig())
+        object.__setattr__(self, "trainer", trainer if trainer is not None else TrainerConfig())
+        if flat:
+            warnings.warn(
+                "TrainConfig(field=...) with flat fields is deprecated (goes away in vlens 0.3): use "
+                "TrainConfig.preset(name, **fields) or TrainConfig(sae=ArchitectureConfig(...), trainer=TrainerConfig(...))",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            _check_names(flat)
+            for k, v in flat.items():
+                setattr(self, k, v)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("sae", "trainer"):
+            raise AttributeError(name)
+        if name in _ARCH_FIELDS:
+            return getattr(self.sae, name)
+        if name in _TRAINER_FIELDS or name == "lr_at":
+            return getattr(self.trainer, name)
+        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _ARCH_FIELDS:
+            setattr(self.sae, name, value)
+        elif name in _TRAINER_FIELDS:
+            setattr(self.trainer, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+        """A preset by name ('paper', 'standard', 'topk', 'batchtopk', 'jumprelu') with flat-field overrides."""
+        if name not in PRESETS:
+            raise InputError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+        return PRESETS[name].replace(**overrides)
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        """A copy with flat fields replaced, each routed to `sae` or `trainer`."""
+        _check_names(overrides)
+        arch = {k: v for k, v in overrides.items() if k in _ARCH_FIELDS}
+        trainer = {k: v for k, v in overrides.items() if k in _TRAINER_FIELDS}
+        return TrainConfig(sae=replace(self.sae, **arch), trainer=replace(self.trainer, **trainer))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat dict of every field (vlens 0.1's format: checkpoints, `vlens_training` metadata)."""
+        both = {**asdict(self.sae), **asdict(self.trainer)}
+        return {k: both[k] for k in FIELDS}
+
+    @classmethod
+    def from_dict(cls, flat: dict[str, Any]) -> "TrainConfig":
+        """Inverse of `to_dict` (unknown keys refused)."""
+        _check_names(flat)
+        return TrainConfig(sae=ArchitectureConfig(**{k: v for k, v in flat.items() if k in _ARCH_FIELDS}),
+                           trainer=TrainerConfig(**{k: v for k, v in flat.items() if k in _TRAINER_FIELDS}))
+
+    def coefficient_at(self, step: int) -> float:
+        """Sparsity coefficient (λ for L1, or the L0 coefficient of JumpReLU) at `step`, warmed up linearly from λ/W."""
+        t = self.trainer
+        final = t.l0_coefficient if self.sae.architecture == "jumprelu" else t.l1_coefficient
+        warm = int(round(t.coefficient_warmup_frac * t.total_steps))
+        if warm > 0 and step < warm:
+            return final * (step + 1) / warm
+        return final
+
+    @property
+    def uses_fused_step(self) -> bool:
+        """Whether training runs the fused sparse step (`vlens.sae.standard.fused_standard_step`)."""
+        return self.trainer.fused and self.sae.architecture in ("vlens_paper", "standard")
+
+
+def _preset(arch: dict[str, Any], trainer: dict[str, Any]) -> TrainConfig:
+    return TrainConfig(sae=ArchitectureConfig(**arch), trainer=TrainerConfig(**trainer))
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "paper": _preset({}, {}),
+    "standard": _preset(dict(architecture="standard", apply_b_dec_to_input=True),
+                        dict(lr=3e-4, l1_coefficient=1.0, coefficient_warmup_frac=0.0, normalize=False)),
+    "topk": _preset(dict(architecture="topk", k=32, apply_b_dec_to_input=True),
+                    dict(lr=3e-4, coefficient_warmup_frac=0.0)),
+    "batchtopk": _preset(dict(architecture="batchtopk", k=32, apply_b_dec_to_input=True),
+                         dict(lr=3e-4, coefficient_warmup_frac=0.0)),
+    "jumprelu": _preset(dict(architecture="jumprelu", apply_b_dec_to_input=True), dict(lr=3e-4, l0_coefficient=1.0)),
+}
+"""The presets of `vlens.sae.train` (see `vlens.sae.training`)."""
+
+
+def make_training_sae(cfg: TrainConfig, metadata: dict[str, Any] | None = None) -> TrainingSAE:
+    """The SAE-Lens training SAE for `cfg`, initialised deterministically from `cfg.trainer.seed`.
+
+    Example:
+        >>> sae = make_training_sae(TrainConfig.preset("topk", d_in=8, d_sae=32, k=4))
+        >>> type(sae).__name__, sae.cfg.k
+        ('TopKTrainingSAE', 4)
+    """
+    arch = cfg.sae.architecture
+    if arch not in TRAINING_ARCHITECTURES:
+        raise InputError(f"unknown architecture {arch!r}: use one of {TRAINING_ARCHITECTURES}")
+    sae_cls, cfg_cls = get_sae_training_class(arch)
+    names = {f.name for f in fields(cfg_cls)}
+    kwargs = {k: v for k, v in cfg.to_dict().items() if k in names and k != "metadata"}
+    if "k" in names and arch == "topk":
+        kwargs["k"] = int(cfg.sae.k)
+    sae_cfg = cfg_cls(**kwargs)
+    sae_cfg.metadata = SAEMetadata(**(metadata or {}))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.trainer.seed)
+        return sae_cls(sae_cfg)

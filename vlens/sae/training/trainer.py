@@ -1,0 +1,373 @@
+"""The training loop: batches by step number, the fused sparse step or SAE-Lens's training pass, DDP, checkpoints.
+
+What vlens takes from SAE-Lens: the training SAE classes and their losses
+(`training_forward_pass`), the coefficient names (`get_coefficients`), the activation
+scaler (`ActivationScaler.scale`), folding the scale into the weights
+(`fold_activation_norm_scaling_factor`) and the conversion to an inference SAE
+(`process_state_dict_for_saving_inference`, `get_inference_sae_cfg_dict`).
+
+What it keeps, and why:
+
+- the loop itself, not `SAETrainer`: batch i of an indexable source is a function of
+  (seed, i) (`vlens.sae.data.TensorSource`), so a resumed run is bit-identical; rows are
+  split across ranks under DDP; the image/text token mix and the per-latent modality
+  statistics are counted on the way; errors name the batch and the source rows;
+- the fused sparse step for the standard / paper SAE (`vlens.sae.standard`): the same loss
+  as SAE-Lens's `StandardTrainingSAE`, gradients checked against autograd, faster once
+  few latents fire; its numerics are not to change;
+- the scale estimate (`_estimate_scale`): SAE-Lens's `ActivationScaler.estimate_scaling_factor`
+  averages norms in float64 over consecutive batches, vlens averages float32 norms of
+  randomly drawn rows (NaN rows skipped), so the factors differ in the last bits and the
+  trained weights would too;
+- the schedules (see `vlens.sae.training.config`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from sae_lens import SAE
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput
+from sae_lens.training.activation_scaler import ActivationScaler
+from tqdm.auto import tqdm
+
+from ... import distributed
+from ...errors import InputError, NonFiniteActivations
+from ..data import IMAGE, ConcatSource, IterSource, TensorSource, _rows, as_source
+from ..modality import DEFAULT_SHARED, as_multimodal, modality_stats_from_source
+from ..standard import fused_standard_step
+from .checkpoints import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import PRESETS, TrainConfig, make_training_sae
+
+
+def _check_batch(x: torch.Tensor, step: int, d_in: int, rows: torch.Tensor | None = None) -> None:
+    """Shape, width and finiteness of one batch; errors name the batch (and the source rows when known)."""
+    if x.ndim != 2:
+        raise InputError(f"batch {step} has shape {tuple(x.shape)}: activation batches must be [batch, d_model]")
+    if x.shape[1] != d_in:
+        raise InputError(
+            f"batch {step} has width {x.shape[1]} but the SAE reads d_in = {d_in}: the SAE width must equal the "
+            "model's d_model at this site (check the layer/site, or pass d_in matching your activations)"
+        )
+    finite = torch.isfinite(x).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()[:5]
+        where = f"; rows {rows[bad].tolist()} of the data" if rows is not None else ""
+        raise NonFiniteActivations(
+            f"batch {step} contains NaN/inf activations (rows {bad.tolist()} of the batch{where}); training stopped. "
+            "Check the harvest (e.g. fp16 overflow) or drop those tokens."
+        )
+
+
+def _fetch(source: TensorSource, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows `rows` of an indexable source, as float, with their modality."""
+    x = source._gather(rows) if isinstance(source, ConcatSource) else _rows(source.x, rows).float()
+    return x, None if source.modality is None else source.modality[rows]
+
+
+def _estimate_scale(source: TensorSource | IterSource, cfg: TrainConfig) -> float:
+    """The factor that makes the mean activation norm √d_in (see the module docstring for why it is vlens's own)."""
+    t = cfg.trainer
+    norms = []
+    if isinstance(source, TensorSource):
+        g = torch.Generator().manual_seed(t.seed + 7919)
+        n = min(source.n, t.n_norm_batches * t.batch_size)
+        idx = torch.randperm(source.n, generator=g)[:n]
+        norms.append(_fetch(source, idx)[0].norm(dim=-1))
+    else:
+        for x, _ in source.peek(t.n_norm_batches):
+            norms.append(x.float().norm(dim=-1))
+    allnorms = torch.cat(norms)
+    allnorms = allnorms[torch.isfinite(allnorms)]
+    mean = float(allnorms.mean()) if allnorms.numel() else 0.0
+    if not mean > 0:
+        raise InputError("cannot normalise activations whose mean norm is 0: are the activations all zeros?")
+    return math.sqrt(cfg.sae.d_in) / mean
+
+
+def _resolve_config(source: Any, preset: str | TrainConfig, d_sae: int | None, expansion: int | None,
+                    steps: int | None, n_tokens: int | None, epochs: float | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The run's `TrainConfig`: preset + overrides, d_in from the data, length from steps / tokens / epochs."""
+    d_in = source.d
+    if d_in is None:
+        first = source.peek(1)
+        if not first:
+            raise InputError("the activation iterable is empty")
+        d_in = int(first[0][0].shape[-1])
+    base = preset if isinstance(preset, TrainConfig) else TrainConfig.preset(preset)
+    if "d_in" in overrides and overrides["d_in"] != d_in:
+        raise InputError(
+            f"d_in={overrides['d_in']} but the activations have width {d_in}: the SAE width must equal d_model"
+        )
+    overrides.pop("d_in", None)
+    cfg = base.replace(d_in=d_in, **overrides)
+    if d_sae is not None:
+        cfg = cfg.replace(d_sae=int(d_sae))
+    elif not cfg.sae.d_sae:
+        cfg = cfg.replace(d_sae=int(d_in * (expansion or 8)))
+    t = cfg.trainer
+    if not t.total_steps:
+        if steps is not None:
+            total = int(steps)
+        elif n_tokens is not None:
+            total = math.ceil(n_tokens / t.batch_size)
+        elif isinstance(source, TensorSource):
+            total = math.ceil((epochs or 1.0) * max(source.n // t.batch_size, 1))
+        else:
+            raise InputError("training on an iterable needs a length: pass steps=... or n_tokens=...")
+        cfg = cfg.replace(total_steps=total)
+    if isinstance(source, TensorSource) and source.n < cfg.trainer.batch_size:
+        cfg = cfg.replace(batch_size=source.n)
+    return cfg
+
+
+def train(
+    data: Any,
+    preset: str | TrainConfig = "paper",
+    *,
+    layer: int | None = None,
+    d_sae: int | None = None,
+    expansion: int | None = None,
+    steps: int | None = None,
+    n_tokens: int | None = None,
+    epochs: float | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    log_every: int = 50,
+    model_name: str | None = None,
+    hook_name: str | None = None,
+    stats_tokens: int = 200_000,
+    shared_range: tuple[float, float] = DEFAULT_SHARED,
+    device: str = "cpu",
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    **overrides: Any,
+) -> SAE:
+    """Train an SAE on activations and return an SAE-Lens inference SAE with `sae.modality` attached.
+
+    Args:
+        data: a `[N, d]` tensor, `(tensor, modality)`, an `ActivationStore` (with `layer`),
+            a list of stores (concatenated, e.g. image+caption tokens plus a text-only caption
+            pass), or any iterable of `[batch, d]` tensors / `(x, modality)` pairs.
+        preset: 'paper' (default), 'standard', 'topk', 'batchtopk', 'jumprelu', or a `TrainConfig`.
+        d_sae / expansion: dictionary size (default: expansion 8 × d_model).
+        steps / n_tokens / epochs: training length (one is needed for iterables; indexable
+            sources default to one epoch).
+        checkpoint_dir: where periodic checkpoints go (every `checkpoint_every` steps, default
+            10 per run, and on Ctrl-C); with `resume=True` a run restarts from the latest one,
+            bit-identically for indexable sources. A checkpoint of another configuration is refused.
+        model_name / hook_name: recorded in SAE-Lens metadata (`vlm.name`, `vlm.hook_name(site)`).
+        stats_tokens: tokens used at the end for the per-latent modality statistics.
+        callback: called as `callback(step, metrics)` after every logged step.
+        **overrides: any field of `ArchitectureConfig` / `TrainerConfig` (lr, l1_coefficient, k, batch_size, seed, ...).
+
+    Progress shows loss, L0, explained variance and dead latents; the token mix (image vs
+    text tokens seen) is stored in `sae.cfg.metadata.vlens_training["mix"]` and printed.
+
+    Example:
+        >>> import torch
+        >>> sae = train(torch.randn(1024, 8), "topk", d_sae=32, k=4, steps=5, batch_size=128, progress=False)
+        >>> sae.cfg.architecture(), sae.cfg.k
+        ('topk', 4)
+    """
+    source = as_source(data, layer)
+    if hook_name is None and hasattr(data, "hook_name") and callable(data.hook_name):
+        try:
+            hook_name = data.hook_name(layer if layer is not None else list(data.layers)[0])
+        except Exception:  # noqa: BLE001 - metadata only
+            hook_name = None
+    cfg = _resolve_config(source, preset, d_sae, expansion, steps, n_tokens, epochs, overrides)
+    arch, t = cfg.sae, cfg.trainer
+
+    metadata = {"model_name": model_name, "hook_name": hook_name}
+    sae = make_training_sae(cfg, {k: v for k, v in metadata.items() if v is not None}).to(device)
+    params = [p for p in sae.parameters()]
+    opt = torch.optim.Adam(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), foreach=True)
+
+    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    state = TrainState(since_fired=torch.zeros(arch.d_sae, dtype=torch.long))
+    if ckdir is not None and resume and (latest := latest_checkpoint(ckdir)) is not None:
+        state = load_checkpoint(latest, cfg, sae, opt)
+    elif t.normalize:
+        state.scale = _estimate_scale(source, cfg)
+    scaler = ActivationScaler(state.scale if state.scale != 1.0 else None)
+    if isinstance(source, IterSource):
+        if state.step and source.reiterable:
+            source._pending.clear()
+            source.start(skip=state.step)
+        elif source._it is None:
+            source.start()
+    every = checkpoint_every or max(t.total_steps // 10, 1)
+
+    named = dict(sae.named_parameters())
+    fused = cfg.uses_fused_step
+    env = distributed.info()
+    ddp = None
+    if env.enabled:
+        # DistributedDataParallel: each rank takes its slice of every global batch; gradients are
+        # averaged by DDP's all-reduce, so training means what it means on one process.
+        if not isinstance(source, TensorSource):
+            raise InputError("distributed SAE training needs an indexable source (a tensor or an ActivationStore), "
+                             "so every rank can read its own slice of each global batch")
+        if t.batch_size % env.world_size:
+            raise InputError(f"batch_size {t.batch_size} must be divisible by the world size {env.world_size}")
+        if arch.architecture == "batchtopk":
+            raise InputError("batchtopk picks its top-k over the whole batch, so it cannot be split across ranks; "
+                             "use 'topk' or 'jumprelu' with torchrun")
+        fused = False
+        ddp = torch.nn.parallel.DistributedDataParallel(_StepModule(sae))
+    bar = tqdm(total=t.total_steps, initial=state.step, disable=(not progress) or None,
+               desc=f"SAE {arch.architecture} d_sae={arch.d_sae}", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    t0 = time.perf_counter()
+    sae.train()
+    try:
+        while state.step < t.total_steps:
+            step = state.step
+            rows = None
+            if isinstance(source, TensorSource):
+                rows = source.indices(step, t.batch_size, t.seed, t.shuffle)
+                if ddp is not None:
+                    rows = rows.chunk(env.world_size)[env.rank]
+                    x, mod = _fetch(source, rows)
+                else:
+                    x, mod = source.batch(step, t.batch_size, t.seed, t.shuffle)
+            else:
+                x, mod = source.next()
+            _check_batch(x, step, arch.d_in, rows)
+            x = scaler.scale(x.to(device=device, dtype=torch.float32))
+            coeff = cfg.coefficient_at(step)
+            log_now = (step % log_every == 0) or step == t.total_steps - 1
+            if fused:
+                stats, grads = fused_standard_step(named["W_enc"].data, named["b_enc"].data, named["W_dec"].data,
+                                                   named["b_dec"].data, x, coeff, arch.apply_b_dec_to_input)
+                for name, g in zip(("W_enc", "b_enc", "W_dec", "b_dec"), grads):
+                    named[name].grad = g
+                fired = stats.fired
+                if log_now:
+                    var = (x - x.mean(0)).pow(2).sum()
+                    metrics = {"loss": float(stats.mse + stats.l1), "mse": float(stats.mse), "l0": float(stats.l0),
+                               "explained_variance": float(1 - stats.sse / var)}
+            else:
+                dead = state.since_fired > t.dead_window_tokens  # type: ignore[operator]
+                coeff_name = next(iter(sae.get_coefficients()), None)
+                step_in = TrainStepInput(
+                    sae_in=x, coefficients={coeff_name: coeff} if coeff_name else {},
+                    dead_neuron_mask=dead.to(device), n_training_steps=step, is_logging_step=False)
+                out = ddp(step_in) if ddp is not None else sae.training_forward_pass(step_in)
+                out.loss.backward()
+                fired = (out.feature_acts != 0).any(0)
+                if log_now:
+                    with torch.no_grad():
+                        sse = (out.sae_out - x).pow(2).sum()
+                        var = (x - x.mean(0)).pow(2).sum()
+                        metrics = {"loss": float(out.loss), "mse": float(out.losses["mse_loss"]),
+                                   "l0": float((out.feature_acts != 0).sum(-1).float().mean()),
+                                   "explained_variance": float(1 - sse / var)}
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip, foreach=True)
+            lr = t.lr_at(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+            n = x.shape[0]
+            if ddp is not None:  # every rank keeps the same dead-latent and token counts
+                fired = distributed.all_reduce_sum(fired.to(torch.int32)) > 0
+                n = t.batch_size
+                if mod is not None:
+                    mod = _gather_all(mod)
+            state.since_fired += n  # type: ignore[operator]
+            state.since_fired[fired.cpu()] = 0  # type: ignore[index]
+            state.tokens += n
+            if mod is None:
+                state.mix["unknown"] += n
+            else:
+                k_img = int((mod == IMAGE).sum())
+                state.mix["image"] += k_img
+                state.mix["text"] += n - k_img
+            state.step += 1
+            bar.update(1)
+            if log_now:
+                metrics["dead"] = float(int((state.since_fired > t.dead_window_tokens).sum()))  # type: ignore[operator]
+                metrics["lr"] = lr
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", L0=f"{metrics['l0']:.1f}",
+                                EV=f"{metrics['explained_variance']:.3f}", dead=int(metrics["dead"]), refresh=False)
+                if callback is not None:
+                    callback(step, dict(metrics))
+            if ckdir is not None and state.step % every == 0 and state.step < t.total_steps:
+                if env.is_main:
+                    save_checkpoint(ckdir, cfg, sae, opt, state)
+                distributed.barrier()
+    except KeyboardInterrupt:
+        if ckdir is not None and env.is_main:
+            path = save_checkpoint(ckdir, cfg, sae, opt, state)
+            bar.write(f"interrupted at step {state.step}: checkpoint saved to {path}; call train(...) again to resume")
+        bar.close()
+        raise
+    finally:
+        if isinstance(source, IterSource):
+            source.close()
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if ckdir is not None:
+        if env.is_main:
+            save_checkpoint(ckdir, cfg, sae, opt, state)
+        distributed.barrier()
+
+    return _finish(sae, cfg, state, source, metrics, elapsed, stats_tokens, shared_range, device, progress)
+
+
+class _StepModule(torch.nn.Module):
+    """A training SAE whose `forward` is its training step, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, sae: TrainingSAE) -> None:
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, step_input: TrainStepInput):  # type: ignore[override]
+        return self.sae.training_forward_pass(step_input)
+
+
+def _gather_all(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-sized tensors of every rank (for token-mix bookkeeping)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def _finish(sae: TrainingSAE, cfg: TrainConfig, state: TrainState, source: Any, metrics: dict[str, float],
+            elapsed: float, stats_tokens: int, shared_range: tuple[float, float], device: str, progress: bool) -> SAE:
+    """Fold the activation scale into the weights, build the SAE-Lens inference SAE, attach modality statistics."""
+    sae.eval()
+    with torch.no_grad():
+        if state.scale != 1.0:
+            sae.fold_activation_norm_scaling_factor(state.scale)
+        state_dict = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+        sae.process_state_dict_for_saving_inference(state_dict)
+        inf_cfg = sae.cfg.get_inference_sae_cfg_dict()
+    n_mod = state.mix["image"] + state.mix["text"]
+    mix = dict(state.mix)
+    mix["image_fraction"] = state.mix["image"] / n_mod if n_mod else None
+    inf_cfg["metadata"]["vlens_training"] = {
+        "config": cfg.to_dict(), "tokens": state.tokens, "steps": state.step, "activation_scale": state.scale,
+        "mix": mix, "final_metrics": metrics, "seconds": round(elapsed, 3),
+    }
+    inf = SAE.from_dict(inf_cfg)
+    inf.load_state_dict(state_dict)
+    inf = as_multimodal(inf.to(device))
+    if n_mod and progress:
+        tqdm.write(f"token mix: {state.mix['image']} image / {state.mix['text']} text tokens "
+                   f"(image fraction {mix['image_fraction']:.3f})")
+    if n_mod and stats_tokens:
+        stats = modality_stats_from_source(inf, source, stats_tokens, shared_range, cfg.trainer.batch_size)
+        as_multimodal(inf, stats)
+    return inf
