@@ -65,22 +65,22 @@ def small_model():
 
 
 def bare_forward(vlm, data, batch_size):
-    from vlens.harvest import DEFAULT_PROMPT
-    from vlens.model import position_ids
+    from vlens.prepare import position_ids
+    from vlens.prompts import QUESTION
 
     for b0 in range(0, len(data), batch_size):
         chunk = data[b0 : b0 + batch_size]
-        batch = vlm.prepare([DEFAULT_PROMPT] * len(chunk), [s.image for s in chunk])
+        batch = vlm.prepare([QUESTION] * len(chunk), [s.image for s in chunk])
         inputs = dict(batch.inputs, position_ids=position_ids(batch.inputs["attention_mask"]))
         with torch.inference_mode():
             vlm._module(**inputs)
 
 
 def run_harvest(vlm, data, layers, site="resid_pre", **kw):
-    from vlens.harvest import harvest
+    from vlens.activations import harvest
 
     with tempfile.TemporaryDirectory() as d:
-        harvest(vlm, data, layers=layers, site=site, batch_size=BATCH, out=d, progress=False, **kw)
+        harvest(vlm, data, layers=[f"{site}.{L}" for L in layers], batch_size=BATCH, out=d, progress=False, **kw)
 
 
 def timed(fn) -> tuple[float, float]:
@@ -133,7 +133,7 @@ sys.path.insert(0, {here!r})
 import torch
 torch.set_num_threads({threads})
 import harvest as bench
-from vlens.harvest import harvest
+from vlens.activations import harvest
 vlm = bench.large_model()
 data = bench.samples({n}, {size})
 with tempfile.TemporaryDirectory() as d:

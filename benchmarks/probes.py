@@ -78,16 +78,30 @@ def compare(X: torch.Tensor, y: torch.Tensor, repeats: int, device: str) -> dict
                 n_iter=p.n_iter, n_iter_sklearn=int(np.max(sk.n_iter_)))
 
 
+def mean_image_features(vlm, data, layers, batch_size=32) -> dict[int, torch.Tensor]:
+    """The paper's probe features in memory: mean of resid_pre.L over the image tokens of a bare <image> prompt."""
+    from vlens.activations import read_layers
+    from vlens.prompts import PROBE_PROMPT
+
+    out = {L: [] for L in layers}
+    for b0 in range(0, len(data), batch_size):
+        chunk = [data[i].image for i in range(b0, min(b0 + batch_size, len(data)))]
+        acts = read_layers(vlm, vlm.prepare([PROBE_PROMPT] * len(chunk), chunk), list(layers), pool="mean",
+                           dtype=torch.float32)
+        for L in layers:
+            out[L].append(acts[L])
+    return {L: torch.cat(v) for L, v in out.items()}
+
+
 def toy_features() -> tuple[torch.Tensor, torch.Tensor] | None:
     if not (Path(vlens.__file__).parent / "toy" / "checkpoint").exists():
         return None
     import vlens.toy as toy
-    from vlens.steering import pool_features
 
     vlm = vlens.load("toy")
     data = toy.toy_dataset("train", n=20 * 30)
     L = vlm.n_layers // 2
-    X = pool_features(vlm, data, [L], batch_size=32)[L]
+    X = mean_image_features(vlm, data, [L])[L]
     return X, torch.tensor([s.label for s in data])
 
 

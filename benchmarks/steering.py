@@ -110,11 +110,13 @@ def toy_sweep(n_pairs: int, n_images: int, kind: str = "colour", layers=(1,), ks
     import vlens.toy as toy
     from vlens import steering
 
+    from probes import mean_image_features  # benchmarks/probes.py, beside this file
+
     vlm = vlens.load("toy")
     layers = list(layers)
     train = toy.toy_dataset("train", n=20 * 16)
     held = toy.toy_dataset("heldout", n=20 * n_images)
-    feats = steering.pool_features(vlm, train, layers, batch_size=32)
+    feats = mean_image_features(vlm, train, layers)
     y = torch.tensor([s.label for s in train])
     means = {L: steering.class_means(X, y) for L, X in feats.items()}
     pairs = toy.class_pairs(kind)

@@ -52,11 +52,15 @@ def test_old_module_paths_warn_and_forward(old):
 def test_same_named_functions_still_call_after_the_old_module_was_imported():
     import vlens
 
-    importlib.import_module("vlens.tiny")  # importing the old module path rebinds vlens.tiny to the shim...
+    from vlens.loading import tiny
+    from vlens.sae.training import train
+
+    for old in ("vlens.tiny", "vlens.harvest", "vlens.sae.train", "vlens.sae.evaluate"):
+        importlib.import_module(old)  # the old module path is served from sys.modules...
+    assert vlens.tiny is tiny and vlens.sae.train is train  # ...and the package keeps its functions
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # ...which calls the function without a warning
-        vlm = vlens.tiny(n_layers=1)
-    assert vlm.n_layers == 1
+        warnings.simplefilter("error")
+        assert vlens.tiny(n_layers=1).n_layers == 1
 
 
 def test_old_names_keep_their_meaning():
@@ -67,7 +71,7 @@ def test_old_names_keep_their_meaning():
         from vlens.positions import TokenLayout
     assert TokenLayout is tokens.TokenLayout
     with pytest.warns(DeprecationWarning):
-        assert vlens.harvest.DEFAULT_PROMPT == prompts.QUESTION
+        assert importlib.import_module("vlens.harvest").DEFAULT_PROMPT == prompts.QUESTION
     with pytest.warns(DeprecationWarning):
         assert interventions.site_name(3) == "resid_pre.3"
     with pytest.warns(DeprecationWarning):

@@ -96,7 +96,8 @@ def test_site_builds_strict(tmp_path):
         out = tmp_path / "site" / ("index.html" if rel.as_posix() == "index" else f"{rel.as_posix()}/index.html")
         assert out.exists(), f"{_page_id(page)} was not rendered to {out}"
     api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
-    for name in ("vlens.model.load", "vlens.positions.TokenLayout", "vlens.tiny.tiny", "vlens.data.Dataset"):
+    for name in ("vlens.loading.load", "vlens.tokens.TokenLayout", "vlens.loading.tiny", "vlens.data.Dataset",
+                 "vlens.activations.read.read_layers", "vlens.sites.from_hook_name"):
         assert f'id="{name}"' in api, f"API reference lacks {name}"
     assert (tmp_path / "site" / "assets" / "plotly.min.js").stat().st_size > 1_000_000, "plotly.js not bundled"
 

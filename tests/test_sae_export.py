@@ -244,7 +244,6 @@ def test_old_import_paths_warn_and_work(monkeypatch):
 
     import vlens.viz
 
-    monkeypatch.setattr(vs, "train", vs.train)  # importing the old module path rebinds vlens.sae.train
     for old, name, new in [("vlens.sae.train", "TrainConfig", vs.TrainConfig), ("vlens.sae.evaluate", "evaluate", vs.evaluate),
                            ("vlens.sae.export", "load", vs.load), ("vlens.sae.dashboard", "dashboard", vs.dashboard),
                            ("vlens.report", "Report", vlens.viz.Report)]:

@@ -14,6 +14,8 @@ One module per concept of the paper (docs/architecture.md has the map):
 `viz`, `data`, `toy`, `demo`, `cli`, `errors`.
 """
 
+import sys as _sys
+
 from . import _deprecated
 
 _deprecated.install()
@@ -27,6 +29,8 @@ from .loading import load, tiny  # noqa: E402
 from .model import VLM  # noqa: E402
 from .steering import steered_generate  # noqa: E402
 from .tokens import Batch, TokenLayout  # noqa: E402
+
+_deprecated.guard(_sys.modules[__name__])
 
 __version__ = "0.2.0"
 __all__ = [

@@ -5,8 +5,9 @@ installs a finder that serves the old module paths as thin shim modules:
 `from vlens.harvest import ActivationStore` still works, with a
 `DeprecationWarning` naming the new path. Where an old module shared its name
 with a function (`vlens.harvest`, `vlens.tiny`, `vlens.sae.train`, ...), the
-shim is also callable, so `vlens.harvest(...)` keeps working even after the old
-module path was imported.
+package keeps the function: importing the old module path registers the shim
+in `sys.modules` only (`guard`), so `vlens.harvest(...)` and `vlens.harvest is
+vlens.activations.harvest` hold whatever was imported before.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import types
 import warnings
 from typing import Any
 
-#: old module path -> (new module paths searched in order, function the shim calls when called)
+#: old module path -> (new module paths searched in order, the same-named function the package keeps, if any)
 MOVED: dict[str, tuple[tuple[str, ...], str | None]] = {
     "vlens.positions": (("vlens.tokens", "vlens.families.llava_next"), None),
     "vlens.tiny": (("vlens.loading", "vlens.families.llava_next", "vlens.families.wordlevel"), "tiny"),
     "vlens.configs": (("vlens.families.llava_next", "vlens.loading"), None),
     "vlens.harvest": (
-        ("vlens.activations", "vlens.activations.harvesting", "vlens.activations.store", "vlens.activations.figures",
-         "vlens.prompts"),
+        ("vlens.activations", "vlens.prompts", "vlens.activations.harvesting", "vlens.activations.store",
+         "vlens.activations.figures"),
         "harvest",
     ),
     "vlens.report": (("vlens.viz",), None),
@@ -44,10 +45,9 @@ RENAMED: dict[str, dict[str, str]] = {
 
 
 class _Shim(types.ModuleType):
-    """A stand-in for a moved module: attribute access warns and forwards; calling it calls `_call_name`."""
+    """A stand-in for a moved module: attribute access warns and forwards to the new modules."""
 
     _targets: tuple[str, ...] = ()
-    _call_name: str | None = None
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
@@ -64,17 +64,12 @@ class _Shim(types.ModuleType):
                 return getattr(mod, new_name)
         raise AttributeError(f"module {self.__name__!r} (moved to {', '.join(self._targets)}) has no attribute {name!r}")
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._call_name is None:
-            raise TypeError(f"module {self.__name__!r} is not callable")
-        return getattr(importlib.import_module(self._targets[0]), self._call_name)(*args, **kwargs)
-
 
 class _Loader(importlib.abc.Loader):
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
-        targets, call = MOVED[spec.name]
+        targets, _ = MOVED[spec.name]
         mod = _Shim(spec.name, f"Deprecated: moved to {', '.join(targets)}.")
-        mod._targets, mod._call_name = targets, call
+        mod._targets = targets
         return mod
 
     def exec_module(self, module: types.ModuleType) -> None:
@@ -92,3 +87,18 @@ def install() -> None:
     """Serve the old module paths (idempotent)."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
+
+
+class _Guarded(types.ModuleType):
+    """A package that keeps its same-named functions when an old module path of the same name is imported."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, _Shim) and name in self.__dict__ and not isinstance(self.__dict__[name], types.ModuleType):
+            return  # the import system binds submodules on their parent; the function stays, the shim is in sys.modules
+        super().__setattr__(name, value)
+
+
+def guard(package: types.ModuleType) -> None:
+    """Keep `package`'s functions named like moved modules (call at the end of the package's `__init__`)."""
+    if type(package) is types.ModuleType:
+        package.__class__ = _Guarded

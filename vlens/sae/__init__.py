@@ -24,6 +24,9 @@ SAE-Lens format (`export`, `load`, `convert_paper_checkpoint`,
     ('StandardSAE', 256)
 """
 
+import sys as _sys
+
+from .. import _deprecated
 from ..errors import NonFiniteActivations
 from .dashboards import dashboard
 from .data import IMAGE, TEXT, StoreSource, TensorSource, as_source
@@ -54,6 +57,8 @@ __all__ = [
 
 _LEGACY_CLASSES = ("MultimodalSAE", "MultimodalStandardSAE", "MultimodalTopKSAE", "MultimodalJumpReLUSAE")
 
+
+_deprecated.guard(_sys.modules[__name__])  # vs.train, vs.evaluate... stay functions
 
 def __getattr__(name: str):
     """vlens 0.1 names: the multimodal subclasses, `collect_activations`, `heatmap_overlay` (now `vlens.viz`)."""
