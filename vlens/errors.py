@@ -22,6 +22,7 @@ __all__ = [
     "SelectionError",
     "UnsupportedModelError",
     "InputError",
+    "NotFoundError",
     "BadImageError",
     "HarvestError",
     "StoreError",
@@ -47,6 +48,13 @@ class UnsupportedModelError(VlensError, TypeError):
 
 class InputError(VlensError, ValueError):
     """A bad argument: wrong type, shape, width or value. The message says which and what to pass instead."""
+
+
+class NotFoundError(VlensError, KeyError):
+    """A layer, class, pair, split or column that is not there; the message lists what is."""
+
+    def __str__(self) -> str:  # a KeyError shows its message quoted; this one reads as a sentence
+        return str(self.args[0]) if self.args else ""
 
 
 class BadImageError(InputError):

@@ -29,7 +29,7 @@ which does this for you).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TYPE_CHECKING
 
 import torch
 from jaxtyping import Bool, Float
@@ -38,6 +38,9 @@ from torch import Tensor
 from .errors import InputError
 from .sites import SiteLike
 from .tokens import Batch, TokenLayout, TokenSelection, select
+
+if TYPE_CHECKING:
+    from .model import VLM
 
 __all__ = ["ablate", "add", "check_vector", "clamp_latent", "project_out", "splice_sae"]
 
@@ -81,7 +84,7 @@ def check_vector(v: Any, d_model: int, what: str = "vector") -> Float[Tensor, " 
 
 
 def _edit(
-    vlm: Any,
+    vlm: VLM,
     site: SiteLike,
     batch: Batch | TokenLayout | None,
     tokens: Any,
@@ -112,7 +115,7 @@ def _edit(
 
 
 def add(
-    vlm: Any,
+    vlm: VLM,
     site: SiteLike,
     vector: Float[Tensor, " d_model"],
     k: float = 1.0,
@@ -146,7 +149,7 @@ def add(
 
 
 def ablate(
-    vlm: Any,
+    vlm: VLM,
     site: SiteLike,
     *,
     batch: Batch | TokenLayout | None = None,
@@ -194,7 +197,7 @@ def _orthonormal(directions: Tensor, d_model: int) -> Tensor:
 
 
 def project_out(
-    vlm: Any,
+    vlm: VLM,
     site: SiteLike,
     directions: Float[Tensor, "*r d_model"],
     *,
@@ -247,7 +250,7 @@ def _sae_dtype(sae: Any) -> tuple[torch.device, torch.dtype]:
 
 
 def clamp_latent(
-    vlm: Any,
+    vlm: VLM,
     site: SiteLike,
     sae: Any,
     latent: int | Sequence[int],
@@ -296,7 +299,7 @@ def clamp_latent(
 
 
 def splice_sae(
-    vlm: Any,
+    vlm: VLM,
     site: SiteLike,
     sae: Any,
     *,

@@ -243,7 +243,7 @@ def _spans(geometries: list, image: torch.Tensor, counts: list[int]) -> list[Ima
             s0 = pos[start] if start < len(pos) else -1
             s1 = s0 + geom.n_tokens
             if s0 < 0 or pos[start : start + geom.n_tokens] != list(range(s0, s1)):
-                raise RuntimeError(
+                raise InputError(
                     f"token geometry of image {k} ({geom.size}) disagrees with the processor: expected "
                     f"{geom.n_tokens} consecutive image tokens at position {s0}. Please report this with "
                     "the processor settings."
@@ -252,7 +252,7 @@ def _spans(geometries: list, image: torch.Tensor, counts: list[int]) -> list[Ima
             start += geom.n_tokens
             k += 1
         if start != len(pos):
-            raise RuntimeError(
+            raise InputError(
                 f"row {b} has {len(pos)} image tokens but its images account for {start}: the processor's "
                 "image settings do not match the model config (vision_feature_select_strategy, "
                 "num_additional_image_tokens, patch_size)."

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ._fitdata import check_xy, device_of, split, standardise
 from ._lbfgs import logistic_lbfgs
-from .errors import InputError
+from .errors import InputError, NotFoundError
 
 __all__ = [
     "LinearProbe",
@@ -112,7 +112,7 @@ class LinearProbe:
         """The weight row of label `c`."""
         i = (self.classes == c).nonzero()
         if i.numel() == 0:
-            raise KeyError(f"class {c} is not one of this probe's classes {self.classes.tolist()[:20]}")
+            raise NotFoundError(f"class {c} is not one of this probe's classes {self.classes.tolist()[:20]}")
         return self.weight[int(i[0, 0])]
 
     def __repr__(self) -> str:
@@ -219,7 +219,7 @@ class PairwiseProbes:
                 return self.weight[p]
             if (a, b) == (tgt, src):
                 return -self.weight[p]
-        raise KeyError(f"pair ({src}, {tgt}) was not fit; fit pairs {self.pairs[:10]}")
+        raise NotFoundError(f"pair ({src}, {tgt}) was not fit; fit pairs {self.pairs[:10]}")
 
     def __repr__(self) -> str:
         return (f"PairwiseProbes({len(self.pairs)} pairs × d {self.weight.shape[1]}, mean held-out accuracy "
@@ -301,7 +301,7 @@ def pairwise_probes(
 def _features(features: Any, layer: int) -> tuple[Tensor, Tensor]:
     if isinstance(features, Mapping):
         if layer not in features:
-            raise KeyError(
+            raise NotFoundError(
                 f"layer {layer} was not harvested: features hold layers {sorted(features)}; harvest it "
                 f"(vlens.harvest(vlm, data, layers=[..., {layer}], ...)) or sweep only those layers"
             )
@@ -310,13 +310,13 @@ def _features(features: Any, layer: int) -> tuple[Tensor, Tensor]:
     if hasattr(features, "pooled"):
         have = getattr(features, "layers", None)
         if have is not None and layer not in list(have):
-            raise KeyError(
+            raise NotFoundError(
                 f"layer {layer} was not harvested: this store holds layers {list(have)}; re-run "
                 f"vlens.harvest(vlm, data, layers=[..., {layer}], ...) or sweep only those layers"
             )
         X, y = features.pooled(layer)
         return X, y
-    raise TypeError("features must be a dict layer -> (X, y) or an ActivationStore from vlens.harvest")
+    raise InputError("features must be a dict layer -> (X, y) or an ActivationStore from vlens.harvest")
 
 
 def _default_layers(features: Any) -> list[int]:
@@ -420,7 +420,7 @@ def decodable_classes(
     if isinstance(probe, ProbeSweep):
         L = probe.best_layer if layer is None else layer
         if L not in probe.probes:
-            raise KeyError(f"layer {L} was not swept: swept layers {probe.layers}")
+            raise NotFoundError(f"layer {L} was not swept: swept layers {probe.layers}")
         probe = probe.probes[L]
     if not 0 <= threshold <= 1:
         raise InputError(f"threshold is an accuracy in [0, 1], got {threshold}")

@@ -279,7 +279,7 @@ def sparse_approximation(
     """
     W = sae if isinstance(sae, Tensor) else getattr(sae, "W_dec", None)
     if W is None:
-        raise TypeError("sae must have W_dec [d_sae, d_model] (an SAE-Lens SAE) or be that matrix")
+        raise InputError("sae must have W_dec [d_sae, d_model] (an SAE-Lens SAE) or be that matrix")
     W = W.detach().float()
     v = check_vector(v, W.shape[1]).to(W.device).float()
     if v.norm() == 0:

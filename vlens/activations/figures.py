@@ -8,7 +8,7 @@ it drops it: a check of what a harvest will store before running it.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Sequence, TYPE_CHECKING
 
 import torch
 from jaxtyping import Int
@@ -16,6 +16,9 @@ from torch import Tensor
 
 from ..tokens import KIND_NAMES, TokenLayout, select
 from .store import ROLE_NAMES, role_codes
+
+if TYPE_CHECKING:
+    from ..model import VLM
 
 __all__ = ["selection_grid", "selection_figure", "selection_png", "FIGURE_SELECTIONS"]
 
@@ -46,7 +49,7 @@ def selection_grid(layout: TokenLayout, selections: Sequence[Any] = FIGURE_SELEC
     return torch.stack(rows)
 
 
-def selection_figure(vlm: Any, batches: Sequence[Any], selections: Sequence[Any] = FIGURE_SELECTIONS,
+def selection_figure(vlm: VLM, batches: Sequence[Any], selections: Sequence[Any] = FIGURE_SELECTIONS,
                      titles: Sequence[str] | None = None):
     """A plotly figure: for each batch (row 0), which tokens each selection keeps, coloured by role.
 
@@ -96,7 +99,7 @@ def selection_figure(vlm: Any, batches: Sequence[Any], selections: Sequence[Any]
     return fig
 
 
-def selection_png(vlm: Any, batches: Sequence[Any], path: str | os.PathLike, selections: Sequence[Any] = FIGURE_SELECTIONS,
+def selection_png(vlm: VLM, batches: Sequence[Any], path: str | os.PathLike, selections: Sequence[Any] = FIGURE_SELECTIONS,
                   titles: Sequence[str] | None = None, cell: int = 9) -> None:
     """The picture of `selection_figure` as a PNG drawn with PIL (for places without JavaScript).
 

@@ -35,7 +35,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -49,6 +49,9 @@ from ..tokens import TokenLayout, TokenSelection, check_selection, select
 from .read import POOLS, read_layers
 from .store import FORMAT, INDEX, ActivationStore, role_codes
 from .writer import _atomic_write, _Writer
+
+if TYPE_CHECKING:
+    from ..model import VLM
 
 __all__ = ["harvest", "KINDS", "main"]
 
@@ -81,7 +84,7 @@ class _Plan:
 
 
 def harvest(
-    vlm: Any,
+    vlm: VLM,
     data: Sequence[Any],
     layers: SiteLike | Sequence[SiteLike],
     *,
@@ -185,7 +188,7 @@ def harvest(
     return _harvest_run(vlm, data, plan, out, overwrite)
 
 
-def _resolve_layers(vlm: Any, layers: Any, kind: str | None) -> tuple[str, list[int]]:
+def _resolve_layers(vlm: VLM, layers: Any, kind: str | None) -> tuple[str, list[int]]:
     """(site kind, sorted non-negative layers) of `layers`; `kind` is the deprecated `site=` keyword."""
     if kind is not None:
         warnings.warn("harvest(site=...) is deprecated: name the sites in layers, e.g. layers=['resid_post.3', "
@@ -227,7 +230,7 @@ def _describe(tokens: Any) -> str:
     return f"<positions {list(tokens) if isinstance(tokens, (list, tuple, range)) else tokens}>"
 
 
-def _harvest_run(vlm: Any, data: Sequence[Any], plan: _Plan, out: Any, overwrite: bool,
+def _harvest_run(vlm: VLM, data: Sequence[Any], plan: _Plan, out: Any, overwrite: bool,
                  indices: Sequence[int] | None = None, rank_of: str | None = None) -> ActivationStore:
     """Harvest `data` into the store at `out`; `indices` are the global sample indices of a rank's slice."""
     n = len(data)
@@ -330,7 +333,7 @@ class _Slice(Sequence):
         return self.data[self.indices[i]]
 
 
-def _harvest_distributed(env: Any, vlm: Any, data: Sequence[Any], plan: _Plan, out: Any,
+def _harvest_distributed(env: Any, vlm: VLM, data: Sequence[Any], plan: _Plan, out: Any,
                          overwrite: bool) -> ActivationStore:
     """One rank's part of a torchrun harvest, then (rank 0) the merged index."""
     if out is None:
@@ -382,7 +385,7 @@ def _merge_ranks(root: Path, world_size: int, n: int) -> None:
     _atomic_write(root / INDEX, lambda tmp: tmp.write_text(text))
 
 
-def _fingerprint(vlm: Any) -> str:
+def _fingerprint(vlm: VLM) -> str:
     """A short hash of a few weights, telling apart two models of one name (e.g. two random tiny seeds)."""
     try:
         w = vlm._module.get_input_embeddings().weight
@@ -401,7 +404,7 @@ def _sid(sample: Any, i: int) -> Any:
     return sid if isinstance(sid, (int, str)) else str(sid)
 
 
-def _prepare(vlm: Any, samples: list, b0: int, pass_name: str, plan: _Plan):
+def _prepare(vlm: VLM, samples: list, b0: int, pass_name: str, plan: _Plan):
     if pass_name == "text" or plan.captions:
         for i, s in enumerate(samples):
             if not getattr(s, "caption", None):

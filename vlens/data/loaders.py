@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..errors import BadImageError, InputError
+from ..errors import BadImageError, InputError, NotFoundError
 from ..prepare import load_image
 from .records import Dataset, ListDataset, Sample
 
@@ -220,7 +220,7 @@ def _hf_load(dataset: Any, split: str | None, streaming: bool = False, n: int | 
     elif isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         split = split or "train"
         if split not in dataset:
-            raise KeyError(f"split {split!r} not in the data set; it has {list(dataset)}")
+            raise NotFoundError(f"split {split!r} not in the data set; it has {list(dataset)}")
         ds = dataset[split]
     else:
         ds = dataset
@@ -234,7 +234,7 @@ def _hf_load(dataset: Any, split: str | None, streaming: bool = False, n: int | 
 def _need_column(ds: Any, column: str, what: str, param: str) -> None:
     cols = list(ds.column_names or []) if getattr(ds, "column_names", None) is not None else None
     if cols is not None and column not in cols:
-        raise KeyError(f"no {what} column {column!r}; the data set has columns {cols}: pass {param}=<one of them>")
+        raise NotFoundError(f"no {what} column {column!r}; the data set has columns {cols}: pass {param}=<one of them>")
 
 
 class HFDataset(_SkippingDataset):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Iterable
 
+from ..errors import InputError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -62,7 +64,7 @@ def word_tokenizer(words: Iterable[str] = (), *, image_token_id: int | None = No
         vocab.setdefault(w, len(vocab))
     if image_token_id is not None:
         if image_token_id < len(vocab):
-            raise ValueError(f"image_token_id {image_token_id} collides with the {len(vocab)} words of the vocabulary")
+            raise InputError(f"image_token_id {image_token_id} collides with the {len(vocab)} words of the vocabulary")
         for i in range(len(vocab), image_token_id):
             vocab[f"<unused_{i}>"] = i
         vocab["<image>"] = image_token_id

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TYPE_CHECKING
 
 import plotly.graph_objects as go
 import torch
@@ -30,9 +30,12 @@ from ..prompts import QUESTION
 from ..sites import SiteLike
 from ..viz import figure_html, heatmap_overlay, image_data_uri, plotly_script, render, save_html
 
+if TYPE_CHECKING:
+    from ..model import VLM
+
 
 @torch.no_grad()
-def _collect(vlm: Any, sae: SAE, site: SiteLike, samples: Sequence[Any], latents: list[int], prompt: str,
+def _collect(vlm: VLM, sae: SAE, site: SiteLike, samples: Sequence[Any], latents: list[int], prompt: str,
              batch_size: int, progress: bool) -> dict[str, Any]:
     """The chosen latents on every image token and caption token of `samples`."""
     lat = torch.tensor(latents)
@@ -115,7 +118,7 @@ def _stats_rows(sae: SAE, latent: int) -> list[list[str]] | None:
 
 def dashboard(
     sae: SAE,
-    vlm: Any,
+    vlm: VLM,
     samples: Sequence[Any],
     layer: SiteLike,
     out: str | Path,

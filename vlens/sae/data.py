@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from ..activations.read import read_layers
 from ..errors import InputError, StoreError
 from ..prompts import QUESTION
 from ..tokens import select
+
+if TYPE_CHECKING:
+    from ..model import VLM
 
 IMAGE, TEXT = 1, 0
 """Modality codes used everywhere in `vlens.sae`: 1 = image token, 0 = text token."""
@@ -346,7 +349,7 @@ def as_source(data: Any, layer: int | None = None, modality: Any = None) -> Tens
 
 @torch.no_grad()
 def collect_activations(
-    vlm: Any,
+    vlm: VLM,
     samples: Any,
     layers: Any,
     *,

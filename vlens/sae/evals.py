@@ -25,7 +25,7 @@ modality.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, TYPE_CHECKING
 
 import torch
 from sae_lens import SAE
@@ -38,6 +38,9 @@ from ..prompts import QUESTION
 from ..scoring import score_answers
 from ..sites import SiteLike
 from .data import IMAGE, TEXT, as_source
+
+if TYPE_CHECKING:
+    from ..model import VLM
 
 
 class _Group:
@@ -62,10 +65,9 @@ class _Group:
         self.fired |= (f != 0).any(0).cpu()
 
     def result(self) -> dict[str, float]:
-        if self.n == 0:
+        if self.n == 0 or self.sum_x is None:
             return {"n_tokens": 0, "explained_variance": float("nan"), "l0": float("nan"), "dead": float("nan"),
                     "mse": float("nan")}
-        assert self.sum_x is not None
         total_var = self.sum_sq - float(self.sum_x.pow(2).sum()) / self.n
         return {
             "n_tokens": self.n,
@@ -107,7 +109,7 @@ def evaluate(sae: SAE, data: Any, *, n_tokens: int | None = None, batch_size: in
 
 @torch.no_grad()
 def loss_recovered(
-    vlm: Any,
+    vlm: VLM,
     sae: SAE,
     layer: SiteLike,
     samples: Sequence[Any],

@@ -24,7 +24,7 @@ prompts are in `vlens.prompts`; pooled features come from `vlens.read_layers`.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -36,6 +36,9 @@ from ..prompts import PROBE_PROMPT
 from .evaluation import SteeringSweep, _images_of, caption_nll, damage, efficacy, sweep
 from .generation import steered_generate
 from .vectors import class_means, diff_of_means, from_probe, normalize, random_like, unembedding_diff
+
+if TYPE_CHECKING:
+    from ..model import VLM
 
 __all__ = [
     "SteeringSweep",
@@ -54,7 +57,7 @@ __all__ = [
 
 
 def pool_features(
-    vlm: Any,
+    vlm: VLM,
     images: Sequence[Any],
     layers: Iterable[int],
     *,

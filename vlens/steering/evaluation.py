@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import InputError
+from ..errors import InputError, NotFoundError
 from ..interventions import add, check_vector
 from ..prompts import CAPTION_PROMPT, TWO_CHOICE
 from ..scoring import score_answers
 from .generation import steered_generate
 from .vectors import _name_ids, random_like
 from .vectors import normalize as _unit
+
+if TYPE_CHECKING:
+    from ..model import VLM
 
 __all__ = ["SteeringSweep", "caption_nll", "damage", "efficacy", "sweep"]
 
@@ -42,7 +45,7 @@ def _names(text: str, name: str) -> bool:
 
 
 def efficacy(
-    vlm: Any,
+    vlm: VLM,
     images: Sequence[Any],
     src: str,
     tgt: str,
@@ -117,7 +120,7 @@ def _caption_items(data: Any) -> tuple[list, list[str]]:
 
 
 def caption_nll(
-    vlm: Any,
+    vlm: VLM,
     data: Any,
     vector: Float[Tensor, " d_model"] | None = None,
     layer: int | str | None = None,
@@ -151,7 +154,7 @@ def caption_nll(
 
 
 def damage(
-    vlm: Any,
+    vlm: VLM,
     data: Any,
     vector: Float[Tensor, " d_model"],
     layer: int | str,
@@ -239,12 +242,12 @@ def _class_index(names: Sequence[str] | None, c: Any) -> int:
     if isinstance(c, int):
         return c
     if names is None or c not in names:
-        raise KeyError(f"unknown class {c!r}: use one of {list(names or [])[:20]} or an int label")
+        raise NotFoundError(f"unknown class {c!r}: use one of {list(names or [])[:20]} or an int label")
     return list(names).index(c)
 
 
 def sweep(
-    vlm: Any,
+    vlm: VLM,
     pairs: Sequence[tuple[Any, Any]],
     ks: Sequence[float],
     layers: Sequence[int],
@@ -312,7 +315,7 @@ def sweep(
             raise InputError(f"class {names[src]!r} has no images in data to steer")
         if isinstance(vectors, Mapping):
             if L not in vectors:
-                raise KeyError(f"no class means for layer {L}: vectors holds layers {sorted(vectors)}")
+                raise NotFoundError(f"no class means for layer {L}: vectors holds layers {sorted(vectors)}")
             v = vectors[L][tgt] - vectors[L][src]
         else:
             v = vectors(src, tgt, L)

@@ -9,7 +9,7 @@ tokens' keys and values carry it into every later step) or, with
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -19,10 +19,13 @@ from ..errors import InputError
 from ..interventions import add, check_vector
 from ..tokens import Batch, select
 
+if TYPE_CHECKING:
+    from ..model import VLM
+
 __all__ = ["steered_generate"]
 
 
-def _edits(vlm: Any, batch: Batch, vector: Any, layer: Any, k: float, tokens: Any, new_tokens: bool,
+def _edits(vlm: VLM, batch: Batch, vector: Any, layer: Any, k: float, tokens: Any, new_tokens: bool,
            edit: Callable | None) -> None:
     if vector is not None:
         add(vlm, layer, vector, k, batch=batch, tokens=tokens, new_tokens=new_tokens)
@@ -31,7 +34,7 @@ def _edits(vlm: Any, batch: Batch, vector: Any, layer: Any, k: float, tokens: An
 
 
 def steered_generate(
-    vlm: Any,
+    vlm: VLM,
     batch: Batch,
     vector: Float[Tensor, " d_model"] | None = None,
     layer: int | str | None = None,
@@ -65,7 +68,7 @@ def steered_generate(
         2
     """
     if not isinstance(batch, Batch):
-        raise TypeError("steered_generate needs a Batch from vlm.prepare(prompts, images)")
+        raise InputError("steered_generate needs a Batch from vlm.prepare(prompts, images)")
     if vector is not None:
         vector = check_vector(vector, vlm.d_model)
         if layer is None:

@@ -12,7 +12,7 @@ A few SAE decoder directions that reproduce a vector: `vlens.sparsity.sparse_app
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
@@ -20,6 +20,9 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..interventions import check_vector
+
+if TYPE_CHECKING:
+    from ..model import VLM
 
 __all__ = ["class_means", "diff_of_means", "from_probe", "normalize", "random_like", "unembedding_diff"]
 
@@ -118,7 +121,7 @@ def _name_ids(tok: Any, name: str) -> list[int]:
 
 
 def unembedding_diff(
-    vlm: Any, src_name: str, tgt_name: str, *, mode: str = "first", normalize: bool = False
+    vlm: VLM, src_name: str, tgt_name: str, *, mode: str = "first", normalize: bool = False
 ) -> Float[Tensor, " d_model"]:
     """Difference of the LM-head rows of two class names: `W_U[tgt] - W_U[src]`.
 

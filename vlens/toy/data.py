@@ -20,6 +20,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..data.records import Dataset, Sample
+from ..errors import InputError
+
 # The prompts the toy model is trained on are the paper's (one convention: they carry `<image>`).
 from ..prompts import CAPTION_PROMPT, COLOUR_QUESTION, QUESTION, SHAPE_QUESTION, two_choice_prompt  # noqa: F401
 
@@ -87,7 +89,7 @@ def class_pairs(kind: str = "any") -> list[tuple[str, str]]:
         if kind == "any" or (kind == "colour" and sa == sb) or (kind == "shape" and ca == cb):
             pairs.append((a, b))
     if kind not in ("any", "colour", "shape"):
-        raise ValueError(f"kind must be 'any', 'colour' or 'shape', not {kind!r}")
+        raise InputError(f"kind must be 'any', 'colour' or 'shape', not {kind!r}")
     return pairs
 
 
@@ -132,7 +134,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
         k = 1.0
     else:  # pragma: no cover - guarded by render
-        raise ValueError(shape)
+        raise InputError(shape)
     ca, sa = np.cos(angle), np.sin(angle)
     return [(cx + k * r * (x * ca - y * sa), cy + k * r * (x * sa + y * ca)) for x, y in pts]
 
@@ -152,7 +154,7 @@ def render(meta: dict, image_size: int = 64, rng: np.random.Generator | None = N
     from PIL import Image, ImageDraw
 
     if meta["shape"] not in SHAPES:
-        raise ValueError(f"unknown shape {meta['shape']!r}; toy shapes are {SHAPES}")
+        raise InputError(f"unknown shape {meta['shape']!r}; toy shapes are {SHAPES}")
     ss = 4  # supersample for smooth edges
     S = image_size * ss
     im = Image.new("RGB", (S, S), tuple(meta["bg_rgb"]))
@@ -207,7 +209,7 @@ def sample_meta(rng: np.random.Generator, label: int) -> dict:
 
 def _split_id(split: str) -> int:
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, not {split!r}")
+        raise InputError(f"split must be one of {list(SPLITS)}, not {split!r}")
     return SPLITS[split]
 
 
@@ -229,7 +231,7 @@ class ToyDataset(Dataset):
 
     def __init__(self, n: int, split: str = "train", seed: int = 0, image_size: int = 64) -> None:
         if n < 0:
-            raise ValueError(f"n must be >= 0, not {n}")
+            raise InputError(f"n must be >= 0, not {n}")
         self.n = int(n)
         self.split = split
         self.split_id = _split_id(split)

@@ -103,7 +103,7 @@ def task_example(task: str, meta: dict, label: int, rng: np.random.Generator) ->
             other = str(rng.choice([c for c in CLASS_NAMES if c != name]))
         src, tgt = (name, other) if rng.random() < 0.5 else (other, name)
         return two_choice_prompt(src, tgt), name
-    raise ValueError(f"unknown task {task!r}; tasks are {list(TASKS)}")
+    raise InputError(f"unknown task {task!r}; tasks are {list(TASKS)}")
 
 
 class ToyBatches:

@@ -90,8 +90,8 @@ def save_checkpoint(directory: Path, cfg: TrainConfig, sae: TrainingSAE, opt: to
     for i, st in opt.state_dict()["state"].items():
         for name, value in st.items():
             opt_tensors[f"{i}.{name}"] = torch.as_tensor(value).reshape(-1).contiguous()
-    assert state.since_fired is not None
-    opt_tensors["since_fired"] = state.since_fired.contiguous()
+    if state.since_fired is not None:
+        opt_tensors["since_fired"] = state.since_fired.contiguous()
     save_file(opt_tensors, tmp / "trainer_state.safetensors")
     meta = {"config": cfg.to_dict(), "step": state.step, "tokens": state.tokens, "scale": state.scale,
             "mix": state.mix, "sae_metadata": sae.cfg.metadata.to_dict()}
@@ -138,4 +138,4 @@ def load_checkpoint(path: Path, cfg: TrainConfig, sae: TrainingSAE, opt: torch.o
     opt_sd["state"] = new_state
     opt.load_state_dict(opt_sd)
     return TrainState(step=meta["step"], tokens=meta["tokens"], scale=meta["scale"], mix=meta["mix"],
-                      since_fired=tensors["since_fired"].clone())
+                      since_fired=tensors["since_fired"].clone() if "since_fired" in tensors else None)
