@@ -40,7 +40,15 @@ __all__ = [
 ]
 
 
+#: Heavier subpackages, imported on first use (`vlens.sae` brings SAE-Lens).
+_LAZY = ("sae", "viz", "demo", "cli", "distributed")
+
+
 def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     if name == "image_geometry":  # vlens 0.1 exported the LLaVA-Next geometry at the top
         import warnings
 

@@ -24,7 +24,7 @@ from typing import Any
 MOVED: dict[str, tuple[tuple[str, ...], str | None]] = {
     "vlens.positions": (("vlens.tokens", "vlens.families.llava_next"), None),
     "vlens.tiny": (("vlens.loading", "vlens.families.llava_next", "vlens.families.wordlevel"), "tiny"),
-    "vlens.configs": (("vlens.families.llava_next", "vlens.loading"), None),
+    "vlens.configs": (("vlens.families.checkpoints", "vlens.loading"), None),
     "vlens.harvest": (
         ("vlens.activations", "vlens.prompts", "vlens.activations.harvesting", "vlens.activations.store",
          "vlens.activations.figures"),

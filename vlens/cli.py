@@ -150,20 +150,35 @@ def _demo_command() -> Callable:
         data: Optional[str] = typer.Option(None, help="image-class data for a real model: folder or HF dataset id"),
         captions: Optional[Path] = typer.Option(None, help="ShareGPT4V-style caption JSON for a real model"),
         image_root: Optional[Path] = typer.Option(None, help="image root of --captions"),
+        weights: Optional[str] = typer.Option(None, help="random: a known checkpoint's architecture, offline"),
+        seed: int = typer.Option(0, help="seed of --weights random"),
+        d_model: Optional[int] = typer.Option(None, help="--weights random: residual width (default: the real one)"),
+        n_layers: Optional[int] = typer.Option(None, help="--weights random: language-model layers"),
+        vision_d_model: Optional[int] = typer.Option(None, help="--weights random: vision-tower width"),
+        vision_layers: Optional[int] = typer.Option(None, help="--weights random: vision-tower layers"),
         **sizes: Any,
     ) -> None:
         """Run every experiment of the paper on the toy model (or a real one) and write an HTML report.
 
-        On the real LLaVA-Next architecture with random weights (offline, no GPU), for example:
-        `vlens demo --model llava-hf/llava-v1.6-mistral-7b-hf --data DIR --captions caps.json` with a
-        downloaded checkpoint, or pass a VLM to `vlens.demo.run` from Python.
+        A real checkpoint: `--model llava-hf/llava-v1.6-mistral-7b-hf --device cuda --data DIR --captions
+        caps.json`. Its real architecture, tokenizer and processor with random weights, offline on a CPU:
+        add `--weights random --d-model 64 --n-layers 2 --vision-d-model 32 --vision-layers 1`.
         """
         if model != "toy" and (data is None or captions is None):
             raise InputError("a model other than the toy needs --data (an image folder or HF dataset id) and "
                              "--captions (a ShareGPT4V-style JSON), with --image-root if its paths are relative")
+        shape = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, vision_d_model=vision_d_model,
+                                       vision_layers=vision_layers).items() if v is not None}
+        if shape and weights is None:
+            raise InputError("--d-model / --n-layers / --vision-d-model / --vision-layers shape --weights random")
         base = DemoConfig.fast() if fast else DemoConfig()
         cfg = dataclasses.replace(base, **_given(DemoConfig, sizes))
-        run(out, model=model, device=device, data=data, captions=None if captions is None else str(captions),
+        vlm: Any = model
+        if weights is not None:
+            from .loading import load
+
+            vlm = load(model, weights=weights, seed=seed, device=device, **shape)
+        run(out, model=vlm, device=device, data=data, captions=None if captions is None else str(captions),
             image_root=None if image_root is None else str(image_root), config=cfg)
 
     return demo

@@ -135,7 +135,7 @@ def run(
 
     # -- 3. steering --------------------------------------------------------------------------
     t = _stage("3/6 steering with class-mean differences")
-    pairs = _pairs(toy_model, names, cfg.n_pairs)
+    pairs = _pairs(toy_model, names, heldout, cfg.n_pairs)
     means = {L: steering.class_means(*pooled.pooled(L), n_classes=len(names)) for L in layers}
     src, tgt = pairs[0]
     si, ti = names.index(src), names.index(tgt)
@@ -259,9 +259,17 @@ def _data(toy_model: bool, cfg: DemoConfig, data: str | None, captions: str | No
     return train, heldout, vdata.sharegpt4v(captions, image_root=image_root)
 
 
-def _pairs(toy_model: bool, names: Sequence[str], n: int) -> list[tuple[str, str]]:
+def _pairs(toy_model: bool, names: Sequence[str], heldout: Any, n: int) -> list[tuple[str, str]]:
+    """Class pairs to steer: the toy's own pairs, or consecutive classes that have held-out images to steer."""
     if toy_model:
         from .toy import class_pairs
 
         return list(class_pairs())[:n]
-    return [(names[i], names[i + 1]) for i in range(0, 2 * n, 2)]
+    present = sorted({int(s.label) for s in heldout if s.label is not None})
+    if len(present) < 2:
+        raise InputError(
+            f"the held-out split has images of {len(present)} class(es); steering needs two: give more images per "
+            "class in --data, or a larger n_heldout"
+        )
+    pairs = [(names[present[i]], names[present[i + 1]]) for i in range(0, len(present) - 1, 2)]
+    return pairs[: max(1, n)]

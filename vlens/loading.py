@@ -58,14 +58,10 @@ def meta(name: str = "llava-hf/llava-v1.6-mistral-7b-hf") -> VLM:
 
 
 def _meta_vlm(name: str) -> VLM:
-    from transformers import LlavaNextForConditionalGeneration
+    from .families.checkpoints import build
 
-    from .families.llava_next import known_config, real_processor
-
-    config = known_config(name)
-    with torch.device("meta"):
-        model = LlavaNextForConditionalGeneration(config)
-    return VLM.wrap(model, real_processor(name), name=f"{name} (meta)")
+    model, processor = build(name, device="meta")
+    return VLM.wrap(model, processor, name=f"{name} (meta)")
 
 
 def load(
@@ -75,6 +71,8 @@ def load(
     dtype: torch.dtype | str | None = None,
     lazy: bool = False,
     meta: bool = False,
+    weights: str | None = None,
+    seed: int = 0,
     **kwargs: Any,
 ) -> VLM:
     """Load a VLM of a supported family as a `VLM`.
@@ -88,11 +86,19 @@ def load(
     on NDIF). `meta=True` builds a known checkpoint's architecture offline on
     the meta device (see `vlens.loading.meta`), for geometry and module paths only.
 
+    `weights="random"` builds a known checkpoint offline with random weights:
+    the real processor, tokenizer and module tree, with widths and depths
+    shrunk by the size keywords of `vlens.families.checkpoints.known_config`
+    (`d_model`, `n_layers`, `vision_d_model`, `vision_layers`, ...) and `seed`.
+
     Example:
         >>> import vlens
-        >>> vlm = vlens.load("toy")
-        >>> vlm.n_layers
+        >>> vlens.load("toy").n_layers
         6
+        >>> vlm = vlens.load("llava-hf/llava-v1.6-mistral-7b-hf", weights="random", d_model=64, n_layers=2,
+        ...                  vision_d_model=32, vision_layers=1)
+        >>> vlm.n_layers, vlm.vocab_size, vlm.processor.patch_size
+        (2, 32064, 14)
     """
     torch_dtype = as_dtype(dtype)
     if isinstance(name_or_path, tuple):
@@ -111,8 +117,15 @@ def load(
             f"load takes 'toy', a hub id, a directory, or a (model, processor) pair; got {type(name_or_path).__name__}"
         )
     name = str(name_or_path)
+    if weights is not None:
+        from .families.checkpoints import build
+
+        if lazy or meta:
+            raise InputError("weights='random' builds the model itself: drop lazy=/meta= (use device='meta' instead)")
+        model, processor = build(name, weights=weights, seed=seed, device=device, dtype=torch_dtype, **kwargs)
+        return VLM.wrap(model, processor, name=f"{name} (random weights)")
     if meta:
-        from .families.llava_next import KNOWN
+        from .families.checkpoints import KNOWN
 
         if name in KNOWN:
             return _meta_vlm(name)
@@ -155,7 +168,7 @@ def facts(name_or_path: str | os.PathLike) -> ModelFacts:
         >>> facts("llava-hf/llava-v1.6-mistral-7b-hf").n_layers
         32
     """
-    from .families.llava_next import KNOWN, known_config
+    from .families.checkpoints import KNOWN, known_config
 
     name = str(name_or_path)
     if name == "toy":

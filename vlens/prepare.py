@@ -195,6 +195,7 @@ def prepare(
 
     texts = [family.render(processor, p) if template else p for p in prompts]
     enc = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    enc["vlens_image_sizes"] = torch.tensor([[im.height, im.width] for im in images], dtype=torch.long).view(-1, 2)
     ids_rows = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
 
     ans_rows: list[list[int]] = [[] for _ in prompts]

@@ -16,7 +16,7 @@ loss recovered and the toy model's training and evaluation all call it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from .model import VLM
     from .tokens import Batch
 
-__all__ = ["token_logprobs", "answer_logprob", "answer_ce", "answer_correct", "answer_loss", "score_answers"]
+__all__ = [
+    "token_logprobs", "answer_logprob", "answer_ce", "answer_correct", "answer_loss", "score_answers", "single_token_names",
+]
 
 
 def token_logprobs(
@@ -131,3 +133,26 @@ def score_answers(
         total, count = answer_logprob(logits, ids, answer)
         total, count = total.cpu().save(), count.cpu().save()
     return total, count
+
+
+def single_token_names(tokenizer: Any, names: Sequence[str], *, lowercase: bool = True) -> list[str]:
+    """The names that are ONE token in the answer position under `tokenizer` (the paper's class selection).
+
+    An answer is appended after the prompt as its own tokens (`VLM.prepare(...,
+    answers=...)`), so a name is one token when `tokenizer(name,
+    add_special_tokens=False)` gives one id. The two-choice prompt asks for
+    lowercase, so names are lowercased first by default. For a one-token name
+    the answer probability is the paper's token probability; for longer names
+    vlens reports the probability of the whole token sequence.
+
+    Example:
+        >>> from vlens.families.wordlevel import word_tokenizer
+        >>> single_token_names(word_tokenizer(["red", "circle"]), ["red", "red circle", "Circle"])
+        ['red', 'Circle']
+    """
+    out = []
+    for name in names:
+        text = name.lower() if lowercase else name
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1:
+            out.append(name)
+    return out

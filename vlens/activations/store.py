@@ -45,7 +45,6 @@ is hand-rolled.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -55,16 +54,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .._durable import file_crc32
 from ..errors import InputError, StoreError
 from ..sites import Site, parse
 from ..tokens import TokenLayout
+from .shards import DAMAGED_HINT, FORMAT, INDEX, is_int, main_pass_list, open_shards, read_index
 
 __all__ = ["ActivationStore", "ActivationRows", "FORMAT", "INDEX", "ROLE_NAMES", "META_COLUMNS", "role_codes"]
 
-#: The `format` field of every store's `index.json` (and of each shard's metadata).
-FORMAT = "vlens.harvest/1"
-#: The store's index file name.
-INDEX = "index.json"
 #: Names of the `role` column's codes 0..4.
 ROLE_NAMES = ("image", "prompt", "answer", "bos", "other")
 #: Metadata columns of a per-token store (pooled stores add `n_tokens`).
@@ -88,28 +85,6 @@ def role_codes(layout: TokenLayout) -> Int[Tensor, "batch seq"]:
     role[layout.bos] = 3
     role[layout.image] = 0
     return role
-
-
-class _Shard:
-    """One safetensors shard, opened by `safe_open`: its tensors are zero-copy, copy-on-write memory maps."""
-
-    def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        self.path = path
-        try:
-            self._file = safe_open(str(path), framework="pt")
-        except Exception as e:  # a truncated or foreign file
-            raise StoreError(f"shard {path} cannot be read ({e}): the store is damaged; harvest it again "
-                             "(overwrite=True)") from e
-        self.metadata: dict = self._file.metadata() or {}
-        self.keys = list(self._file.keys())
-
-    def n_rows(self) -> int:
-        return int(self._file.get_slice("meta.sample").get_shape()[0])
-
-    def tensor(self, key: str) -> Tensor:
-        return self._file.get_tensor(key)
 
 
 class ActivationRows:
@@ -248,23 +223,19 @@ class ActivationStore:
         (True, 9)
     """
 
-    def __init__(self, path: str | os.PathLike, _rows: Tensor | None = None, _shards: list | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, _rows: Tensor | None = None, _shards: list | None = None,
+                 _warned: list | None = None) -> None:
         self.path = Path(path)
-        idx = self.path / INDEX
-        if not idx.exists():
-            raise FileNotFoundError(f"{self.path} is not a harvest store (no {INDEX}); create one with vlens.harvest(...)")
-        try:
-            self.index = json.loads(idx.read_text())
-        except ValueError as e:
-            raise StoreError(f"{idx} is not valid JSON ({e}): the store is damaged; harvest it again (overwrite=True)") from e
-        if self.index.get("format") != FORMAT:
-            raise StoreError(f"{idx} has format {self.index.get('format')!r}; this vlens reads {FORMAT!r}")
+        self.index = read_index(self.path)
         self.config = self.index["config"]
-        self._shards = _shards if _shards is not None else [
-            _Shard(self.path / s["file"]) for s in self.index["shards"] if s.get("file")
-        ]
+        if _shards is None:
+            _shards, bad, problem = open_shards(self.path, self.index)
+            if bad is not None:
+                raise StoreError(f"{problem}: the store is damaged; {DAMAGED_HINT}")
+        self._shards = _shards
         self._rows = _rows
         self._meta: dict[str, Tensor] | None = None
+        self._warned = _warned if _warned is not None else [False]
 
     # -- facts --
     @property
@@ -316,7 +287,7 @@ class ActivationStore:
     def __repr__(self) -> str:
         c = self.config
         return (f"ActivationStore({str(self.path)!r}: {len(self)} rows × d_model {self.d_model}, layers {self.layers}, "
-                f"{c['site']}, tokens={c['tokens']!r}, pool={c['pool']!r}, {c['dtype']}, model {c['model']!r}"
+                f"{c['site']}, tokens={c['tokens']!r}, pool={c['pool']!r}, {c['dtype']}, model {c.get('model')!r}"
                 + ("" if self.complete else ", INCOMPLETE") + ")")
 
     def _layer(self, layer: int | str | Site) -> int:
@@ -337,6 +308,14 @@ class ActivationStore:
     def activations(self, layer: int | str | Site) -> ActivationRows:
         """Layer `layer`'s rows, `[len(store), d_model]`, lazily read from memory-mapped shards."""
         layer = self._layer(layer)
+        if not self.complete and not self._warned[0]:
+            self._warned[0] = True
+            prog, n = self.index["progress"], self.config.get("n_samples", "?")
+            warnings.warn(
+                f"the store at {self.path} is incomplete: its harvest stopped after {prog['main']} of {n} samples "
+                + (f"(and {prog['text']} of the text-only pass) " if self.config.get("text_only") else "")
+                + "and these rows cover only those. Call vlens.harvest again with the same arguments to finish it.",
+                stacklevel=2)
         return ActivationRows([s.tensor(f"act.{layer}") for s in self._shards], self._rows, self.d_model, self.dtype)
 
     @property
@@ -355,15 +334,7 @@ class ActivationStore:
         """`Sample.id` of every sample of the main pass, by sample index (`store.meta['sample']`)."""
         if "sample_ids" in self.index:  # merged from the ranks of a distributed harvest
             return list(self.index["sample_ids"])
-        ids: list = []
-        for s in self.index["shards"]:
-            if s["pass"] != "main":
-                continue
-            if s.get("file"):
-                ids.extend(json.loads(_Shard(self.path / s["file"]).metadata.get("sample_ids", "[]")))
-            else:
-                ids.extend(s.get("sample_ids", []))
-        return ids
+        return main_pass_list(self.path, self.index, "sample_ids")
 
     def filter(self, modality: str | None = None, label: int | Sequence[int] | None = None,
                text_only: bool | None = None, role: str | None = None) -> "ActivationStore":
@@ -380,7 +351,10 @@ class ActivationStore:
                 raise InputError(f"modality must be 'image' or 'text', not {modality!r}")
             keep &= m["modality"] == _MODALITY[modality]
         if label is not None:
-            labels = torch.as_tensor(label).flatten().long()
+            labels = torch.as_tensor([label] if isinstance(label, int) else list(label)).flatten()
+            if labels.is_floating_point() or labels.dtype == torch.bool:
+                raise InputError(f"label must be a class id or a list of them (ints), not {label!r}")
+            labels = labels.long()
             keep &= torch.isin(m["label"], labels)
         if text_only is not None:
             keep &= m["text_only"] == int(bool(text_only))
@@ -389,7 +363,7 @@ class ActivationStore:
                 raise InputError(f"role must be one of {ROLE_NAMES}, not {role!r}")
             keep &= m["role"] == ROLE_NAMES.index(role)
         base = torch.arange(len(self)) if self._rows is None else self._rows
-        return ActivationStore(self.path, _rows=base[keep], _shards=self._shards)
+        return ActivationStore(self.path, _rows=base[keep], _shards=self._shards, _warned=self._warned)
 
     def batches(self, layer: int | str | Site, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
                 modality: str | None = None, buffer_shards: int = 4, drop_last: bool = False,
@@ -410,6 +384,11 @@ class ActivationStore:
             >>> sum(len(b) for b in store.batches(0, batch_size=50)) == len(store)
             True
         """
+        for name, v in (("batch_size", batch_size), ("buffer_shards", buffer_shards)):
+            if not is_int(v, 1):
+                raise InputError(f"{name} must be a positive int, not {v!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InputError(f"dtype must be a floating-point torch dtype (e.g. torch.float32), not {dtype!r}")
         view = self.filter(modality=modality) if modality is not None else self
         rows = view.activations(layer)
         g = torch.Generator().manual_seed(seed)
@@ -470,6 +449,29 @@ class ActivationStore:
         y = torch.full((len(samples),), -1, dtype=torch.long)
         y[inverse] = m["label"]
         return X, y
+
+    def verify(self) -> "ActivationStore":
+        """Read every shard and check it against the checksum the index holds for it (stores since vlens 0.2).
+
+        Opening a store checks its structure (index, shard headers, shapes); a bit flip inside the
+        data is found only by reading it all, which this does (about 1.5 GB/s). Raises `StoreError`
+        naming the first damaged shard; returns the store otherwise.
+
+        Example:
+            >>> import vlens, tempfile
+            >>> from vlens.data import Sample
+            >>> from vlens.activations import harvest
+            >>> from PIL import Image
+            >>> store = harvest(vlens.tiny(), [Sample(Image.new("RGB", (32, 32)))], layers=[0], out=tempfile.mkdtemp(),
+            ...                 progress=False)
+            >>> store.verify() is store
+            True
+        """
+        for e in self.index["shards"]:
+            if e.get("file") and e.get("crc32") and file_crc32(self.path / e["file"]) != e["crc32"]:
+                raise StoreError(f"shard {self.path / e['file']} does not match its checksum (a bit flip or a partial "
+                                 f"copy): delete that file, then {DAMAGED_HINT}")
+        return self
 
     def to_sae_lens(self, layer: int | str | Site, path: str | os.PathLike, **kwargs: Any) -> dict:
         """Deprecated: use `vlens.activations.export_sae_lens(store, layer, path, ...)`."""

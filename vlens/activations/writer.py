@@ -1,27 +1,35 @@
 """The atomic writer of harvest stores: shards and index replaced whole, never half-written.
 
 Every file is written to a temporary name, fsynced, renamed over its final
-name and its directory fsynced (`_atomic_write`). A shard is always written
-before the `index.json` that lists it, so an interrupted harvest (Ctrl-C,
-`kill -9`, a full disk) leaves a consistent store: at most a temporary file or
-an unlisted shard, both removed when the writer opens the store again. A
-failing disk raises `vlens.errors.HarvestError`, saying how far the store goes
-and how to resume. The format is described in `vlens.activations.store`.
+name and its directory fsynced (`vlens._durable.atomic_write`). A shard is
+always written before the `index.json` that lists it, with the CRC-32 of its
+bytes, so an interrupted harvest (Ctrl-C, `kill -9`, a full disk) leaves a
+consistent store: at most a temporary file or an unlisted shard, both removed
+when the writer opens the store again. Reopening also checks the listed shards
+(`vlens.activations.shards.open_shards`): a missing, truncated or damaged shard
+is dropped with every shard after it, and the harvest recomputes from there.
+
+The writer deletes only names it writes itself (`shards.OWN_NAMES`:
+`index.json`, `shard-NNNNN.safetensors` and their `.tmp` files), and refuses a
+non-empty folder that is not a store unless `overwrite=True`. A failing disk
+raises `vlens.errors.HarvestError`, saying how far the store goes and how to
+resume; the failed write is not retried. The format is described in
+`vlens.activations.store`.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import os
+import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ..errors import HarvestError
-from .store import FORMAT, INDEX
+from .._durable import atomic_write as _atomic_write, file_crc32, json_checksum
+from ..errors import HarvestError, InputError
+from .shards import FORMAT, INDEX, OWN_NAMES, index_problem, open_shards
 
 __all__: list[str] = []
 
@@ -30,41 +38,24 @@ _CONFIG_KEYS = (
     "model", "model_fingerprint", "d_model", "layers", "site", "tokens", "pool", "dtype", "prompt", "template",
     "captions", "text_only", "text_prompt", "n_samples", "rank_of",
 )
+_FULL = ("No space left", "os error 28", "Disk quota", "os error 122")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+def index_text(index: dict) -> str:
+    """`index` as the JSON text of an `index.json`, with its checksum (`vlens._durable.json_checksum`).
+
+    Example:
+        >>> json.loads(index_text({"n_rows": 0}))["checksum"]
+        '72317184'
+    """
+    doc = dict(index)
+    doc["checksum"] = json_checksum(doc)
+    return json.dumps(doc, indent=1)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write `path` via `write(tmp)`, fsync, rename over `path`, fsync the directory. No partial file survives."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _disk_error(e: OSError, what: Path, index: dict) -> HarvestError:
+def _disk_error(e: BaseException, what: Path, index: dict) -> HarvestError:
     prog = index["progress"]
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(s in str(e) for s in _FULL)
     cause = "the disk is full" if full else f"writing failed ({e})"
     return HarvestError(
         f"{cause} while writing {what}. The store at {what.parent} is consistent: it holds "
@@ -72,6 +63,15 @@ def _disk_error(e: OSError, what: Path, index: dict) -> HarvestError:
         + ("Free some space (or pass a larger disk as out=...) and " if full else "Fix the problem and ")
         + "call harvest again with the same arguments to resume."
     )
+
+
+def _truncated(index: dict, k: int) -> dict:
+    """`index` keeping only its first `k` shard entries (progress, skipped and row counts follow)."""
+    kept = index["shards"][:k]
+    new = dict(index, shards=kept, complete=False, n_rows=sum(e["rows"] for e in kept))
+    new["progress"] = {p: max([e["end"] for e in kept if e["pass"] == p], default=0) for p in ("main", "text")}
+    new["skipped"] = {p: sum(e.get("skipped", 0) for e in kept if e["pass"] == p) for p in ("main", "text")}
+    return new
 
 
 class _Writer:
@@ -89,20 +89,31 @@ class _Writer:
         self._buf_end = 0
         self._buf_skipped = 0
         self._buf_ids: list = []
+        self._buf_keys: list = []
         self.failed = False
 
     @classmethod
     def open(cls, root: Path, config: dict, *, overwrite: bool, hook_names: dict, shard_bytes: int) -> "_Writer":
-        root.mkdir(parents=True, exist_ok=True)
+        if root.exists() and not root.is_dir():
+            raise InputError(f"out={str(root)!r} is a file: pass a directory for the store (a new or an empty one)")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HarvestError(f"cannot create the store directory {root} ({e}): choose a writable out=") from e
         idx_path = root / INDEX
         index = None
         if idx_path.exists():
             try:
-                index = json.loads(idx_path.read_text())
+                index = json.loads(idx_path.read_bytes())
+                problem = index_problem(index)
             except (OSError, ValueError) as e:
+                problem = f"it is unreadable ({e})"
+            if problem is not None:
                 if not overwrite:
-                    raise HarvestError(f"{idx_path} is unreadable ({e}); pass overwrite=True to start this store afresh") from e
-            if index is not None:
+                    raise HarvestError(f"{idx_path} is damaged: {problem}. Pass overwrite=True to start this store "
+                                       "afresh (or choose another out=)")
+                index = None
+            else:
                 old = index.get("config", {})
                 diff = [k for k in _CONFIG_KEYS if old.get(k) != config.get(k)]
                 if diff and not overwrite:
@@ -113,12 +124,18 @@ class _Writer:
                     )
                 if diff:
                     index = None
-        elif any(root.glob("shard-*.safetensors")) and not overwrite:
-            raise HarvestError(f"{root} has shard files but no {INDEX}; pass overwrite=True to replace them")
+        elif not overwrite:
+            foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if not OWN_NAMES.match(p.name))
+            if foreign:
+                raise HarvestError(
+                    f"{root} is not empty and is not a harvest store (it holds {', '.join(foreign[:5])}"
+                    + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "") + "): choose a new or empty "
+                    "folder for out=, or pass overwrite=True to write the store beside those files (vlens deletes "
+                    "only its own: index.json, shard-NNNNN.safetensors and their .tmp files)")
+            if any(root.glob("shard-*.safetensors")):
+                raise HarvestError(f"{root} has shard files but no {INDEX}; pass overwrite=True to replace them")
         if index is None:
-            for p in [*root.glob("shard-*.safetensors"), *root.glob("*.tmp"), idx_path]:
-                if p.exists():
-                    p.unlink()
+            cls._remove_own(root, keep=set())
             index = {
                 "format": FORMAT,
                 "config": config,
@@ -130,17 +147,30 @@ class _Writer:
                 "complete": False,
             }
             w = cls(root, index, shard_bytes)
-            w._write_index()
+            w._write_index(what=f"{root} is not writable")
         else:
-            w = cls(root, index, shard_bytes)
+            _, bad, problem = open_shards(root, index)
+            w = cls(root, index if bad is None else _truncated(index, bad), shard_bytes)
+            if bad is not None:
+                warnings.warn(f"{problem}: keeping the {bad} shard entr{'y' if bad == 1 else 'ies'} before it and "
+                              "harvesting the rest again", stacklevel=4)
+                w._write_index(what=f"{root} is not writable")
         # Leftovers of an interrupted write: temporary files and shards the index does not list.
-        listed = {s["file"] for s in index["shards"]}
-        for p in [*root.glob("*.tmp"), *root.glob("shard-*.safetensors")]:
-            if p.name not in listed:
-                p.unlink()
+        cls._remove_own(root, keep={s["file"] for s in w.index["shards"] if s.get("file")} | {INDEX})
         return w
 
-    def add(self, pass_name: str, end: int, rows: dict[str, Tensor], n_skipped: int, ids: list) -> None:
+    @staticmethod
+    def _remove_own(root: Path, keep: set) -> None:
+        """Delete the files vlens writes in a store folder (`OWN_NAMES`), but those in `keep`; nothing else."""
+        for p in root.iterdir():
+            if OWN_NAMES.match(p.name) and p.name not in keep and p.is_file():
+                try:
+                    p.unlink()
+                except OSError:  # a read-only store: leftovers stay, harmless
+                    pass
+
+    def add(self, pass_name: str, end: int, rows: dict[str, Tensor], n_skipped: int, ids: list,
+            keys: list | None = None) -> None:
         if self._buf_pass is not None and self._buf_pass != pass_name:
             self.flush()
         if self._buf_pass is None:
@@ -151,6 +181,7 @@ class _Writer:
         self._buf_end = end
         self._buf_skipped += n_skipped
         self._buf_ids.extend(ids)
+        self._buf_keys.extend(keys or [])
         if self._buf_bytes >= self.shard_bytes:
             self.flush()
 
@@ -164,34 +195,40 @@ class _Writer:
         n_rows = int(tensors["meta.sample"].shape[0]) if tensors else 0
         entry = {"pass": self._buf_pass, "start": self._buf_start, "end": self._buf_end, "rows": n_rows,
                  "skipped": self._buf_skipped}
+        keys = {"sample_keys": self._buf_keys} if self._buf_keys else {}
         if n_rows:
             name = f"shard-{len(index['shards']):05d}.safetensors"
             path = self.root / name
             meta = {"format": FORMAT, "pass": self._buf_pass, "start": str(self._buf_start), "end": str(self._buf_end),
-                    "sample_ids": json.dumps(self._buf_ids)}
+                    "sample_ids": json.dumps(self._buf_ids), **{k: json.dumps(v) for k, v in keys.items()}}
+            crc: list[str] = []
+
+            def write(tmp: Path) -> None:
+                save_file(tensors, str(tmp), metadata=meta)
+                crc.append(file_crc32(tmp))
+
             try:
-                _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-            except OSError as e:
+                _atomic_write(path, write)
+            except Exception as e:  # OSError, or safetensors' own SafetensorError for a failed write
                 self.failed = True
                 raise _disk_error(e, path, index) from e
             entry["file"] = name
+            entry["crc32"] = crc[0]
         else:
             entry["file"] = None
             entry["sample_ids"] = self._buf_ids
+            entry.update(keys)
         new = json.loads(json.dumps(index))
         new["shards"].append(entry)
         new["progress"][self._buf_pass] = self._buf_end
         new["skipped"][self._buf_pass] += self._buf_skipped
         new["n_rows"] += n_rows
-        try:
-            self._write_index(new)
-        except OSError as e:
-            self.failed = True
-            raise _disk_error(e, self.root / INDEX, index) from e
+        self._write_index(new)
         self.index.clear()
         self.index.update(new)
         self.progress = self.index["progress"]
         self._buf, self._buf_bytes, self._buf_pass, self._buf_skipped, self._buf_ids = [], 0, None, 0, []
+        self._buf_keys = []
 
     def finish(self) -> None:
         if not self.index.get("complete"):
@@ -199,7 +236,12 @@ class _Writer:
             self._write_index(new)
             self.index["complete"] = True
 
-    def _write_index(self, index: dict | None = None) -> None:
-        text = json.dumps(index if index is not None else self.index, indent=1)
-        _atomic_write(self.root / INDEX, lambda tmp: tmp.write_text(text))
-
+    def _write_index(self, index: dict | None = None, what: str | None = None) -> None:
+        text = index_text(index if index is not None else self.index)
+        try:
+            _atomic_write(self.root / INDEX, lambda tmp: tmp.write_text(text))
+        except OSError as e:
+            self.failed = True
+            if what is not None:
+                raise HarvestError(f"{what} ({e}): choose a writable out= (or fix its permissions)") from e
+            raise _disk_error(e, self.root / INDEX, self.index) from e

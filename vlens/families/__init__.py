@@ -151,7 +151,7 @@ def of_config(config: Any) -> Family:
     """The family of an HF config (by `model_type`).
 
     Example:
-        >>> from vlens.families.llava_next import known_config
+        >>> from vlens.families.checkpoints import known_config
         >>> of_config(known_config("llava-hf/llava-v1.6-mistral-7b-hf")).name
         'llava-next'
     """

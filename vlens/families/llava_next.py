@@ -7,8 +7,8 @@ What is specific to LLaVA-Next lives here and nowhere else:
   then the unpadded high-res canvas, each kept row closed by a newline token
   (`image_geometry`, following `LlavaNextModel.pack_image_features`);
 - the Mistral-style chat template of llava-v1.6-mistral, images first;
-- config facts of known llava-hf checkpoints (`KNOWN`, `known_config`), and
-  tiny random builds (`tiny_processor`, `tiny_config`) made offline.
+- tiny random builds (`tiny_processor`, `tiny_config`) made offline (the real
+  checkpoints' facts, tokenizer and random-weight builds are in `vlens.families.checkpoints`).
 
     >>> from vlens.families.llava_next import image_geometry, PINPOINTS
     >>> image_geometry((336, 336), pinpoints=PINPOINTS, tile_size=336, patch_size=14).n_tokens
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
-from ..errors import InputError, UnsupportedModelError
+from ..errors import InputError
 from ..sites import ModuleLayout
 from ..tokens import BASE, HIGHRES, NEWLINE, ImageGeometry
 from . import Family, register
@@ -33,8 +33,7 @@ if TYPE_CHECKING:
     from transformers import LlavaNextConfig, LlavaNextProcessor
 
 __all__ = [
-    "LlavaNext", "KNOWN", "PINPOINTS", "CHAT_TEMPLATE", "LAYOUTS", "known_config", "real_processor",
-    "select_best_resolution", "image_geometry", "tiny_processor", "tiny_config",
+    "LlavaNext", "PINPOINTS", "CHAT_TEMPLATE", "LAYOUTS", "select_best_resolution", "image_geometry", "tiny_processor", "tiny_config",
 ]
 
 #: Module trees of LLaVA-Next across transformers releases, newest first.
@@ -68,88 +67,6 @@ CHAT_TEMPLATE = (
     "{{ ' ' + message['content'][0]['text'] + '</s>' }}"
     "{% endif %}{% endfor %}"
 )
-
-
-#: Public config facts of llava-hf checkpoints (from their config.json and preprocessor_config.json).
-KNOWN: dict[str, dict] = {
-    "llava-hf/llava-v1.6-mistral-7b-hf": {
-        "text": dict(
-            model_type="mistral", vocab_size=32064, hidden_size=4096, intermediate_size=14336,
-            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
-            rope_theta=1_000_000.0, max_position_embeddings=32768, sliding_window=None,
-        ),
-        "vision": dict(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-            image_size=336, patch_size=14, projection_dim=768, vocab_size=32000,
-        ),
-        "image_token_index": 32000,
-        "image_grid_pinpoints": PINPOINTS,
-        "projector_hidden_act": "gelu",
-        "vision_feature_layer": -2,
-        "vision_feature_select_strategy": "default",
-        "processor": dict(shortest_edge=336, crop=336, patch_size=14),
-    },
-}
-
-
-def known_config(name: str):
-    """The `LlavaNextConfig` of a known checkpoint, offline.
-
-    Example:
-        >>> cfg = known_config("llava-hf/llava-v1.6-mistral-7b-hf")
-        >>> cfg.text_config.num_hidden_layers, cfg.text_config.hidden_size
-        (32, 4096)
-    """
-    from transformers import CLIPVisionConfig, LlavaNextConfig, MistralConfig
-
-    if name not in KNOWN:
-        raise UnsupportedModelError(f"no offline config for {name!r}; known: {sorted(KNOWN)}")
-    k = KNOWN[name]
-    text = dict(k["text"])
-    text.pop("model_type")
-    return LlavaNextConfig(
-        text_config=MistralConfig(**text),
-        vision_config=CLIPVisionConfig(**k["vision"]),
-        image_token_index=k["image_token_index"],
-        image_grid_pinpoints=k["image_grid_pinpoints"],
-        projector_hidden_act=k["projector_hidden_act"],
-        vision_feature_layer=k["vision_feature_layer"],
-        vision_feature_select_strategy=k["vision_feature_select_strategy"],
-    )
-
-
-
-
-def real_processor(name: str = "llava-hf/llava-v1.6-mistral-7b-hf", tokenizer: Any = None) -> "LlavaNextProcessor":
-    """A `LlavaNextProcessor` with the real image settings of a known checkpoint, offline.
-
-    The image side (shortest edge, crop, pinpoints, patch size) is the
-    checkpoint's own; the tokenizer is `tokenizer`, or by default a word-level
-    stand-in that keeps the real `<image>` id (prompts tokenize differently,
-    image tokens do not).
-
-    Example:
-        >>> proc = real_processor()
-        >>> proc.patch_size, proc.image_processor.crop_size["height"], proc.tokenizer.convert_tokens_to_ids("<image>")
-        (14, 336, 32000)
-    """
-    from transformers import LlavaNextProcessor
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-    config = known_config(name)
-    p = KNOWN[name]["processor"]
-    return LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(
-            size={"shortest_edge": p["shortest_edge"]},
-            crop_size={"height": p["crop"], "width": p["crop"]},
-            image_grid_pinpoints=config.image_grid_pinpoints,
-        ),
-        tokenizer=tokenizer if tokenizer is not None else word_tokenizer(image_token_id=config.image_token_id),
-        patch_size=p["patch_size"],
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
 
 
 def select_best_resolution(size: tuple[int, int], pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:

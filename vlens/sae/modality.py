@@ -39,7 +39,7 @@ from ..errors import InputError
 from .data import IMAGE, TEXT, as_source
 
 __all__ = [
-    "DEFAULT_SHARED", "ModalityStats", "as_multimodal", "modality_stats", "modality_stats_from_source",
+    "DEFAULT_SHARED", "ModalityStats", "as_multimodal", "firing_density", "modality_stats", "modality_stats_from_source",
     "sharing_by_layer", "plot_modality_histogram", "plot_sharing_by_layer", "modality_table",
 ]
 
@@ -220,17 +220,20 @@ class _WidthCheck:
             )
 
 
-def as_multimodal(sae: SAE, modality: ModalityStats | None = None) -> SAE:
+def as_multimodal(sae: SAE, modality: ModalityStats | None = None, *,
+                  density: Float[Tensor, " d_sae"] | None = None) -> SAE:
     """Give any SAE-Lens SAE vlens's additions, in place, and return it (the same object, same class).
 
-    Sets `sae.modality` (`modality`, or keeps statistics already attached) and installs a
-    width check on the input. The SAE's maths and state dict are untouched.
+    Sets `sae.modality` (`modality`, or keeps statistics already attached), `sae.density`
+    (firing density per latent over all tokens, labelled or not: `density`, else kept, else
+    None; `sae.modality.frequency` when only the statistics are known) and installs a width
+    check on the input. The SAE's maths and state dict are untouched.
 
     Example:
         >>> from sae_lens.saes import GatedSAE, GatedSAEConfig
         >>> sae = as_multimodal(GatedSAE(GatedSAEConfig(d_in=4, d_sae=8)))
-        >>> type(sae).__name__, sae.modality is None
-        ('GatedSAE', True)
+        >>> type(sae).__name__, sae.modality is None, sae.density is None
+        ('GatedSAE', True, True)
     """
     if not isinstance(sae, SAE):
         raise InputError(f"expected an SAE-Lens SAE (sae_lens.SAE), got {type(sae).__name__}")
@@ -240,6 +243,13 @@ def as_multimodal(sae: SAE, modality: ModalityStats | None = None) -> SAE:
         sae.modality = modality  # type: ignore[assignment]
     elif "modality" not in vars(sae):
         sae.modality = None  # type: ignore[assignment]
+    if density is not None:
+        if density.shape != (sae.cfg.d_sae,):
+            raise InputError(f"a firing density of shape {tuple(density.shape)} does not fit an SAE with "
+                             f"{sae.cfg.d_sae} latents")
+        sae.density = density.float().cpu()  # type: ignore[assignment]
+    elif modality is not None or vars(sae).get("density") is None:
+        sae.density = None if sae.modality is None else sae.modality.frequency  # type: ignore[assignment]
     hook = getattr(sae, "hook_sae_input", None)
     if isinstance(hook, torch.nn.Module) and not any(isinstance(h, _WidthCheck) for h in hook._forward_pre_hooks.values()):
         hook.register_forward_pre_hook(_WidthCheck(sae.cfg.d_in))
@@ -273,6 +283,33 @@ def modality_stats_from_source(sae: SAE, source: Any, n_tokens: int = 200_000,
     if seen == 0:
         return None
     return acc.finish(shared_range)
+
+
+@torch.no_grad()
+def firing_density(sae: SAE, data: Any, n_tokens: int = 200_000, batch_size: int = 4096) -> Float[Tensor, " d_sae"]:
+    """Fraction of the first `n_tokens` tokens of `data` on which each latent fires (modality labels not needed).
+
+    What `sparsity.safetensors` stores (as log10) when an SAE has no modality statistics:
+    attach it with `as_multimodal(sae, density=firing_density(sae, data))` before `export`.
+
+    Example:
+        >>> import torch
+        >>> from sae_lens.saes import TopKSAE, TopKSAEConfig
+        >>> sae = TopKSAE(TopKSAEConfig(d_in=8, d_sae=16, k=2))
+        >>> float(firing_density(sae, torch.randn(100, 8)).sum())   # k latents fire on every token
+        2.0
+    """
+    source = as_source(data)
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    seen = 0
+    for x, _ in source.sequential(batch_size, n_tokens):
+        fired += (sae.encode(x.to(sae.device, sae.dtype)) != 0).sum(0).double().cpu()
+        seen += x.shape[0]
+        if seen >= n_tokens:
+            break
+    if seen == 0:
+        raise InputError("no activations to measure the firing density on")
+    return (fired / seen).float()
 
 
 def modality_stats(sae: SAE, data: Any = None, *, n_tokens: int = 200_000,
