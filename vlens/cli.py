@@ -351,24 +351,42 @@ def _train_sae_command() -> Callable:
 app.command("train-sae")(_train_sae_command())
 
 
-@app.command("export")
-def export_sae(
-    format: str = typer.Argument(..., help="paper (an fc1/fc2 state dict) or sparsify (a cfg.json + sae.safetensors dir)"),
-    src: Path = typer.Argument(..., help="the checkpoint file or directory"),
-    out: Path = typer.Option(..., help="SAE-Lens directory to write"),
-    model_name: Optional[str] = typer.Option(None, help="the model the SAE belongs to"),
-    hook_name: Optional[str] = typer.Option(None, help="e.g. blocks.16.hook_resid_pre (see VLM.hook_name)"),
-    input_scale: float = typer.Option(8.0, help="paper format: inputs ×scale, outputs ÷scale"),
-) -> None:
-    """Convert the paper's or sparsify's SAE checkpoints to SAE-Lens's disk format."""
-    from .sae.io import convert_paper_checkpoint, convert_sparsify_checkpoint
+def _export_command() -> Callable:
+    from .sae.io import convert_paper_checkpoint, convert_sparsify_checkpoint, convert_sparsify_run
 
-    if format not in ("paper", "sparsify"):
-        raise InputError(f"the format is paper or sparsify, not {format!r}")
-    if not src.exists():
-        raise InputError(f"no checkpoint at {src}")
-    if format == "paper":
-        convert_paper_checkpoint(src, out, input_scale=input_scale, model_name=model_name, hook_name=hook_name)
-    else:
-        convert_sparsify_checkpoint(src, out, model_name=model_name, hook_name=hook_name)
-    print(f"wrote {out}")
+    def export_sae(
+        format: str = typer.Argument(..., help="paper (an fc1/fc2 state dict) or sparsify (a cfg.json + sae.safetensors "
+                                                "dir, or a run dir of layers.N/ hookpoint dirs: each is converted)"),
+        src: Path = typer.Argument(..., help="the checkpoint file or directory"),
+        out: Path = typer.Option(..., help="SAE-Lens directory to write (for a sparsify run: one subdirectory per hookpoint)"),
+        model_name: Optional[str] = typer.Option(None, help="the model the SAE belongs to"),
+        hook_name: Optional[str] = typer.Option(None, help="paper: e.g. blocks.16.hook_resid_pre (the paper's site); "
+                                                            "sparsify: default from the folder, layers.N -> "
+                                                            "blocks.N.hook_resid_post"),
+        input_scale: float = typer.Option(_default(convert_paper_checkpoint, "input_scale"),
+                                          help="paper format: inputs ×scale, outputs ÷scale"),
+        dtype: str = typer.Option(str(_default(convert_sparsify_checkpoint, "dtype")),
+                                  help="weights dtype: float32, bfloat16, float16, or 'stored' (as in the checkpoint)"),
+    ) -> None:
+        """Convert the paper's or sparsify's SAE checkpoints to SAE-Lens's disk format."""
+        if format not in ("paper", "sparsify"):
+            raise InputError(f"the format is paper or sparsify, not {format!r}")
+        if not src.exists():
+            raise InputError(f"no checkpoint at {src}")
+        dt = None if dtype == "stored" else dtype
+        if format == "paper":
+            convert_paper_checkpoint(src, out, input_scale=input_scale, model_name=model_name, hook_name=hook_name, dtype=dt)
+        elif src.is_dir() and not (src / "cfg.json").exists():  # a run folder: every hookpoint
+            if hook_name is not None:
+                raise InputError("--hook-name names one site; a run folder's hookpoints each take theirs from the folder")
+            saes = convert_sparsify_run(src, out, model_name=model_name, dtype=dt)
+            for name, sae in saes.items():
+                print(f"{name}: {sae.cfg.metadata.hook_name} -> {out / name}")
+        else:
+            convert_sparsify_checkpoint(src, out, model_name=model_name, hook_name=hook_name, dtype=dt)
+        print(f"wrote {out}")
+
+    return export_sae
+
+
+app.command("export")(_export_command())

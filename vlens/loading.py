@@ -129,8 +129,8 @@ def load(
 
         if name in KNOWN:
             return _meta_vlm(name)
-    facts(name)  # a missing directory or an unsupported family is refused before any weight loads
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    family = families.get(facts(name).family)  # a missing directory or an unknown family is refused before weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(name)
     if lazy:
@@ -143,7 +143,7 @@ def load(
             name, dtype=torch_dtype or "auto", device_map=device, **kwargs
         )
     model.eval()
-    processor = AutoProcessor.from_pretrained(name)
+    processor = family.load_processor(name)
     if not hasattr(processor, "tokenizer"):
         raise UnsupportedModelError(f"{name} has no multimodal processor (got {type(processor).__name__})")
     return VLM.wrap(model, processor, name=name)

@@ -194,7 +194,9 @@ def prepare(
         )
 
     texts = [family.render(processor, p) if template else p for p in prompts]
-    enc = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    ends = torch.tensor(counts).cumsum(0).tolist()  # images grouped per prompt: what multi-image processors expect
+    per_prompt = [images[e - c : e] for c, e in zip(counts, ends)]
+    enc = processor(text=texts, images=per_prompt if images else None, return_tensors="pt", padding=True)
     enc["vlens_image_sizes"] = torch.tensor([[im.height, im.width] for im in images], dtype=torch.long).view(-1, 2)
     ids_rows = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
 
@@ -227,6 +229,7 @@ def prepare(
     inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention}
     if images:
         inputs.update({k: enc[k] for k in family.image_inputs if k in enc})
+    inputs.update(family.extra_inputs(config, enc, inputs))
     layout = TokenLayout(input_ids=input_ids, image=image, prompt=prompt_m, answer=answer_m, bos=bos, pad=pad,
                          images=spans)
     return Batch(inputs=inputs, layout=layout, prompts=list(prompts))

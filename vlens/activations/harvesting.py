@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import tempfile
 import time
@@ -41,14 +42,16 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ..errors import HarvestError, InputError
+from ..errors import BadImageError, HarvestError, InputError
 from ..model import as_dtype
+from ..prepare import load_image
 from ..prompts import QUESTION
 from ..sites import Site, SiteLike
 from ..tokens import TokenLayout, TokenSelection, check_selection, select
 from .read import POOLS, read_layers
-from .store import FORMAT, INDEX, ActivationStore, role_codes
-from .writer import _atomic_write, _Writer
+from .shards import FORMAT, INDEX, main_pass_list
+from .store import ActivationStore, role_codes
+from .writer import _atomic_write, _Writer, index_text
 
 if TYPE_CHECKING:
     from ..model import VLM
@@ -174,11 +177,23 @@ def harvest(
     store_dtype = as_dtype(dtype) or vlm.dtype
     if not store_dtype.is_floating_point:
         raise InputError(f"dtype must be a floating-point dtype (e.g. torch.float16), not {store_dtype}")
+    if out is not None and not str(out).strip():
+        raise InputError("out='' is an empty path: pass a directory for the store (a new or an empty one), or "
+                         "out=None for a temporary one")
+    try:
+        n_data = len(data)
+    except TypeError:
+        raise InputError(f"data must be a sequence with len() and indexing (a list of vlens.data.Sample or a "
+                         f"vlens.data data set), not {type(data).__name__}: wrap an iterator in list(...)") from None
+    if n_data == 0:
+        raise InputError("data is empty: nothing to harvest; give at least one vlens.data.Sample")
+    if not isinstance(shard_mb, (int, float)) or isinstance(shard_mb, bool) or not shard_mb > 0:
+        raise InputError(f"shard_mb must be a positive number of megabytes, not {shard_mb!r}")
     check_selection(tokens)  # a bad name fails now, not after the first forward
     if isinstance(tokens, Tensor) and tokens.dtype == torch.bool:
         raise InputError("a fixed [batch, seq] mask cannot select tokens in every batch of a harvest: pass a "
                          "selection name or a function layout -> mask")
-    if getattr(vlm.processor, "image_token", "<image>") not in prompt:
+    if vlm.family.image_token(vlm.processor) not in prompt:
         raise InputError(f"prompt {prompt!r} has no '<image>' placeholder: write it where the image goes, e.g. {QUESTION!r}")
     plan = _Plan(kind, layer_ints, tokens, pool, batch_size, store_dtype, prompt, bool(template), bool(captions),
                  bool(text_only), text_prompt, int(shard_mb * 2**20), progress, callback)
@@ -255,6 +270,8 @@ def _harvest_run(vlm: VLM, data: Sequence[Any], plan: _Plan, out: Any, overwrite
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="vlens-harvest-"))
     writer = _Writer.open(root, config, overwrite=overwrite, hook_names={s.index: s.hook_name for s in plan.sites},
                           shard_bytes=plan.shard_bytes)
+    at = (lambda i: i) if indices is None else (lambda i: indices[i])  # a sample's index in the caller's data
+    _check_same_data(root, writer.index, data, at)
     passes = [("main", n)] + ([("text", n)] if plan.text_only else [])
     total = sum(p[1] for p in passes)
     done = sum(writer.progress[p] for p, _ in passes)
@@ -270,8 +287,11 @@ def _harvest_run(vlm: VLM, data: Sequence[Any], plan: _Plan, out: Any, overwrite
     try:
         for pass_name, n_items in passes:
             for b0 in range(writer.progress[pass_name], n_items, plan.batch_size):
-                samples = [data[i] for i in range(b0, min(b0 + plan.batch_size, n_items))]
-                batch = _prepare(vlm, samples, b0, pass_name, plan)
+                span = range(b0, min(b0 + plan.batch_size, n_items))
+                samples = [_sample(data, i, at(i)) for i in span]
+                images = [_image(s, at(i)) for i, s in zip(span, samples)] if pass_name == "main" else None
+                keys = [_key(s, im) for s, im in zip(samples, images)] if images is not None else None
+                batch = _prepare(vlm, samples, images, b0, pass_name, plan, at)
                 mask = select(batch, plan.tokens)
                 kept = mask.any(1)
                 rows: dict[str, Tensor] = {}
@@ -285,7 +305,8 @@ def _harvest_run(vlm: VLM, data: Sequence[Any], plan: _Plan, out: Any, overwrite
                         rows = {k: v[kept] for k, v in rows.items()}
                 n_skip = int((~kept).sum())
                 gidx = range(b0, b0 + len(samples)) if indices is None else [indices[i] for i in range(b0, b0 + len(samples))]
-                writer.add(pass_name, b0 + len(samples), rows, n_skip, [_sid(s, i) for i, s in zip(gidx, samples)])
+                writer.add(pass_name, b0 + len(samples), rows, n_skip, [_sid(s, i) for i, s in zip(gidx, samples)],
+                           keys)
                 n_sel = int(mask.sum())
                 n_tok_run += n_sel
                 n_img_run += len(samples)
@@ -381,7 +402,7 @@ def _merge_ranks(root: Path, world_size: int, n: int) -> None:
         "world_size": world_size,
         "sample_ids": ids,
     }
-    text = json.dumps(index, indent=1)
+    text = index_text(index)
     _atomic_write(root / INDEX, lambda tmp: tmp.write_text(text))
 
 
@@ -404,22 +425,85 @@ def _sid(sample: Any, i: int) -> Any:
     return sid if isinstance(sid, (int, str)) else str(sid)
 
 
-def _prepare(vlm: VLM, samples: list, b0: int, pass_name: str, plan: _Plan):
+def _sample(data: Sequence[Any], i: int, where: int) -> Any:
+    """`data[i]`, checked: an unreadable image (lazy data sets decode on access) or a bad label names the sample."""
+    try:
+        s = data[i]
+    except BadImageError as e:
+        raise BadImageError(f"sample {where}: {e}. {_FIX_IMAGE}") from e
+    label = getattr(s, "label", None)
+    if label is not None:
+        try:
+            ok = operator.index(label) >= -1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise InputError(f"sample {where} (id {getattr(s, 'id', None)!r}) has label {label!r}: a label is a class "
+                             "id (an int >= 0) or None; map class names to ids, e.g. label=class_names.index(name)")
+    return s
+
+
+_FIX_IMAGE = ("Fix or remove that image (vlens.data data sets: ds.verify() drops unreadable ones), then call harvest "
+              "again with the same arguments to resume")
+
+
+def _image(s: Any, where: int):
+    """The sample's image as RGB (`vlens.prepare.load_image`), or an error naming the sample."""
+    image = getattr(s, "image", None)
+    if image is None:
+        hint = " (pass vlens.data.Sample(image, ...) objects)" if not hasattr(s, "image") else ""
+        raise InputError(f"sample {where} (id {getattr(s, 'id', None)!r}) has no image{hint}: give every sample one")
+    try:
+        return load_image(image)
+    except BadImageError as e:
+        raise BadImageError(f"sample {where} (id {getattr(s, 'id', None)!r}): {e}. {_FIX_IMAGE}") from e
+
+
+def _key(s: Any, image: Any) -> str:
+    """A short digest of a sample (id, label, caption, image pixels): tells two data sets apart on resume."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(json.dumps([getattr(s, "id", None), getattr(s, "label", None), getattr(s, "caption", None),
+                         image.mode, image.size], default=str).encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def _check_same_data(root: Path, index: dict, data: Sequence[Any], at: Callable[[int], int]) -> None:
+    """Refuse to resume (or return) a store harvested from other data: up to 17 of its samples are compared."""
+    done = index["progress"]["main"]
+    if not done:
+        return
+    keys = main_pass_list(root, index, "sample_keys")
+    ids = main_pass_list(root, index, "sample_ids") if len(keys) != done else []
+    if len(keys) != done and len(ids) != done:  # a store of vlens 0.1 without ids: nothing to compare
+        return
+    for i in sorted({round(k * (done - 1) / 15) for k in range(16)} | {done - 1}):
+        s = _sample(data, i, at(i))
+        now, then = (_key(s, _image(s, at(i))), keys[i]) if keys else (_sid(s, at(i)), ids[i])
+        if now != then:
+            what = f"id {ids[i]!r} there, {now!r} now" if not keys else "its id, label, caption or image differ"
+            raise HarvestError(
+                f"{root} holds a harvest of other data: sample {at(i)} differs from the one harvested there ({what}). "
+                "Pass the same data in the same order to resume, overwrite=True to replace the store, or choose "
+                "another out= directory.")
+
+
+def _prepare(vlm: VLM, samples: list, images: list | None, b0: int, pass_name: str, plan: _Plan,
+             at: Callable[[int], int]):
     if pass_name == "text" or plan.captions:
         for i, s in enumerate(samples):
-            if not getattr(s, "caption", None):
+            cap = getattr(s, "caption", None)
+            if not cap or not isinstance(cap, str):
+                what = "no caption" if not cap else f"a caption of type {type(cap).__name__}"
                 raise InputError(
-                    f"sample {b0 + i} (id {getattr(s, 'id', None)!r}) has no caption, but captions=True or text_only=True "
-                    "needs one per sample: use an image-caption data set or set captions=False, text_only=False"
+                    f"sample {at(b0 + i)} (id {getattr(s, 'id', None)!r}) has {what}, but captions=True or "
+                    "text_only=True needs a caption string per sample: use an image-caption data set or set "
+                    "captions=False, text_only=False"
                 )
     if pass_name == "text":
         return vlm.prepare([plan.text_prompt] * len(samples), None, answers=[s.caption for s in samples], template=False)
-    for i, s in enumerate(samples):
-        if getattr(s, "image", None) is None:
-            raise InputError(f"sample {b0 + i} (id {getattr(s, 'id', None)!r}) has no image: give every sample one")
     answers = [s.caption for s in samples] if plan.captions else None
-    return vlm.prepare([plan.prompt] * len(samples), [s.image for s in samples], answers=answers,
-                       template=plan.template)
+    return vlm.prepare([plan.prompt] * len(samples), images, answers=answers, template=plan.template)
 
 
 def _meta(layout: TokenLayout, mask: Tensor, b0: int, samples, text_only: bool, pool) -> dict[str, Tensor]:

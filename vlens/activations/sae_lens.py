@@ -1,17 +1,25 @@
 """`export_sae_lens`: one layer of a harvest store as SAE-Lens's cached-activation dataset.
 
-SAE-Lens's trainer reads cached activations from an HF dataset on disk
-(`datasets.load_from_disk`); this writes a store's rows in that format, so
-SAE-Lens trains straight from a vlens harvest (`use_cached_activations=True`).
+SAE-Lens's `ActivationsStore` reads cached activations from an HF dataset on disk
+(`datasets.load_from_disk`); this writes a store's rows in that format, so SAE-Lens
+trains straight from a vlens harvest with its own `ActivationsStore` and `SAETrainer`
+(`docs/harvest.md` shows the route; SAE-Lens's runner with `use_cached_activations=True`
+still loads a TransformerLens model by name, which a VLM is not).
+
+The dataset is written by `datasets` and then made readable by `datasets` 3.x too (which
+sae-bench and sae-dashboard pin): `datasets` 4 names a fixed-length sequence feature `List`,
+which 3.x does not know, so the feature is written under its 3.x name `Sequence`, which
+every version reads (in `dataset_info.json` and in the Arrow files' schema metadata).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,9 +42,11 @@ def export_sae_lens(store: "ActivationStore", layer: int | str | Site, path: str
     `[context_size, d_in]` per row, plus `token_ids` `[context_size]`. The
     store's rows (tokens) are grouped `context_size` at a time (rows are
     shuffled first by default, so each pseudo-sequence mixes samples; the last
-    incomplete group is dropped). Returns the `LanguageModelSAERunnerConfig`
-    fields to use it: `use_cached_activations=True`, `cached_activations_path`,
-    `hook_name`, `d_in`, `context_size`, and the number of tokens written.
+    incomplete group is dropped). Returns what SAE-Lens needs to read it:
+    `cached_activations_path`, `hook_name`, `context_size` (arguments of
+    `sae_lens.training.activations_store.ActivationsStore`), `d_in` (of the SAE config and
+    the store), `n_tokens` (tokens written: at most `total_training_tokens`) and
+    `use_cached_activations=True`. The dataset reads in `datasets` 3.x and later.
 
     Example:
         >>> import vlens, tempfile; from PIL import Image
@@ -83,6 +93,7 @@ def export_sae_lens(store: "ActivationStore", layer: int | str | Site, path: str
         del ds
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    _portable_features(path)
     return {
         "use_cached_activations": True,
         "cached_activations_path": str(path),
@@ -92,3 +103,35 @@ def export_sae_lens(store: "ActivationStore", layer: int | str | Site, path: str
         "n_tokens": n_seq * context_size,
     }
 
+
+
+def _sequence_named(obj: Any) -> Any:
+    """Features JSON with `datasets` 4's `List` (fixed length) renamed to `Sequence`, the name 3.x reads."""
+    if isinstance(obj, dict):
+        out = {k: _sequence_named(v) for k, v in obj.items()}
+        if out.get("_type") == "List":
+            out["_type"] = "Sequence"
+        return out
+    if isinstance(obj, list):
+        return [_sequence_named(v) for v in obj]
+    return obj
+
+
+def _portable_features(path: Path) -> None:
+    """Rewrite a saved dataset's feature names so `datasets` 3.x loads it (the data is copied as is, batch by batch)."""
+    import pyarrow as pa
+
+    info = path / "dataset_info.json"
+    info.write_text(json.dumps(_sequence_named(json.loads(info.read_text())), indent=2))
+    for arrow in sorted(path.glob("*.arrow")):
+        tmp = arrow.with_suffix(".arrow.tmp")
+        with pa.memory_map(str(arrow)) as src:
+            reader = pa.ipc.open_stream(src)
+            meta = dict(reader.schema.metadata or {})
+            if b"huggingface" in meta:
+                meta[b"huggingface"] = json.dumps(_sequence_named(json.loads(meta[b"huggingface"]))).encode()
+            schema = reader.schema.with_metadata(meta)
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+                for batch in reader:
+                    writer.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=schema))
+        os.replace(tmp, arrow)

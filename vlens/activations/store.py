@@ -45,6 +45,7 @@ is hand-rolled.
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from pathlib import Path
@@ -351,10 +352,11 @@ class ActivationStore:
                 raise InputError(f"modality must be 'image' or 'text', not {modality!r}")
             keep &= m["modality"] == _MODALITY[modality]
         if label is not None:
-            labels = torch.as_tensor([label] if isinstance(label, int) else list(label)).flatten()
-            if labels.is_floating_point() or labels.dtype == torch.bool:
-                raise InputError(f"label must be a class id or a list of them (ints), not {label!r}")
-            labels = labels.long()
+            many = not isinstance(label, (int, str)) and getattr(label, "ndim", 1) != 0
+            try:
+                labels = torch.as_tensor([operator.index(v) for v in (label if many else [label])], dtype=torch.long)
+            except TypeError:
+                raise InputError(f"label must be a class id or a list of them (ints), not {label!r}") from None
             keep &= torch.isin(m["label"], labels)
         if text_only is not None:
             keep &= m["text_only"] == int(bool(text_only))

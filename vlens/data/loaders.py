@@ -28,6 +28,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 _ON_ERROR = ("skip", "raise")
 
 
+class _MissingPath(InputError, FileNotFoundError):
+    """A folder or file argument that does not exist (also a FileNotFoundError, as vlens 0.1 raised)."""
+
+
 def _check_on_error(on_error: str) -> str:
     if on_error not in _ON_ERROR:
         raise InputError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
@@ -183,7 +187,7 @@ def image_folder(
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist (expected {root}/<class name>/<image files>)")
+        raise _MissingPath(f"image folder {root} does not exist (expected {root}/<class name>/<image files>)")
     exts = tuple(e.lower() for e in extensions)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
@@ -417,9 +421,13 @@ def sharegpt4v(
     _check_on_error(on_error)
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"caption file {path} does not exist")
+        raise _MissingPath(f"caption file {path} does not exist: pass the path of a ShareGPT4V-style JSON or "
+                           "JSONL file")
     root = Path(image_root) if image_root is not None else path.parent
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read caption file {path} ({e}): pass a UTF-8 JSON or JSONL file") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -436,12 +444,13 @@ def sharegpt4v(
     for k, rec in enumerate(data):
         if n is not None and len(records) >= n:
             break
-        conv = rec.get("conversations") or []
+        rec = rec if isinstance(rec, dict) else {"record": rec}
+        conv = [t for t in (rec.get("conversations") or []) if isinstance(t, dict)]
         caption = next((t.get("value") for t in conv if t.get("from") in ("gpt", "assistant")), None)
         prompt = next((t.get("value") for t in conv if t.get("from") in ("human", "user")), "")
         image = rec.get("image")
         rid = rec.get("id", k)
-        if not image or caption is None:
+        if not isinstance(image, str) or not image or not isinstance(caption, str) or not isinstance(prompt, str):
             if on_error == "raise":
                 raise InputError(f"record {rid} of {path} lacks an 'image' or a 'gpt' turn: {str(rec)[:200]}")
             log.add(f"record {rid}", "no image or no caption")

@@ -8,7 +8,7 @@ family and nothing else; a new family is one new file here plus its tests.
 
     >>> from vlens import families
     >>> families.names()
-    ['llava-next']
+    ['gemma3', 'llava', 'llava-next', 'llava-onevision', 'qwen2.5-vl', 'qwen3-vl']
     >>> families.get("llava-next").model_types
     ('llava_next',)
 
@@ -83,6 +83,14 @@ class Family:
         """The token geometry of every image of a processed batch, in the order images were given."""
         raise NotImplementedError
 
+    def extra_inputs(self, config: Any, encoding: Any, inputs: dict) -> dict:
+        """Family-specific model inputs for a prepared (padded) batch, added to `inputs` (default: none).
+
+        E.g. the token-type ids that mark image tokens for Qwen's M-RoPE or
+        Gemma 3's image attention, computed on the final `inputs["input_ids"]`.
+        """
+        return {}
+
     def position_ids(self, inputs: dict) -> Tensor | None:
         """Position ids for a left-padded batch (None: the model computes its own, e.g. M-RoPE)."""
         from ..prepare import position_ids
@@ -90,6 +98,12 @@ class Family:
         return position_ids(inputs["attention_mask"])
 
     # -- builds --
+    def load_processor(self, name_or_path: Any) -> Any:
+        """The processor of a checkpoint (hub id or directory); by default `AutoProcessor.from_pretrained`."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(name_or_path)
+
     def tiny(self, seed: int = 0, **sizes: Any) -> tuple[torch.nn.Module, Any]:
         """A tiny random `(model, processor)` pair built offline."""
         raise NotImplementedError
@@ -119,8 +133,9 @@ def register(family: Family) -> Family:
 
 
 def _load_builtin() -> None:
-    if not _REGISTRY:
-        from . import llava_next  # noqa: F401  (registers itself)
+    # Each module registers its family on import; importing one already loaded costs nothing, so this
+    # runs every time (a user who imported one family module first still sees them all).
+    from . import gemma3, llava, llava_next, llava_onevision, qwen_vl  # noqa: F401
 
 
 def names() -> list[str]:

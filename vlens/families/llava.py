@@ -201,8 +201,10 @@ def tiny_config(processor: "LlavaProcessor", backbone: str = "llama", **sizes: A
 
     Example:
         >>> cfg = tiny_config(tiny_processor(), n_layers=3, vision_layers=0)
-        >>> cfg.model_type, cfg.text_config.num_hidden_layers, cfg.vision_config.num_hidden_layers, cfg.vision_feature_layer
-        ('llava', 3, 1, -2)
+        >>> cfg.model_type, cfg.text_config.num_hidden_layers, cfg.vision_config.num_hidden_layers
+        ('llava', 3, 1)
+        >>> cfg.vision_feature_layer
+        -2
     """
     from transformers import LlavaConfig
 
@@ -245,12 +247,12 @@ class Llava(Family):
     def geometries(self, processor: Any, config: Any, encoding: Any) -> list[ImageGeometry]:
         ip = processor.image_processor
         extra = int(getattr(processor, "num_additional_image_tokens", 0) or 0)
-        kept = extra - (1 if config.vision_feature_select_strategy == "default" else 0)
-        if kept != 0:
+        strategy = config.vision_feature_select_strategy
+        if extra != (1 if strategy == "default" else 0):
             raise UnsupportedModelError(
-                f"this LLaVA keeps {kept} non-patch token(s) per image (vision_feature_select_strategy="
-                f"{config.vision_feature_select_strategy!r}, num_additional_image_tokens={extra}): vlens maps "
-                "patch tokens only; use the 'default' strategy with a CLS tower"
+                f"vlens maps LLaVA image tokens to patches when the model drops exactly the tower's extra tokens; "
+                f"here vision_feature_select_strategy={strategy!r} with num_additional_image_tokens={extra}: use "
+                "'default' with a CLS tower (1) or 'full' with a tower without CLS (0)"
             )
         vc = config.vision_config
         size = getattr(ip, "size", None) or {}
@@ -259,7 +261,8 @@ class Llava(Family):
             raise InputError("the LLaVA-1.5 processor drops image sizes: build the encoding with vlm.prepare")
         return [
             image_geometry(tuple(s), tile_size=vc.image_size, patch_size=vc.patch_size, resize_to=resize_to,
-                           center_crop=bool(getattr(ip, "do_center_crop", True)), pad=bool(getattr(ip, "do_pad", False)))
+                           center_crop=bool(getattr(ip, "do_center_crop", True)),
+                           pad=bool(getattr(ip, "do_pad", False)))
             for s in encoding["vlens_image_sizes"].tolist()
         ]
 

@@ -158,8 +158,11 @@ def image_geometry(
         rh, rw = ch, min(math.ceil(w * ch / h), cw)
     px, py = (cw - rw) // 2, (ch - rh) // 2
     kx, ky = w / rw, h / rh
-    px_per_patch = tile_size / g
     nan4 = torch.full((1, 4), float("nan"))
+
+    def start(i: Any) -> Any:  # canvas pixel where patch i begins: tiles abut; a tile's last pixels may have no patch
+        return (i // g) * tile_size + (i % g) * patch_size
+
     for R in range(r0, r1):
         C = torch.arange(c0, c1)
         n = C.numel()
@@ -167,10 +170,10 @@ def image_geometry(
         tiles.append(1 + (R // g) * ntw + C // g)
         rows.append(torch.full((n,), R % g))
         cols.append(C % g)
-        x0 = (C * px_per_patch - px) * kx
-        x1 = ((C + 1) * px_per_patch - px) * kx
-        y0 = torch.full((n,), (R * px_per_patch - py) * ky)
-        y1 = torch.full((n,), ((R + 1) * px_per_patch - py) * ky)
+        x0 = (start(C) - px) * kx
+        x1 = (start(C) + patch_size - px) * kx
+        y0 = torch.full((n,), (start(R) - py) * ky)
+        y1 = torch.full((n,), (start(R) + patch_size - py) * ky)
         boxes.append(torch.stack([x0, y0, x1, y1], -1).float())
         kinds.append(torch.tensor([NEWLINE]))
         tiles.append(torch.tensor([-1]))

@@ -35,6 +35,8 @@ Both share what vlens needs to know; what differs is data (`VERSIONS`):
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "QwenVL", "Qwen25VL", "Qwen3VL", "VERSIONS", "SPECIAL_TOKENS", "CHAT_TEMPLATES", "LAYOUTS", "smart_resize",
-    "image_geometry", "tiny_processor", "tiny_config",
+    "image_geometry", "load_processor", "tiny_processor", "tiny_config",
 ]
 
 #: Special tokens of the Qwen2 / Qwen3 tokenizers that vlens uses (the word-level stand-in keeps them, plus `<unk>`).
@@ -68,7 +70,7 @@ _LAYOUT = ModuleLayout(
     vision_layers="model.visual.blocks",
     projector="model.visual.merger",
 )
-#: Module trees across transformers releases, newest first (before 4.52 the text model was `model` and the tower `visual`).
+#: Module trees across transformers releases, newest first (before 4.52: text model `model`, tower `visual`).
 LAYOUTS: dict[str, ModuleLayout] = {
     "transformers>=4.52": _LAYOUT,
     "transformers<4.52": ModuleLayout(
@@ -107,12 +109,12 @@ VERSIONS: dict[str, dict[str, Any]] = {
     "qwen2.5-vl": dict(
         patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=3136, max_pixels=12845056,
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-        processor="Qwen2_5_VLProcessor", model="Qwen2_5_VLForConditionalGeneration",
+        processor="Qwen2_5_VLProcessor", model="Qwen2_5_VLForConditionalGeneration", model_type="qwen2_5_vl",
     ),
     "qwen3-vl": dict(
         patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=65536, max_pixels=16777216,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-        processor="Qwen3VLProcessor", model="Qwen3VLForConditionalGeneration",
+        processor="Qwen3VLProcessor", model="Qwen3VLForConditionalGeneration", model_type="qwen3_vl",
     ),
 }
 
@@ -126,7 +128,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
     Example:
         >>> smart_resize(100, 200, 28, 56 * 56, 28 * 28 * 16)
-        (84, 196)
+        (56, 140)
     """
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
@@ -217,6 +219,47 @@ def tiny_processor(
                           chat_template=CHAT_TEMPLATES[version])
 
 
+def load_processor(name_or_path: str | os.PathLike) -> "ProcessorMixin":
+    """The real processor of a Qwen2.5-VL / Qwen3-VL checkpoint (hub id or directory), without torchvision.
+
+    transformers 5.23's `AutoProcessor` also builds the checkpoint's video
+    processor, which needs torchvision. vlens feeds no video, so this builds
+    the same processor class from the checkpoint's image settings (PIL
+    backend), tokenizer and chat template, with no video processor.
+
+    Example:
+        >>> import tempfile
+        >>> proc = tiny_processor("qwen3-vl")
+        >>> d = tempfile.mkdtemp()
+        >>> _ = proc.image_processor.save_pretrained(d), proc.tokenizer.save_pretrained(d)
+        >>> _ = open(f"{d}/chat_template.jinja", "w").write(proc.chat_template)
+        >>> _ = open(f"{d}/config.json", "w").write('{"model_type": "qwen3_vl"}')
+        >>> back = load_processor(d)
+        >>> type(back).__name__, back.image_processor.patch_size, back.chat_template == proc.chat_template
+        ('Qwen3VLProcessor', 16, True)
+    """
+    import json
+
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.utils import cached_file
+
+    mtype = AutoConfig.from_pretrained(name_or_path).model_type
+    v = next((v for v in VERSIONS.values() if v["model_type"] == mtype), None)
+    if v is None:
+        raise InputError(f"{name_or_path} is a {mtype!r} checkpoint, not Qwen2.5-VL or Qwen3-VL")
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    template = tok.chat_template
+    for fname in ("chat_template.jinja", "chat_template.json"):
+        path = None if template else cached_file(name_or_path, fname, _raise_exceptions_for_missing_entries=False)
+        if path:
+            text = Path(path).read_text()
+            template = json.loads(text)["chat_template"] if fname.endswith(".json") else text
+    return _without_video(getattr(transformers, v["processor"]), tokenizer=tok, chat_template=template,
+                          image_processor=Qwen2VLImageProcessorPil.from_pretrained(name_or_path))
+
+
 def _without_video(cls: type, **kwargs: Any) -> Any:
     """Build a Qwen processor with no video processor (vlens feeds no video).
 
@@ -289,9 +332,9 @@ def tiny_config(
     text = dict(
         vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp or 4 * d_model, num_hidden_layers=n_layers,
         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=4096,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=tok.eos_token_id,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
-                         "mrope_section": _mrope_section(head_dim, qwen3), **({"mrope_interleaved": True} if qwen3 else {})},
+                         "mrope_section": _mrope_section(head_dim, qwen3)},
     )
     vision = dict(
         depth=vision_layers, hidden_size=vision_d_model, intermediate_size=4 * vision_d_model,
@@ -300,11 +343,13 @@ def tiny_config(
     )
     if qwen3:
         text["head_dim"] = head_dim
+        text["rope_parameters"]["mrope_interleaved"] = True
         side = math.isqrt(ip.size["longest_edge"]) // ip.patch_size
-        vision["num_position_embeddings"] = max(side, 2) ** 2
-        vision["deepstack_visual_indexes"] = list(range(max(vision_layers - 1, 0))[:3] if deepstack is None else deepstack)
-        if len(vision["deepstack_visual_indexes"]) > n_layers:
-            raise InputError(f"{len(vision['deepstack_visual_indexes'])} DeepStack features need at least as many LM layers")
+        vision["num_position_embeddings"] = max(side, 2) ** 2  # the learned grid, interpolated to each image
+        stack = list(range(max(vision_layers - 1, 0))[:3] if deepstack is None else deepstack)
+        if len(stack) > n_layers:
+            raise InputError(f"{len(stack)} DeepStack features need at least as many LM layers, not {n_layers}")
+        vision["deepstack_visual_indexes"] = stack
     else:
         vision["window_size"] = window_size or 2 * ip.merge_size * ip.patch_size
         vision["fullatt_block_indexes"] = [vision_layers - 1] if vision_layers else []
@@ -332,11 +377,14 @@ class QwenVL(Family):
     def image_token(self, processor: Any) -> str:
         return IMAGE  # the chat template writes <|vision_start|><|image_pad|><|vision_end|>
 
+    def load_processor(self, name_or_path: Any) -> Any:
+        return load_processor(name_or_path)  # AutoProcessor would need torchvision for the video processor
+
     def geometries(self, processor: Any, config: Any, encoding: Any) -> list[ImageGeometry]:
         ip = processor.image_processor
         return [
             image_geometry(tuple(size), grid, patch_size=ip.patch_size, merge_size=ip.merge_size)
-            for size, grid in zip(encoding["image_sizes"].tolist(), encoding["image_grid_thw"].tolist())
+            for size, grid in zip(encoding["vlens_image_sizes"].tolist(), encoding["image_grid_thw"].tolist())
         ]
 
     def position_ids(self, inputs: dict) -> None:

@@ -30,11 +30,13 @@ from .. import _deprecated
 from ..errors import NonFiniteActivations
 from .dashboards import dashboard
 from .data import IMAGE, TEXT, StoreSource, TensorSource, as_source
-from .evals import evaluate, loss_recovered
-from .io import convert_paper_checkpoint, convert_sparsify_checkpoint, export, load
+from .evals import evaluate, loss_recovered, sae_bench_core
+from .features import export_features, feature_logits
+from .io import convert_paper_checkpoint, convert_sparsify_checkpoint, convert_sparsify_run, export, load, site_of
 from .modality import (
     ModalityStats,
     as_multimodal,
+    firing_density,
     modality_stats,
     modality_stats_from_source,
     modality_table,
@@ -51,7 +53,8 @@ __all__ = [
     "StoreSource", "TensorSource", "as_source",
     "PaperTrainingSAE", "PaperTrainingSAEConfig", "fused_standard_step",
     "PRESETS", "ArchitectureConfig", "TrainerConfig", "TrainConfig", "make_training_sae", "train",
-    "NonFiniteActivations", "evaluate", "loss_recovered",
+    "NonFiniteActivations", "evaluate", "loss_recovered", "sae_bench_core", "export_features", "feature_logits",
+    "convert_sparsify_run", "site_of", "firing_density",
     "export", "load", "convert_paper_checkpoint", "convert_sparsify_checkpoint", "dashboard",
 ]
 

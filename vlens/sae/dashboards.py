@@ -5,7 +5,9 @@ non-zero activations, its top-activating images with a patch heatmap painted
 from the token geometry (`layout.images[i].geometry.box`: every image token's pixel
 box in the original image; base-tile and high-res tokens overlap, each pixel shows
 the larger activation), and its top caption contexts with the firing token
-highlighted. Activations are read with `vlens.activations.read_layers`; the pages are
+highlighted, and its logit attribution (top and bottom vocabulary tokens of its decoder row,
+`vlens.sae.features.feature_logits`). Activations are read at the SAE's own site with
+`vlens.sae.features.collect` (through `vlens.activations.read_layers`); the pages are
 `vlens.viz` templates (images inlined as PNG, `plotly.min.js` written once next to
 them), so they open offline.
 
@@ -22,85 +24,50 @@ from typing import Any, Sequence, TYPE_CHECKING
 import plotly.graph_objects as go
 import torch
 from sae_lens import SAE
-from tqdm.auto import tqdm
 
-from ..activations.read import read_layers
 from ..errors import InputError
 from ..prompts import QUESTION
 from ..sites import SiteLike
 from ..viz import figure_html, heatmap_overlay, image_data_uri, plotly_script, render, save_html
+from .features import choose_latents, collect, feature_logits
+from .io import site_of
 
 if TYPE_CHECKING:
     from ..model import VLM
 
 
-@torch.no_grad()
-def _collect(vlm: VLM, sae: SAE, site: SiteLike, samples: Sequence[Any], latents: list[int], prompt: str,
-             batch_size: int, progress: bool) -> dict[str, Any]:
-    """The chosen latents on every image token and caption token of `samples`."""
-    lat = torch.tensor(latents)
-    images: list[dict[str, Any]] = []  # per image: sample index, boxes, acts [n_tok, L]
-    texts: list[dict[str, Any]] = []  # per sample with caption: tokens, acts [n_ans, L]
-    nonzero: list[list[float]] = [[] for _ in latents]
-    tok = vlm.tokenizer
-    for s in tqdm(range(0, len(samples), batch_size), desc="dashboard activations", disable=(not progress) or None):
-        part = samples[s : s + batch_size]
-        caps = [getattr(x, "caption", None) for x in part]
-        answers = caps if all(c is not None for c in caps) else None
-        batch = vlm.prepare([prompt] * len(part), [x.image for x in part], answers=answers)
-        lay = batch.layout
-        sel = lay.image | lay.answer
-        h = read_layers(vlm, batch, site, tokens=sel)[site]
-        f = torch.zeros(*sel.shape, len(latents))  # [B, S, L], zero outside the selection
-        f[sel] = sae.encode(h.to(sae.device, sae.dtype))[..., lat.to(sae.device)].float().cpu()
-        for span in lay.images:
-            a = f[span.batch_index, span.start : span.end]
-            images.append({"sample": s + span.batch_index, "boxes": span.geometry.box, "acts": a.half()})
-        for j in range(len(latents)):
-            v = f[..., j][sel]
-            nonzero[j].extend(v[v != 0].tolist())
-        if answers is not None:
-            for b in range(len(part)):
-                m = lay.answer[b]
-                ids = lay.input_ids[b][m].tolist()
-                texts.append({"sample": s + b, "tokens": [tok.decode([i]) for i in ids], "acts": f[b][m].half()})
-    return {"images": images, "texts": texts, "nonzero": nonzero}
-
-
-def _choose_latents(sae: SAE, n: int) -> list[int]:
-    st = getattr(sae, "modality", None)
-    if st is not None:
-        freq = st.frequency
-        alive = (freq > 0).nonzero().flatten()
-        order = alive[torch.argsort(freq[alive], descending=True, stable=True)]
-        return order[:n].tolist()
-    return list(range(min(n, sae.cfg.d_sae)))
-
-
-def _top_images(data: dict[str, Any], samples: Sequence[Any], j: int, top_k: int) -> tuple[list[dict[str, Any]], float]:
-    img_max = torch.tensor([float(im["acts"][:, j].max()) if im["acts"].numel() else 0.0 for im in data["images"]])
-    vmax = float(img_max.max()) if img_max.numel() else 1.0
+def _top_images(records: list[dict[str, Any]], samples: Sequence[Any], j: int,
+                top_k: int) -> tuple[list[dict[str, Any]], float]:
+    imgs = [(r, im) for r in records for im in r["images"]]
+    peak = torch.tensor([float(r["acts"][im["start"]:im["end"], j].float().max()) for r, im in imgs]) \
+        if imgs else torch.zeros(0)
+    vmax = float(peak.max()) if peak.numel() else 1.0
     cards = []
-    for i in torch.argsort(img_max, descending=True, stable=True)[:top_k].tolist():
-        if img_max[i] <= 0:
+    for i in torch.argsort(peak, descending=True, stable=True)[:top_k].tolist():
+        if peak[i] <= 0:
             break
-        im = data["images"][i]
-        pic = heatmap_overlay(samples[im["sample"]].image, im["boxes"], im["acts"][:, j].float(), vmax)
-        cap = getattr(samples[im["sample"]], "caption", None) or ""
-        cards.append({"src": image_data_uri(pic), "max": f"{float(img_max[i]):.3g}", "caption": str(cap)[:60]})
+        r, im = imgs[i]
+        sample = samples[r["sample"]]
+        pic = heatmap_overlay(sample.image, r["boxes"][im["start"]:im["end"]],
+                              r["acts"][im["start"]:im["end"], j].float(), vmax)
+        cap = getattr(sample, "caption", None) or ""
+        cards.append({"src": image_data_uri(pic), "max": f"{float(peak[i]):.3g}", "caption": str(cap)[:60]})
     return cards, vmax
 
 
-def _top_contexts(data: dict[str, Any], j: int, top_k: int) -> list[dict[str, Any]]:
-    scored = [(float(t["acts"][:, j].float().max()), t) for t in data["texts"] if t["acts"].numel()]
+def _top_contexts(records: list[dict[str, Any]], j: int, top_k: int) -> list[dict[str, Any]]:
+    scored = []
+    for r in records:
+        text = ~r["is_image"]
+        if bool(text.any()):
+            a = r["acts"][text, j].float()
+            scored.append((float(a.max()), [t for t, m in zip(r["tokens"], text.tolist()) if m], a.tolist()))
     scored.sort(key=lambda p: -p[0])
     out = []
-    for m, t in scored[:top_k]:
+    for m, words, a in scored[:top_k]:
         if m <= 0:
             break
-        a = t["acts"][:, j].float().tolist()
-        out.append({"max": f"{m:.3g}",
-                    "tokens": [(w, f"{min(v / m, 1):.2f}" if v > 0 else None) for w, v in zip(t["tokens"], a)]})
+        out.append({"max": f"{m:.3g}", "tokens": [(w, f"{min(v / m, 1):.2f}" if v > 0 else None) for w, v in zip(words, a)]})
     return out
 
 
@@ -120,20 +87,24 @@ def dashboard(
     sae: SAE,
     vlm: VLM,
     samples: Sequence[Any],
-    layer: SiteLike,
+    layer: SiteLike | None,
     out: str | Path,
     *,
     latents: Sequence[int] | None = None,
     n_latents: int = 32,
     top_k: int = 8,
+    n_logits: int = 10,
     prompt: str = QUESTION,
     batch_size: int = 8,
     progress: bool = True,
 ) -> Path:
     """Write `index.html` and `latent_{i}.html` pages for `latents` (default: the `n_latents` most frequent).
 
-    `samples` are `vlens.data.Sample`s (image, and caption for text contexts); the SAE reads
-    `layer` (an int L is `resid_pre.L`; any site name works). Returns the path of the index page.
+    `samples` are `vlens.data.Sample`s (image, and caption for text contexts). The SAE reads its
+    own site, from `sae.cfg.metadata.hook_name` (`vlens.sae.io.site_of`); `layer` (an int L is
+    `resid_pre.L`; any site name works) is needed only when the SAE does not name one, and must
+    agree with it when it does. Each page also shows the latent's logit attribution
+    (`vlens.sae.features.feature_logits`, `n_logits` tokens each way). Returns the path of the index page.
 
     Example:
         >>> import tempfile, torch, vlens, vlens.sae as vs
@@ -149,25 +120,26 @@ def dashboard(
     out.mkdir(parents=True, exist_ok=True)
     if sae.cfg.d_in != vlm.d_model:
         raise InputError(f"SAE d_in {sae.cfg.d_in} != model d_model {vlm.d_model}: this SAE belongs to another model")
-    chosen = [int(i) for i in (latents if latents is not None else _choose_latents(sae, n_latents))]
-    bad = [i for i in chosen if not 0 <= i < sae.cfg.d_sae]
-    if bad:
-        raise InputError(f"latents {bad} out of range 0..{sae.cfg.d_sae - 1}")
-    data = _collect(vlm, sae, layer, samples, chosen, prompt, batch_size, progress)
+    site = site_of(sae, vlm, layer)
+    chosen = [int(i) for i in (latents if latents is not None else choose_latents(sae, n_latents))]
+    logits = feature_logits(sae, vlm, chosen, n_logits)  # checks the latent range
+    records = collect(vlm, sae, samples, chosen, layer=site, prompt=prompt, batch_size=batch_size, progress=progress)
     st = getattr(sae, "modality", None)
     kinds = st.kind() if st is not None else None
-    hook = sae.cfg.metadata.hook_name or vlm.site(layer).name
+    hook = sae.cfg.metadata.hook_name or site.hook_name
     script = plotly_script(out)
     rows = []
     for j, latent in enumerate(chosen):
-        cards, vmax = _top_images(data, samples, j, top_k)
-        vals = data["nonzero"][j]
+        cards, vmax = _top_images(records, samples, j, top_k)
+        vals = [v for r in records for v in r["acts"][:, j].float().tolist() if v != 0]
         fig = go.Figure(go.Histogram(x=vals, nbinsx=40, marker_color="#4c78a8"))
         fig.update_layout(title="non-zero activations (image + caption tokens)", xaxis_title="activation",
                           yaxis_title="tokens", height=260, width=480, margin=dict(l=40, r=10, t=40, b=40))
+        pairs = list(zip(logits[j]["top"], logits[j]["bottom"]))
+        logit_rows = [[t["token"], f"{t['value']:+.3g}", b["token"], f"{b['value']:+.3g}"] for t, b in pairs]
         page = render("latent.html.j2", title=f"latent {latent}", plotly_script=script, latent=latent, hook=hook,
                       d_sae=sae.cfg.d_sae, stats=_stats_rows(sae, latent), histogram=figure_html(fig), cards=cards,
-                      contexts=_top_contexts(data, j, top_k))
+                      contexts=_top_contexts(records, j, top_k), logits=logit_rows)
         save_html(out / f"latent_{latent}.html", page)
         score = float(st.score[latent]) if st is not None else math.nan
         rows.append({"latent": latent, "score": "—" if math.isnan(score) else f"{score:.3f}",

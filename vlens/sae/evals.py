@@ -5,18 +5,26 @@ overall and on image / text tokens separately:
 
 - `explained_variance` = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² (x̄: the mean over that group's tokens);
 - `l0`: mean number of latents firing per token; `dead`: latents that never fired on the group;
-- `mse`: mean over tokens of ‖x − x̂‖².
+- `mse`: mean over tokens of ‖x − x̂‖²;
+- SAE-Bench's `core` names, SAE-Lens's definitions: `cossim` (mean cos(x, x̂)), `l1` (mean Σ|f|),
+  `l2_norm_in` / `l2_norm_out` (mean ‖x‖, ‖x̂‖), `l2_ratio` (mean ‖x̂‖/‖x‖),
+  `relative_reconstruction_bias` (E‖x̂‖² / E⟨x, x̂⟩), `frac_alive` (1 − dead/d_sae),
+  `total_tokens_eval_sparsity_variance` (= `n_tokens`).
 
 `loss_recovered(vlm, sae, layer, samples)` runs the model on image+caption batches
-and splices the SAE into `resid_pre.{layer}` with `vlens.interventions.splice_sae` (the
-residual at the selected positions replaced by `decode(encode(.))`):
+and splices the SAE into its own site (`sae.cfg.metadata.hook_name`, else `layer`: see
+`vlens.sae.io.site_of`) with `vlens.interventions.splice_sae` (the residual at the selected
+positions replaced by `decode(encode(.))`):
 
     loss recovered = 1 − (CE_spliced − CE_clean) / (CE_zero − CE_clean)
 
 with CE the mean next-token cross-entropy on the caption (answer) tokens, scored by
 `vlens.scoring.score_answers`, and CE_zero the same with the residual zero-ablated at
 those positions (`vlens.interventions.ablate`). "overall" splices every image and caption
-token; "image" only image tokens; "text" only caption tokens.
+token; "image" only image tokens; "text" only caption tokens. Each group also carries
+SAE-Bench's names: `ce_loss_score` (= loss recovered), `ce_loss_with_sae`,
+`ce_loss_without_sae`, `ce_loss_with_ablation`, `total_tokens_eval_reconstruction`.
+`sae_bench_core` nests one group of both results as SAE-Bench's `eval_result_metrics`.
 
 Why not SAE-Lens's `sae_lens.evals`: it runs a TransformerLens `HookedTransformer` on text
 token batches; a VLM runs through nnsight with images, and the metrics here are split by
@@ -32,15 +40,28 @@ from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import InputError
+from ..errors import InputError, NonFiniteActivations
 from ..interventions import ablate, splice_sae
 from ..prompts import QUESTION
 from ..scoring import score_answers
 from ..sites import SiteLike
 from .data import IMAGE, TEXT, as_source
+from .io import site_of
 
 if TYPE_CHECKING:
     from ..model import VLM
+
+
+#: SAE-Bench `core` metric categories (`CoreMetricCategories`) and the keys of vlens results that fill them.
+SAE_BENCH_CORE: dict[str, tuple[str, ...]] = {
+    "model_performance_preservation": ("ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae",
+                                       "ce_loss_without_sae"),
+    "reconstruction_quality": ("explained_variance", "mse", "cossim"),
+    "shrinkage": ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias"),
+    "sparsity": ("l0", "l1"),
+    "token_stats": ("total_tokens_eval_reconstruction", "total_tokens_eval_sparsity_variance"),
+    "misc_metrics": ("frac_alive",),
+}
 
 
 class _Group:
@@ -51,30 +72,47 @@ class _Group:
         self.sse = 0.0
         self.l0 = 0.0
         self.fired = torch.zeros(d_sae, dtype=torch.bool)
+        self.sums = dict.fromkeys(("l1", "cossim", "l2_in", "l2_out", "l2_ratio", "xhat_sq", "x_xhat"), 0.0)
 
     def add(self, x: Tensor, x_hat: Tensor, f: Tensor) -> None:
         if x.shape[0] == 0:
             return
-        x64 = x.double()
+        x64, xh = x.double(), x_hat.double()
         self.n += x.shape[0]
         s = x64.sum(0)
         self.sum_x = s if self.sum_x is None else self.sum_x + s
         self.sum_sq += float(x64.pow(2).sum())
-        self.sse += float((x_hat.double() - x64).pow(2).sum())
+        self.sse += float((xh - x64).pow(2).sum())
         self.l0 += float((f != 0).sum())
         self.fired |= (f != 0).any(0).cpu()
+        n_in, n_out = x64.norm(dim=-1), xh.norm(dim=-1)
+        add = {"l1": f.double().abs().sum(), "cossim": torch.nn.functional.cosine_similarity(x64, xh, dim=-1).sum(),
+               "l2_in": n_in.sum(), "l2_out": n_out.sum(),
+               "l2_ratio": (n_out / torch.where(n_in.abs() < 1e-4, torch.ones_like(n_in), n_in)).sum(),
+               "xhat_sq": n_out.pow(2).sum(), "x_xhat": (x64 * xh).sum()}
+        for k, v in add.items():
+            self.sums[k] += float(v)
 
-    def result(self) -> dict[str, float]:
+    def result(self, d_sae: int) -> dict[str, float]:
         if self.n == 0 or self.sum_x is None:
-            return {"n_tokens": 0, "explained_variance": float("nan"), "l0": float("nan"), "dead": float("nan"),
-                    "mse": float("nan")}
+            nan = float("nan")
+            return {"n_tokens": 0, "explained_variance": nan, "l0": nan, "dead": nan, "mse": nan, "cossim": nan,
+                    "l1": nan, "l2_norm_in": nan, "l2_norm_out": nan, "l2_ratio": nan,
+                    "relative_reconstruction_bias": nan, "frac_alive": nan, "total_tokens_eval_sparsity_variance": 0}
         total_var = self.sum_sq - float(self.sum_x.pow(2).sum()) / self.n
+        dead = int((~self.fired).sum())
+        m = {k: v / self.n for k, v in self.sums.items()}
         return {
             "n_tokens": self.n,
             "explained_variance": 1.0 - self.sse / total_var if total_var > 0 else float("nan"),
             "l0": self.l0 / self.n,
-            "dead": int((~self.fired).sum()),
+            "dead": dead,
             "mse": self.sse / self.n,
+            # SAE-Bench `core` names (SAE-Lens's definitions, over all tokens of the group)
+            "cossim": m["cossim"], "l1": m["l1"], "l2_norm_in": m["l2_in"], "l2_norm_out": m["l2_out"],
+            "l2_ratio": m["l2_ratio"],
+            "relative_reconstruction_bias": m["xhat_sq"] / m["x_xhat"] if m["x_xhat"] else float("nan"),
+            "frac_alive": 1.0 - dead / d_sae, "total_tokens_eval_sparsity_variance": self.n,
         }
 
 
@@ -83,43 +121,74 @@ def evaluate(sae: SAE, data: Any, *, n_tokens: int | None = None, batch_size: in
              layer: int | None = None) -> dict[str, dict[str, float]]:
     """Explained variance, L0, dead latents and MSE, overall and per modality.
 
+    NaN/inf activations, or NaN/inf latents from finite activations (an SAE whose weights
+    hold NaN/inf), raise `NonFiniteActivations` naming the rows, rather than turning the
+    metrics into NaN (and NaN latents into "firing" ones).
+
     Example:
         >>> import torch, vlens.sae as vs
         >>> x, mod = torch.randn(1024, 8), torch.arange(1024) % 2
         >>> sae = vs.train((x, mod), "paper", d_sae=32, steps=5, batch_size=256, progress=False)
         >>> r = evaluate(sae, (x, mod))
-        >>> sorted(r), r["image"]["n_tokens"]
-        (['image', 'overall', 'text'], 512)
+        >>> sorted(r), r["image"]["n_tokens"], r["image"]["total_tokens_eval_sparsity_variance"]
+        (['image', 'overall', 'text'], 512, 512)
     """
+    for name, v in (("batch_size", batch_size), ("n_tokens", n_tokens)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise InputError(f"{name} must be an int >= 1, not {v!r}")
     source = as_source(data, layer)
+    d_in = int(sae.cfg.d_in)
+    if source.d is not None and source.d != d_in:
+        raise InputError(f"the activations have width {source.d} but the SAE reads d_in = {d_in}: evaluate it on "
+                         "activations of the model and site it was trained on")
     groups = {"overall": _Group(sae.cfg.d_sae), "image": _Group(sae.cfg.d_sae), "text": _Group(sae.cfg.d_sae)}
     sae.eval()
+    start = 0
     for x, mod in source.sequential(batch_size, n_tokens):
+        if x.ndim != 2 or x.shape[1] != d_in:
+            raise InputError(f"an activation batch has shape {tuple(x.shape)}, but the SAE reads [batch, {d_in}]")
         x = x.to(sae.device, sae.dtype)
+        _check_finite(x, start, "the activations hold NaN/inf values", "drop those rows or check the harvest "
+                      "(e.g. fp16 overflow)")
         f = sae.encode(x)
+        _check_finite(f, start, "the SAE gives NaN/inf latents for finite activations", "its weights hold NaN/inf "
+                      "(check sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec; retrain or reload it)")
         x_hat = sae.decode(f)
+        start += x.shape[0]
         groups["overall"].add(x, x_hat, f)
         if mod is not None:
             mod = mod.to(x.device)
             for name, code in (("image", IMAGE), ("text", TEXT)):
                 sel = mod == code
                 groups[name].add(x[sel], x_hat[sel], f[sel])
-    return {k: g.result() for k, g in groups.items()}
+    if groups["overall"].n == 0:
+        raise InputError("no activations to evaluate: the data has 0 rows")
+    return {k: g.result(sae.cfg.d_sae) for k, g in groups.items()}
+
+
+def _check_finite(t: Tensor, start: int, what: str, fix: str) -> None:
+    """A `NonFiniteActivations` naming the first rows (of the data) of `t` that hold NaN/inf."""
+    bad = ~torch.isfinite(t).all(dim=-1)
+    if bool(bad.any()):
+        rows = (bad.nonzero().flatten()[:5] + start).tolist()
+        raise NonFiniteActivations(f"{what} (row(s) {rows} of the data): {fix}")
 
 
 @torch.no_grad()
 def loss_recovered(
     vlm: VLM,
     sae: SAE,
-    layer: SiteLike,
+    layer: SiteLike | None,
     samples: Sequence[Any],
     *,
     prompt: str = QUESTION,
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Loss recovered with `sae` spliced into `layer` (an int L is `resid_pre.L`; any site name works), by token group.
+    """Loss recovered with `sae` spliced into its own site, by token group.
 
+    The site is the SAE's `cfg.metadata.hook_name`; `layer` (an int L is `resid_pre.L`; any
+    site name works) is needed only when the SAE names none, and must agree when it does.
     `samples` are `vlens.data.Sample`s with `image` and `caption` (the caption is the answer whose
     cross-entropy is measured).
 
@@ -130,14 +199,15 @@ def loss_recovered(
         >>> vlm = vlens.tiny(words=["a", "red", "square"])
         >>> sae = vs.train(torch.randn(512, vlm.d_model), "paper", d_sae=128, steps=2, batch_size=256, progress=False)
         >>> r = loss_recovered(vlm, sae, 2, [Sample(Image.new("RGB", (32, 32)), caption="a red square")], progress=False)
-        >>> sorted(r["overall"])
-        ['ce_clean', 'ce_spliced', 'ce_zero', 'loss_recovered', 'n_tokens']
+        >>> sorted(r["overall"])[:5], r["overall"]["ce_loss_score"] == r["overall"]["loss_recovered"]
+        (['ce_clean', 'ce_loss_score', 'ce_loss_with_ablation', 'ce_loss_with_sae', 'ce_loss_without_sae'], True)
     """
     if sae.cfg.d_in != vlm.d_model:
         raise InputError(f"SAE d_in {sae.cfg.d_in} != model d_model {vlm.d_model}: this SAE belongs to another model")
     missing = [i for i, s in enumerate(samples) if getattr(s, "caption", None) is None or getattr(s, "image", None) is None]
     if missing:
         raise InputError(f"samples {missing[:5]} lack an image or a caption; loss recovered needs both")
+    site = site_of(sae, vlm, layer)
     sae = sae.to(vlm.device)
     groups = ("overall", "image", "text")
     sums = {g: {k: [0.0, 0] for k in ("clean", "spliced", "zero")} for g in groups}  # [Σ CE, answer tokens]
@@ -157,8 +227,8 @@ def loss_recovered(
         for g in groups:
             mask = masks[g]
             runs = {"clean": clean,
-                    "spliced": ce(batch, lambda: splice_sae(vlm, layer, sae, batch=batch, tokens=mask)),
-                    "zero": ce(batch, lambda: ablate(vlm, layer, batch=batch, tokens=mask))}
+                    "spliced": ce(batch, lambda: splice_sae(vlm, site, sae, batch=batch, tokens=mask)),
+                    "zero": ce(batch, lambda: ablate(vlm, site, batch=batch, tokens=mask))}
             for k, (total, count) in runs.items():
                 sums[g][k][0] += total
                 sums[g][k][1] += count
@@ -166,9 +236,35 @@ def loss_recovered(
     for g in groups:
         mean = {k: v[0] / max(v[1], 1) for k, v in sums[g].items()}
         denom = mean["zero"] - mean["clean"]
+        recovered = 1 - (mean["spliced"] - mean["clean"]) / denom if abs(denom) > 1e-12 else float("nan")
         out[g] = {
             "ce_clean": mean["clean"], "ce_spliced": mean["spliced"], "ce_zero": mean["zero"],
-            "loss_recovered": 1 - (mean["spliced"] - mean["clean"]) / denom if abs(denom) > 1e-12 else float("nan"),
-            "n_tokens": sums[g]["clean"][1],
+            "loss_recovered": recovered, "n_tokens": sums[g]["clean"][1],
+            # SAE-Bench `core` names
+            "ce_loss_score": recovered, "ce_loss_with_sae": mean["spliced"], "ce_loss_without_sae": mean["clean"],
+            "ce_loss_with_ablation": mean["zero"], "total_tokens_eval_reconstruction": sums[g]["clean"][1],
         }
     return out
+
+
+def sae_bench_core(*results: dict[str, dict[str, float]], group: str = "overall") -> dict[str, dict[str, float]]:
+    """One token group of `evaluate` and/or `loss_recovered` results as SAE-Bench's `core` `eval_result_metrics`.
+
+    Categories and field names are SAE-Bench's `CoreMetricCategories` (`SAE_BENCH_CORE`);
+    fields vlens does not measure (KL divergences, encoder/decoder cosine similarities) are left out.
+
+    Example:
+        >>> import torch, vlens.sae as vs
+        >>> x = torch.randn(512, 8)
+        >>> sae = vs.train(x, "topk", d_sae=16, k=2, steps=2, batch_size=128, progress=False)
+        >>> core = sae_bench_core(evaluate(sae, x))
+        >>> sorted(core), core["sparsity"]["l0"]
+        (['misc_metrics', 'reconstruction_quality', 'shrinkage', 'sparsity', 'token_stats'], 2.0)
+    """
+    flat: dict[str, float] = {}
+    for r in results:
+        if group not in r:
+            raise InputError(f"no token group {group!r} in these results (groups: {sorted(r)})")
+        flat.update(r[group])
+    out = {cat: {k: flat[k] for k in keys if k in flat} for cat, keys in SAE_BENCH_CORE.items()}
+    return {cat: fields for cat, fields in out.items() if fields}

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, NonFiniteActivations
 from ..interventions import check_vector
 
 if TYPE_CHECKING:
@@ -49,16 +49,19 @@ def class_means(
 ) -> Float[Tensor, "n_classes d"]:
     """Mean feature per class (row c = mean of X[y == c]); classes with fewer than `min_count` examples are NaN.
 
+    Rows labelled -1 ("no label", as a harvest stores a sample without one) are left out.
+
     Example:
         >>> class_means(torch.tensor([[0.0], [2.0], [5.0], [7.0]]), torch.tensor([0, 0, 1, 1]))
         tensor([[1.],
                 [6.]])
     """
-    X = torch.as_tensor(X).float()
-    y = torch.as_tensor(y).long()
-    if X.dim() != 2 or y.shape != (X.shape[0],):
-        raise InputError(f"need X [n, d] and y [n], got {tuple(X.shape)} and {tuple(y.shape)}")
-    C = int(y.max()) + 1 if n_classes is None else n_classes
+    X, y = _xy(X, y)
+    X, y = X[y != -1], y[y != -1]
+    top = int(y.max()) + 1 if len(y) else 0
+    if n_classes is not None and n_classes < top:
+        raise InputError(f"labels go up to {top - 1} but n_classes={n_classes}: pass n_classes >= {top} or None")
+    C = top if n_classes is None else n_classes
     sums = torch.zeros(C, X.shape[1], dtype=X.dtype, device=X.device).index_add_(0, y.to(X.device), X)
     cnt = torch.bincount(y, minlength=C).to(X.device)
     means = sums / cnt[:, None].clamp(min=1)
@@ -76,15 +79,46 @@ def diff_of_means(
         >>> diff_of_means(X, y, src=0, tgt=1)
         tensor([ 5., -2.])
     """
-    y = torch.as_tensor(y)
+    X, y = _xy(X, y)
+    for name, c in (("src", src), ("tgt", tgt)):
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise InputError(f"{name}={c!r} is not a class id (an int >= 0; -1 means 'no label')")
+    if src == tgt:
+        raise InputError(f"src and tgt are the same class ({src}): the difference of its mean with itself is zero")
     for c in (src, tgt):
         n = int((y == c).sum())
         if n < 2:
             raise InputError(
                 f"class {c} has {n} example(s); a class mean needs at least two: harvest more images of class {c}"
             )
+    rows = (y == src) | (y == tgt)
+    bad = ~torch.isfinite(X[rows]).all(1)
+    if bool(bad.any()):
+        where = rows.nonzero().flatten()[bad][:5].tolist()
+        raise NonFiniteActivations(f"rows {where} of X (classes {src}/{tgt}) hold NaN/inf, so the class means would "
+                                   "be NaN: drop those rows or check the harvest (e.g. fp16 overflow)")
     m = class_means(X, y, n_classes=max(int(y.max()), src, tgt) + 1)
     return _maybe_norm(m[tgt] - m[src], normalize)
+
+
+def _xy(X: Any, y: Any) -> tuple[Tensor, Tensor]:
+    """Features [n, d] as float and integer labels [n] (>= -1), refusing strings and shapes that do not match."""
+    if any(isinstance(v, str) for v in ([y] if isinstance(y, str) else y if isinstance(y, (list, tuple)) else [])) \
+            or getattr(getattr(y, "dtype", None), "kind", None) in ("U", "S", "O"):
+        raise InputError("labels y must be integer class ids, not strings: map the names to ids, e.g. "
+                         "names = sorted(set(y)); y = [names.index(v) for v in y]")
+    try:
+        X, y = torch.as_tensor(X).float(), torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"need X [n, d] (numbers) and y [n] (class ids): {e}") from e
+    if X.dim() != 2 or y.shape != (X.shape[0],):
+        raise InputError(f"need X [n, d] and y [n], got {tuple(X.shape)} and {tuple(y.shape)}")
+    if y.is_floating_point() and not torch.equal(y, y.round()):
+        raise InputError("labels y must be integer class ids")
+    y = y.long()
+    if bool((y < -1).any()):
+        raise InputError(f"labels must be class ids >= 0, or -1 for 'no label'; got {int(y.min())}")
+    return X, y
 
 
 def from_probe(probe: Any, tgt: int, src: int | None = None, *, normalize: bool = False) -> Float[Tensor, " d"]:

@@ -11,14 +11,23 @@ A checkpoint folder holds
 Why not SAE-Lens's trainer checkpoints: vlens's loop (fused sparse step, DDP, modality
 bookkeeping) is its own, and exact resumption needs its data position, dead-latent
 window and scale, which SAE-Lens's `SAETrainer.save_checkpoint` does not hold. The
-format is vlens 0.1's, unchanged.
+format is vlens 0.1's, plus (since 0.2) the CRC-32 of both safetensors files and a
+checksum of `trainer.json` itself, so a damaged checkpoint is told from a good one.
+
+Crash safety: a checkpoint is written into `.tmp_step_NNNNNNNNN_PID/`, every file and the
+folder fsynced, then renamed to `step_NNNNNNNNN/` and the parent fsynced; the newest
+`keep` (2) are kept. A kill mid-write leaves only the temporary folder, which the next run
+removes (`remove_leftovers`). Resuming takes the newest checkpoint that is intact and falls
+back to the one before when the newest is damaged (`resume`), with a warning naming why.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +36,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from sae_lens.saes.sae import TrainingSAE
 
+from ..._durable import file_crc32, fsync_dir, fsync_file, json_checksum
 from ...errors import InputError
 from .config import TrainConfig
 
 PREFIX = "step_"
+_STEP = re.compile(r"^step_\d{9}$")
+_LEFTOVER = re.compile(r"^\.(tmp|old)_step_\d{9}_\d+$")
+_FILES = ("sae_weights.safetensors", "trainer_state.safetensors")
+
+
+class _Damaged(InputError):
+    """A checkpoint folder that cannot be read back (missing, truncated or altered files)."""
 _IGNORED_ON_RESUME = ("fused",)
 
 
@@ -45,19 +62,48 @@ class TrainState:
     since_fired: torch.Tensor | None = None
 
 
+def checkpoints(directory: Path) -> list[Path]:
+    """The checkpoint folders (`step_NNNNNNNNN`) under `directory`, oldest first.
+
+    Example:
+        >>> import tempfile
+        >>> checkpoints(Path(tempfile.mkdtemp()))
+        []
+    """
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and _STEP.match(p.name))
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint folder under `directory`, or None.
+    """The newest checkpoint folder under `directory` that holds a `trainer.json`, or None.
 
     Example:
         >>> import tempfile
         >>> latest_checkpoint(Path(tempfile.mkdtemp())) is None
         True
     """
-    if not directory.is_dir():
-        return None
-    ckpts = sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-                   and (p / "trainer.json").exists())
+    ckpts = [p for p in checkpoints(directory) if (p / "trainer.json").exists()]
     return ckpts[-1] if ckpts else None
+
+
+def remove_leftovers(directory: Path) -> list[str]:
+    """Remove what an interrupted checkpoint write left (`.tmp_step_*`, `.old_step_*` folders); return their names.
+
+    Only those names, which vlens alone writes, are ever removed.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); (d / ".tmp_step_000000010_123").mkdir(); (d / "mine").mkdir()
+        >>> remove_leftovers(d), sorted(p.name for p in d.iterdir())
+        (['.tmp_step_000000010_123'], ['mine'])
+    """
+    if not directory.is_dir():
+        return []
+    gone = sorted(p.name for p in directory.iterdir() if p.is_dir() and _LEFTOVER.match(p.name))
+    for name in gone:
+        shutil.rmtree(directory / name, ignore_errors=True)
+    return gone
 
 
 def config_difference(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -78,31 +124,80 @@ def config_difference(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def save_checkpoint(directory: Path, cfg: TrainConfig, sae: TrainingSAE, opt: torch.optim.Optimizer,
                     state: TrainState, keep: int = 2) -> Path:
-    """Write a checkpoint atomically (temporary folder, then rename) and keep the newest `keep` (see `load_checkpoint`)."""
+    """Write a checkpoint atomically (temporary folder, fsync, rename) and keep the newest `keep` (see `load_checkpoint`).
+
+    Example:
+        >>> import tempfile
+        >>> from vlens.sae.training import TrainConfig, make_training_sae
+        >>> cfg = TrainConfig.preset("paper", d_in=4, d_sae=8, total_steps=10)
+        >>> sae = make_training_sae(cfg); opt = torch.optim.Adam(sae.parameters())
+        >>> save_checkpoint(Path(tempfile.mkdtemp()), cfg, sae, opt, TrainState(step=5)).name
+        'step_000000005'
+    """
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{state.step:09d}"
     tmp = directory / f".tmp_{final.name}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, tmp / "sae_weights.safetensors")
-    opt_tensors: dict[str, torch.Tensor] = {}
-    for i, st in opt.state_dict()["state"].items():
-        for name, value in st.items():
-            opt_tensors[f"{i}.{name}"] = torch.as_tensor(value).reshape(-1).contiguous()
-    if state.since_fired is not None:
-        opt_tensors["since_fired"] = state.since_fired.contiguous()
-    save_file(opt_tensors, tmp / "trainer_state.safetensors")
-    meta = {"config": cfg.to_dict(), "step": state.step, "tokens": state.tokens, "scale": state.scale,
-            "mix": state.mix, "sae_metadata": sae.cfg.metadata.to_dict()}
-    (tmp / "trainer.json").write_text(json.dumps(meta, indent=1, default=str))
-    if final.exists():
-        shutil.rmtree(final)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, tmp / _FILES[0])
+        opt_tensors: dict[str, torch.Tensor] = {}
+        for i, st in opt.state_dict()["state"].items():
+            for name, value in st.items():
+                opt_tensors[f"{i}.{name}"] = torch.as_tensor(value).reshape(-1).contiguous()
+        if state.since_fired is not None:
+            opt_tensors["since_fired"] = state.since_fired.contiguous()
+        save_file(opt_tensors, tmp / _FILES[1])
+        meta = {"config": cfg.to_dict(), "step": state.step, "tokens": state.tokens, "scale": state.scale,
+                "mix": state.mix, "sae_metadata": sae.cfg.metadata.to_dict(),
+                "files": {name: file_crc32(tmp / name) for name in _FILES}}
+        meta = json.loads(json.dumps(meta, default=str))
+        meta["checksum"] = json_checksum(meta)
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+        for name in (*_FILES, "trainer.json"):
+            fsync_file(tmp / name)
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = directory / f".old_{final.name}_{os.getpid()}"
+    if final.exists():  # the same step saved twice (an interrupt, then the end): swap, never a moment without it
+        final.rename(old)
     tmp.rename(final)
-    old = sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
-    for p in old[:-keep]:
+    fsync_dir(directory)
+    if old.exists():
+        shutil.rmtree(old)
+    for p in checkpoints(directory)[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def damage(path: Path) -> str | None:
+    """What makes checkpoint folder `path` unreadable (missing or altered files), or None if it is intact.
+
+    Example:
+        >>> import tempfile
+        >>> damage(Path(tempfile.mkdtemp()))
+        'trainer.json is missing'
+    """
+    try:
+        meta = json.loads((path / "trainer.json").read_bytes())
+    except FileNotFoundError:
+        return "trainer.json is missing"
+    except (OSError, ValueError) as e:
+        return f"trainer.json is unreadable ({e})"
+    if not isinstance(meta, dict) or not all(k in meta for k in ("config", "step", "tokens", "scale", "mix")):
+        return "trainer.json lacks its fields"
+    if "checksum" in meta and meta["checksum"] != json_checksum(meta):
+        return "trainer.json does not match its checksum"
+    for name in _FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        want = (meta.get("files") or {}).get(name)
+        if want is not None and file_crc32(path / name) != want:
+            return f"{name} does not match its checksum (truncated or altered)"
+    return None
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig, sae: TrainingSAE, opt: torch.optim.Optimizer) -> TrainState:
@@ -117,6 +212,9 @@ def load_checkpoint(path: Path, cfg: TrainConfig, sae: TrainingSAE, opt: torch.o
         >>> path.name, load_checkpoint(path, cfg, sae, opt).step
         ('step_000000003', 3)
     """
+    problem = damage(path)
+    if problem is not None:
+        raise _Damaged(f"checkpoint {path} is damaged: {problem}")
     meta = json.loads((path / "trainer.json").read_text())
     diffs = config_difference(meta["config"], cfg.to_dict())
     if diffs:
@@ -125,17 +223,59 @@ def load_checkpoint(path: Path, cfg: TrainConfig, sae: TrainingSAE, opt: torch.o
             + "\n  ".join(diffs)
             + "\nUse the same settings, resume=False to start over, or another checkpoint_dir."
         )
-    sae.load_state_dict(load_file(path / "sae_weights.safetensors"))
-    tensors = load_file(path / "trainer_state.safetensors")
-    opt_sd = opt.state_dict()
-    new_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key == "since_fired":
-            continue
-        i, name = key.split(".", 1)
-        ref = value.reshape(()) if name == "step" else value.reshape(opt.param_groups[0]["params"][int(i)].shape)
-        new_state.setdefault(int(i), {})[name] = ref.clone()
-    opt_sd["state"] = new_state
-    opt.load_state_dict(opt_sd)
+    try:
+        sae.load_state_dict(load_file(path / _FILES[0]))
+        tensors = load_file(path / _FILES[1])
+        opt_sd = opt.state_dict()
+        new_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key == "since_fired":
+                continue
+            i, name = key.split(".", 1)
+            ref = value.reshape(()) if name == "step" else value.reshape(opt.param_groups[0]["params"][int(i)].shape)
+            new_state.setdefault(int(i), {})[name] = ref.clone()
+        opt_sd["state"] = new_state
+        opt.load_state_dict(opt_sd)
+    except Exception as e:  # a file of a vlens 0.1 checkpoint (no checksums) damaged
+        raise _Damaged(f"checkpoint {path} is damaged: {type(e).__name__}: {str(e)[:300]}") from e
     return TrainState(step=meta["step"], tokens=meta["tokens"], scale=meta["scale"], mix=meta["mix"],
                       since_fired=tensors["since_fired"].clone() if "since_fired" in tensors else None)
+
+
+def resume(directory: Path, cfg: TrainConfig, sae: TrainingSAE, opt: torch.optim.Optimizer) -> TrainState | None:
+    """Restore the newest intact checkpoint under `directory` (None if there is none yet).
+
+    A damaged newest checkpoint is skipped with a warning and the one before it is used (two
+    are kept); a checkpoint of another configuration is refused (`InputError`, naming each
+    field); if every checkpoint is damaged, an `InputError` lists why and how to start over.
+
+    Example:
+        >>> import tempfile
+        >>> from vlens.sae.training import TrainConfig, make_training_sae
+        >>> cfg = TrainConfig.preset("paper", d_in=4, d_sae=8, total_steps=10)
+        >>> sae = make_training_sae(cfg); opt = torch.optim.Adam(sae.parameters())
+        >>> d = Path(tempfile.mkdtemp()); _ = save_checkpoint(d, cfg, sae, opt, TrainState(step=4))
+        >>> _ = save_checkpoint(d, cfg, sae, opt, TrainState(step=8))
+        >>> _ = (d / "step_000000008" / "trainer_state.safetensors").write_bytes(b"cut")
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     print(resume(d, cfg, sae, opt).step, "does not match its checksum" in str(caught[0].message))
+        4 True
+    """
+    found = checkpoints(directory)
+    problems = []
+    for path in reversed(found):
+        try:
+            state = load_checkpoint(path, cfg, sae, opt)
+        except _Damaged as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            warnings.warn("; ".join(problems) + f". Resuming from {path.name} instead (the damaged one is replaced "
+                          "when training passes its step again)", stacklevel=3)
+        return state
+    if problems:
+        raise InputError("no intact checkpoint to resume from: " + "; ".join(problems) + ". Pass resume=False to "
+                         f"start over (those folders are then replaced), or another checkpoint_dir than {directory}")
+    return None

@@ -19,6 +19,7 @@ saving scheduler state (`tests/test_sae.py::test_schedules_match_sae_lens_to_rou
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -198,6 +199,53 @@ class TrainConfig:
         if warm > 0 and step < warm:
             return final * (step + 1) / warm
         return final
+
+    def check(self) -> "TrainConfig":
+        """Refuse values no run can use (sizes, lengths, rates out of range), naming each field; return self.
+
+        Example:
+            >>> TrainConfig.preset("topk", d_in=8, d_sae=16, k=32, total_steps=10).check()
+            Traceback (most recent call last):
+            ...
+            vlens.errors.InputError: bad training option(s): k=32 (topk keeps k latents of d_sae=16: need 1 <= k <= d_sae)
+        """
+        a, t = self.sae, self.trainer
+
+        def count(v: Any, low: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        def real(v: Any, low: float, high: float = math.inf, open_low: bool = False) -> bool:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            return ok and (v > low if open_low else v >= low) and v <= high
+
+        rules = [
+            ("d_in", count(a.d_in, 1), "the activation width, >= 1"),
+            ("d_sae", count(a.d_sae, 1), "the number of latents, >= 1"),
+            ("batch_size", count(t.batch_size, 1), "rows per step, >= 1"),
+            ("total_steps", count(t.total_steps, 1), "steps=, n_tokens= or epochs= must give at least one step"),
+            ("lr", real(t.lr, 0.0, open_low=True), "a learning rate > 0"),
+            ("lr_warmup_steps", count(t.lr_warmup_steps, 0), ">= 0"),
+            ("lr_decay_frac", real(t.lr_decay_frac, 0.0, 1.0), "a fraction in [0, 1]"),
+            ("coefficient_warmup_frac", real(t.coefficient_warmup_frac, 0.0, 1.0), "a fraction in [0, 1]"),
+            ("adam_beta1", real(t.adam_beta1, 0.0, 1.0) and t.adam_beta1 < 1, "in [0, 1)"),
+            ("adam_beta2", real(t.adam_beta2, 0.0, 1.0) and t.adam_beta2 < 1, "in [0, 1)"),
+            ("grad_clip", real(t.grad_clip, 0.0), ">= 0 (0 turns clipping off)"),
+            ("l1_coefficient", real(t.l1_coefficient, 0.0), ">= 0"),
+            ("l0_coefficient", real(t.l0_coefficient, 0.0), ">= 0"),
+            ("n_norm_batches", count(t.n_norm_batches, 1), ">= 1"),
+            ("dead_window_tokens", count(t.dead_window_tokens, 1), ">= 1"),
+            ("decoder_init_norm", real(a.decoder_init_norm, 0.0, open_low=True), "> 0"),
+        ]
+        if a.architecture == "jumprelu":
+            rules += [("jumprelu_init_threshold", real(a.jumprelu_init_threshold, 0.0, open_low=True), "> 0"),
+                      ("jumprelu_bandwidth", real(t.jumprelu_bandwidth, 0.0, open_low=True), "> 0")]
+        if a.architecture in ("topk", "batchtopk"):
+            ok = real(a.k, 1.0) and (a.k <= a.d_sae if count(a.d_sae, 1) else True)
+            rules.append(("k", ok, f"{a.architecture} keeps k latents of d_sae={a.d_sae}: need 1 <= k <= d_sae"))
+        bad = [f"{name}={getattr(self, name)!r} ({why})" for name, ok, why in rules if not ok]
+        if bad:
+            raise InputError("bad training option(s): " + "; ".join(bad))
+        return self
 
     @property
     def uses_fused_step(self) -> bool:

@@ -40,7 +40,7 @@ from ...errors import InputError, NonFiniteActivations
 from ..data import IMAGE, ConcatSource, IterSource, TensorSource, _rows, as_source
 from ..modality import DEFAULT_SHARED, as_multimodal, modality_stats_from_source
 from ..standard import fused_standard_step
-from .checkpoints import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import TrainState, remove_leftovers, resume as resume_from, save_checkpoint
 from .config import PRESETS, TrainConfig, make_training_sae
 
 
@@ -82,8 +82,12 @@ def _estimate_scale(source: TensorSource | IterSource, cfg: TrainConfig) -> floa
         for x, _ in source.peek(t.n_norm_batches):
             norms.append(x.float().norm(dim=-1))
     allnorms = torch.cat(norms)
-    allnorms = allnorms[torch.isfinite(allnorms)]
-    mean = float(allnorms.mean()) if allnorms.numel() else 0.0
+    finite = allnorms[torch.isfinite(allnorms)]
+    if allnorms.numel() and not finite.numel():
+        raise NonFiniteActivations(
+            f"all {allnorms.numel()} activation rows sampled to estimate the scale hold NaN/inf: the data is not "
+            "usable; check the harvest (e.g. fp16 overflow) or the tensor you passed")
+    mean = float(finite.mean()) if finite.numel() else 0.0
     if not mean > 0:
         raise InputError("cannot normalise activations whose mean norm is 0: are the activations all zeros?")
     return math.sqrt(cfg.sae.d_in) / mean
@@ -92,12 +96,21 @@ def _estimate_scale(source: TensorSource | IterSource, cfg: TrainConfig) -> floa
 def _resolve_config(source: Any, preset: str | TrainConfig, d_sae: int | None, expansion: int | None,
                     steps: int | None, n_tokens: int | None, epochs: float | None, overrides: dict[str, Any]) -> TrainConfig:
     """The run's `TrainConfig`: preset + overrides, d_in from the data, length from steps / tokens / epochs."""
+    for name, v, low in (("steps", steps, 1), ("n_tokens", n_tokens, 1), ("d_sae", d_sae, 1),
+                         ("expansion", expansion, 1)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            raise InputError(f"{name} must be an int >= {low}, not {v!r}")
+    if epochs is not None and (not isinstance(epochs, (int, float)) or isinstance(epochs, bool) or not 0 < epochs < 1e9):
+        raise InputError(f"epochs must be a number > 0, not {epochs!r}")
     d_in = source.d
     if d_in is None:
         first = source.peek(1)
         if not first:
-            raise InputError("the activation iterable is empty")
-        d_in = int(first[0][0].shape[-1])
+            raise InputError("the activation iterable is empty: nothing to train on")
+        d_in = int(first[0][0].shape[-1]) if first[0][0].ndim else 0
+    elif isinstance(source, TensorSource) and source.n == 0:
+        raise InputError("no activations to train on: the data has 0 rows (an empty harvest? check the store's "
+                         "token selection and that it is complete)")
     base = preset if isinstance(preset, TrainConfig) else TrainConfig.preset(preset)
     if "d_in" in overrides and overrides["d_in"] != d_in:
         raise InputError(
@@ -110,6 +123,8 @@ def _resolve_config(source: Any, preset: str | TrainConfig, d_sae: int | None, e
     elif not cfg.sae.d_sae:
         cfg = cfg.replace(d_sae=int(d_in * (expansion or 8)))
     t = cfg.trainer
+    if not isinstance(t.batch_size, int) or isinstance(t.batch_size, bool) or t.batch_size < 1:
+        raise InputError(f"batch_size must be an int >= 1 (rows per step), not {t.batch_size!r}")
     if not t.total_steps:
         if steps is not None:
             total = int(steps)
@@ -122,7 +137,7 @@ def _resolve_config(source: Any, preset: str | TrainConfig, d_sae: int | None, e
         cfg = cfg.replace(total_steps=total)
     if isinstance(source, TensorSource) and source.n < cfg.trainer.batch_size:
         cfg = cfg.replace(batch_size=source.n)
-    return cfg
+    return cfg.check()
 
 
 def train(
@@ -175,6 +190,10 @@ def train(
         >>> sae.cfg.architecture(), sae.cfg.k
         ('topk', 4)
     """
+    if isinstance(data, (str, bytes, dict)) or data is None:
+        raise InputError(f"cannot train on {type(data).__name__}: pass a [n, d] tensor, (tensor, modality), an "
+                         "ActivationStore (vlens.activations.ActivationStore(path)), a list of stores, or an "
+                         "iterable of [batch, d] tensors")
     source = as_source(data, layer)
     if hook_name is None and hasattr(data, "hook_name") and callable(data.hook_name):
         try:
@@ -183,6 +202,9 @@ def train(
             hook_name = None
     cfg = _resolve_config(source, preset, d_sae, expansion, steps, n_tokens, epochs, overrides)
     arch, t = cfg.sae, cfg.trainer
+    for name, v in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise InputError(f"{name} must be an int >= 1, not {v!r}")
 
     metadata = {"model_name": model_name, "hook_name": hook_name}
     sae = make_training_sae(cfg, {k: v for k, v in metadata.items() if v is not None}).to(device)
@@ -191,8 +213,12 @@ def train(
 
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     state = TrainState(since_fired=torch.zeros(arch.d_sae, dtype=torch.long))
-    if ckdir is not None and resume and (latest := latest_checkpoint(ckdir)) is not None:
-        state = load_checkpoint(latest, cfg, sae, opt)
+    env = distributed.info()
+    if ckdir is not None and env.is_main:
+        remove_leftovers(ckdir)  # what a kill during a checkpoint write left
+    restored = resume_from(ckdir, cfg, sae, opt) if ckdir is not None and resume else None
+    if restored is not None:
+        state = restored
     elif t.normalize:
         state.scale = _estimate_scale(source, cfg)
     scaler = ActivationScaler(state.scale if state.scale != 1.0 else None)
@@ -206,7 +232,6 @@ def train(
 
     named = dict(sae.named_parameters())
     fused = cfg.uses_fused_step
-    env = distributed.info()
     ddp = None
     if env.enabled:
         # DistributedDataParallel: each rank takes its slice of every global batch; gradients are
