@@ -163,8 +163,10 @@ def test_defect_4_sparsity_written_without_modality_labels(tmp_path):
     """Before: no modality labels, no sparsity.safetensors (SAE-Lens, sae-dashboard and Neuronpedia read it)."""
     from vlens.sae.modality import firing_density
 
+    from sae_lens.saes import TopKSAE, TopKSAEConfig
+
     x = torch.randn(1024, 16, generator=torch.Generator().manual_seed(1))
-    sae = vs.train(x, "topk", d_sae=32, k=4, steps=5, batch_size=256, progress=False)
+    sae = vs.as_multimodal(TopKSAE(TopKSAEConfig(d_in=16, d_sae=32, k=4)))  # built by hand: nothing measured
     with pytest.warns(UserWarning, match="no firing density is known"):
         vs.export(sae, tmp_path / "unknown")
     density = firing_density(sae, x)
@@ -509,3 +511,15 @@ def test_eai_sparsify_round_trip(tmp_path, normalize_decoder):
             tol = dict(rtol=1e-5, atol=1e-5) if normalize_decoder else dict(rtol=0, atol=0)
             torch.testing.assert_close(top.values, vals, **tol)
             torch.testing.assert_close(s.decode(f), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_defect_4_trained_without_modality_labels_still_writes_sparsity(tmp_path):
+    """The trainer measures the firing density even without modality labels, so the export has sparsity.safetensors."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no firing density is known" warning
+        sae = vs.train(torch.randn(2048, 16), "topk", d_sae=64, k=4, steps=5, batch_size=256, progress=False)
+        vs.export(sae, tmp_path / "s")
+    log10 = load_file(tmp_path / "s" / "sparsity.safetensors")["sparsity"]
+    torch.testing.assert_close(10 ** log10.double(), sae.density.double() + 1e-10, rtol=1e-5, atol=1e-9)

@@ -1,30 +1,19 @@
 """Attribution of any scalar of a forward pass to image tokens, patches and pixels.
 
-A *target* is a small callable `(vlm, batch) -> [batch]` that runs inside a
-trace and returns one scalar per row: an answer's log-prob or logit
-(`answer_target`, `token_target`), a probe's logit (`probe_target`), an SAE
-latent's activation at chosen tokens (`sae_target`), a steering vector's
-projection (`direction_target`), or your own function (wrap it in `Target` to
-say which site it reads). Methods, each returning an `Attribution` (per-token
-values, patch maps, overlays on the image):
+A *target* is a small callable `(vlm, batch) -> [batch]`, run inside a trace: an answer's log-prob or logit
+(`answer_target`, `token_target`), a probe's logit (`probe_target`), an SAE latent's activation at chosen tokens
+(`sae_target`), a steering vector's projection (`direction_target`), or your own function (wrap it in `Target` to
+say which site it reads). Methods return an `Attribution` (per-token values, patch maps, overlays):
+`grad_x_act`; `integrated_gradients` from a stated baseline (values sum to f(input) − f(baseline));
+`attribution_patching`, the linear estimate (h_corrupt − h_clean)·∇f(clean) of patching each token from a
+corrupted image, next to `activation_patching`, which runs every patch; `occlusion` of each token's pixel box, and
+`occlusion_check` (the most-attributed patches against as many random ones); `pixel_saliency` on the processed
+pixels (HF processors resize and pad in PIL / numpy, which is not differentiable: maps reach the original image
+through patch boxes).
 
-- `grad_x_act`: gradient × activation at a residual site, per token;
-- `integrated_gradients`: the same along a straight path from a stated
-  baseline (zeros, the tokens' mean, or another image's activations),
-  Gauss-Legendre nodes; its values sum to f(input) − f(baseline);
-- `attribution_patching`: the linear estimate (h_corrupt − h_clean)·∇f(clean)
-  of patching each token from a corrupted image into the clean run, next to
-  `activation_patching`, which runs every such patch;
-- `occlusion`: grey out each token's pixel box and re-run; `occlusion_check`
-  compares occluding the most-attributed patches with as many random ones;
-- `pixel_saliency`: gradient × input on the processed pixels. HF processors
-  resize and pad in PIL / numpy, which is not differentiable, so the map is on
-  the processed tiles and reaches the original image through the patch boxes.
-
-Gradients flow through plain nnsight traces: the site's value is replaced by a
-leaf copy that requires grad (same values, so the forward is unchanged) and
-`with y.sum().backward(inputs=[x])` reads its gradient; model parameters get no
-`.grad`.
+Gradients flow through plain nnsight traces: the site's value is replaced by a leaf copy that requires grad (the
+same values, so the forward is unchanged) and `with y.sum().backward(inputs=[x])` reads its gradient; model
+parameters get no `.grad`.
 
     >>> import vlens; from PIL import Image
     >>> vlm = vlens.tiny(words=["red"])
@@ -47,10 +36,10 @@ from torch import Tensor
 
 from .activations.read import read_layers
 from .errors import InputError, UnsupportedModelError
-from .lens import patch_grid, token_ids
+from .lens import box_mass, patch_grid, patch_values, token_ids
 from .scoring import answer_logprob
 from .sites import SiteLike
-from .tokens import KIND_NAMES, Batch, ImageSpan, TokenLayout, TokenSelection, select
+from .tokens import Batch, ImageSpan, TokenLayout, TokenSelection, select
 from .viz import heatmap_overlay
 
 if TYPE_CHECKING:
@@ -79,6 +68,11 @@ class Target:
         return self.fn(vlm, batch)
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in ("logprob", "logit"):
+        raise InputError(f"kind must be 'logprob' or 'logit', not {kind!r}")
+
+
 def answer_target(kind: str = "logprob") -> Target:
     """The answer's summed log-prob ('logprob') or summed logit ('logit') given the batch's `answers`.
 
@@ -86,8 +80,7 @@ def answer_target(kind: str = "logprob") -> Target:
         >>> answer_target("logit").name
         'answer logit'
     """
-    if kind not in ("logprob", "logit"):
-        raise InputError(f"kind must be 'logprob' or 'logit', not {kind!r}")
+    _check_kind(kind)
 
     def fn(vlm: "VLM", batch: Batch) -> Tensor:
         ids = batch.layout.input_ids.to(vlm.device)
@@ -110,8 +103,7 @@ def token_target(token: str | int, position: int = -1, *, kind: str = "logit", m
         >>> token_target("red", minus="blue").name
         "logit('red') - logit('blue') at -1"
     """
-    if kind not in ("logprob", "logit"):
-        raise InputError(f"kind must be 'logprob' or 'logit', not {kind!r}")
+    _check_kind(kind)
 
     def fn(vlm: "VLM", batch: Batch) -> Tensor:
         ids = token_ids(vlm, [token] if minus is None else [token, minus])
@@ -236,26 +228,8 @@ class Attribution:
         return patch_grid(self.layout, self.values, image, kind)
 
     def box_scores(self, boxes: Float[Tensor, "m 4"], image: int = 0) -> Float[Tensor, " m"]:
-        """Attribution mass inside each pixel box: every patch token's value spread evenly over its own box.
-
-        Example:
-            >>> import vlens; from PIL import Image
-            >>> vlm = vlens.tiny(words=["red"])
-            >>> b = vlm.prepare(["<image>\\nWhat?"], [Image.new("RGB", (32, 32))], answers=["red"])
-            >>> a = grad_x_act(vlm, b, answer_target())
-            >>> whole = a.box_scores(torch.tensor([[0.0, 0.0, 32.0, 32.0]]))
-            >>> bool(torch.isclose(whole[0], a.per_token().sum() - a.values[0, b.layout.kind_mask("newline")[0]].sum()))
-            True
-        """
-        span = self.layout.images[image]
-        g = span.geometry
-        keep = g.kind != KIND_NAMES.index("newline")
-        tb, v = g.box[keep].double(), self.values[span.batch_index, span.positions()[keep]].double()
-        b = torch.as_tensor(boxes, dtype=torch.float64)
-        w = (torch.minimum(tb[:, None, 2], b[None, :, 2]) - torch.maximum(tb[:, None, 0], b[None, :, 0])).clamp(min=0)
-        h = (torch.minimum(tb[:, None, 3], b[None, :, 3]) - torch.maximum(tb[:, None, 1], b[None, :, 1])).clamp(min=0)
-        area = ((tb[:, 2] - tb[:, 0]) * (tb[:, 3] - tb[:, 1])).clamp(min=1e-12)
-        return ((w * h / area[:, None]) * v[:, None]).sum(0).float()
+        """Attribution mass inside each pixel box (`vlens.lens.box_mass`: each token's value spread over its box)."""
+        return box_mass(self.layout, self.values, boxes, image)
 
     def overlay(self, picture: Image.Image, image: int = 0, *, kind: str | None = None, sign: str = "positive",
                 size: int = 160) -> Image.Image:
@@ -274,13 +248,9 @@ class Attribution:
         """
         if sign not in ("positive", "negative", "abs"):
             raise InputError(f"sign must be 'positive', 'negative' or 'abs', not {sign!r}")
-        span = self.layout.images[image]
-        g = span.geometry
-        kind = kind or ("highres" if g.count("highres") else "base")
-        keep = g.kind == KIND_NAMES.index(kind)
-        v = self.values[span.batch_index, span.positions()[keep]].float()
-        v = v.abs() if sign == "abs" else -v if sign == "negative" else v
-        return heatmap_overlay(picture, g.box[keep], v, size=size)
+        g = self.layout.images[image].geometry
+        boxes, v = patch_values(self.layout, self.values, image, kind or ("highres" if g.count("highres") else "base"))
+        return heatmap_overlay(picture, boxes, v.abs() if sign == "abs" else -v if sign == "negative" else v, size=size)
 
     def __repr__(self) -> str:
         return (f"Attribution({self.method} at {self.site}: {int(self.tokens.sum())} tokens, "
@@ -314,6 +284,13 @@ def _repeat(batch: Batch, n: int) -> Batch:
 def _one_row(batch: Batch, what: str) -> None:
     if not isinstance(batch, Batch) or len(batch) != 1:
         raise InputError(f"{what} takes a one-row Batch (one prompt, one image): loop over rows for more")
+
+
+def _same_tokens(batch: Batch, other: Any, what: str) -> None:
+    ids = getattr(getattr(other, "layout", None), "input_ids", None)
+    if ids is None or ids.shape != batch.layout.input_ids.shape or not torch.equal(ids, batch.layout.input_ids):
+        raise InputError(f"{what} must have the same tokens as the input: the same prompt (and answer) and an image "
+                         "of the same size")
 
 
 def _grad_run(vlm: "VLM", batch: Batch, target: Callable, site: str, edit: Callable[[Tensor], Tensor] | None = None):
@@ -367,14 +344,11 @@ def grad_x_act(vlm: "VLM", batch: Batch, target: Callable, site: SiteLike = 0, *
 def _baseline(vlm: "VLM", batch: Batch, site: str, mask: Tensor, baseline: Any) -> tuple[Tensor, Tensor, str]:
     """The input's activations at the selected tokens, the baseline's, and what the baseline is."""
     x = read_layers(vlm, batch, site, tokens=mask, dtype=torch.float32)[site]
-    if isinstance(baseline, str) and baseline == "zeros":
-        return x, torch.zeros_like(x), "zeros at the selected tokens"
-    if isinstance(baseline, str) and baseline == "mean":
-        return x, x.mean(0, keepdim=True).expand_as(x), "the mean of the selected tokens' activations"
+    if isinstance(baseline, str) and baseline in ("zeros", "mean"):
+        base = torch.zeros_like(x) if baseline == "zeros" else x.mean(0, keepdim=True).expand_as(x)
+        return x, base, "zeros at the selected tokens" if baseline == "zeros" else "the selected tokens' mean"
     if isinstance(baseline, Batch):
-        if baseline.layout.input_ids.shape != batch.layout.input_ids.shape or not torch.equal(
-                baseline.layout.input_ids, batch.layout.input_ids):
-            raise InputError("a baseline Batch must have the same tokens: the same prompt and an image of the same size")
+        _same_tokens(batch, baseline, "a baseline Batch")
         return x, read_layers(vlm, baseline, site, tokens=mask, dtype=torch.float32)[site], "another image's activations"
     if isinstance(baseline, Tensor) and baseline.shape[-1] == x.shape[-1]:
         return x, baseline.float().expand_as(x).clone(), "a given tensor"
@@ -382,18 +356,22 @@ def _baseline(vlm: "VLM", batch: Batch, site: str, mask: Tensor, baseline: Any) 
                      f"tensor, not {type(baseline).__name__}")
 
 
-def integrated_gradients(vlm: "VLM", batch: Batch, target: Callable, site: SiteLike = 0, *, baseline: Any = "zeros",
-                         steps: int = 16, tokens: TokenSelection = "image", batch_size: int = 8) -> Attribution:
-    """Integrated gradients at `site` from `baseline` to the input, moving only the selected tokens.
+def integrated_gradients(vlm: "VLM", batch: Batch, target: Callable, site: SiteLike = 0, *, baseline: Any,
+                         steps: int = 64, tokens: TokenSelection = "image", batch_size: int = 16) -> Attribution:
+    """Integrated gradients at `site` along the straight path from a stated `baseline` to the input, moving only
+    the selected tokens.
 
-    The path integral uses `steps` Gauss-Legendre nodes (Captum's default rule). The values sum to
-    `target − reference` (completeness): `Attribution.completeness_error` measures how closely.
+    `baseline`: 'mean' (every selected token at their mean), a `Batch` of the same prompt with another image
+    (e.g. the picture without its object), a tensor, or 'zeros' (steep near zero in RMSNorm models). The integral
+    uses `steps` Gauss-Legendre nodes (Captum's default rule); the values sum to `target − reference`
+    (completeness), which `Attribution.completeness_error` measures: raise `steps` until it is small (a large
+    gap, such as an object removed at the first layer, can need 128).
 
     Example:
         >>> import vlens; from PIL import Image
         >>> vlm = vlens.tiny(words=["red"])
         >>> b = vlm.prepare(["<image>\\nWhat?"], [Image.new("RGB", (32, 32))], answers=["red"])
-        >>> ig = integrated_gradients(vlm, b, answer_target("logit"), site=1, steps=8)
+        >>> ig = integrated_gradients(vlm, b, answer_target("logit"), site=1, baseline="mean", steps=8)
         >>> ig.completeness_error < 0.01
         True
     """
@@ -428,11 +406,7 @@ def integrated_gradients(vlm: "VLM", batch: Batch, target: Callable, site: SiteL
 
 def _pair(vlm: "VLM", clean: Batch, corrupt: Batch, site: SiteLike, target: Callable, tokens: TokenSelection):
     _one_row(clean, "patching")
-    _one_row(corrupt, "patching")
-    if clean.layout.input_ids.shape != corrupt.layout.input_ids.shape or not torch.equal(
-            clean.layout.input_ids, corrupt.layout.input_ids):
-        raise InputError("clean and corrupted batches must have the same tokens: the same prompt (and answer) and "
-                         "images of the same size")
+    _same_tokens(clean, corrupt, "the corrupted batch")
     s = _check_order(vlm, site, target)
     mask = _mask(clean, tokens)
     return s, mask, read_layers(vlm, corrupt, s, tokens=mask, dtype=torch.float32)[s]
@@ -495,7 +469,17 @@ def activation_patching(vlm: "VLM", clean: Batch, corrupt: Batch, target: Callab
 # -- occlusion and pixels ------------------------------------------------------------------------
 
 
-def _occlude(picture: Image.Image, boxes: Sequence[Sequence[float]], fill: tuple[int, int, int]) -> Image.Image:
+def _fill(vlm: "VLM", picture: Image.Image, fill: Any) -> tuple[int, ...]:
+    """The occlusion colour: an RGB `fill`; 'median', the picture's median colour; None, the processor's
+    `image_mean` (zero after normalisation; mid-grey without one)."""
+    if isinstance(fill, str) and fill == "median":
+        return tuple(int(v) for v in np.median(np.asarray(picture.convert("RGB")).reshape(-1, 3), 0))
+    mean = getattr(getattr(vlm.processor, "image_processor", None), "image_mean", None) or (0.5, 0.5, 0.5)
+    return tuple(int(v) for v in (fill if fill is not None else [round(255 * m) for m in mean]))
+
+
+def _occlude(picture: Image.Image, boxes: Sequence[Sequence[float]], fill: tuple[int, ...]) -> Image.Image:
+    """`picture` with `boxes` filled with the RGB `fill`."""
     arr = np.array(picture.convert("RGB"))
     for x0, y0, x1, y1 in boxes:
         arr[int(y0) : max(int(np.ceil(y1)), int(y0) + 1), int(x0) : max(int(np.ceil(x1)), int(x0) + 1)] = fill
@@ -512,18 +496,13 @@ def _scores(vlm: "VLM", prompt: str, pictures: list[Image.Image], answer: str | 
     return torch.cat(out)
 
 
-def _fill(picture: Image.Image, fill: Any) -> tuple[int, int, int]:
-    if fill is None:
-        return tuple(int(v) for v in np.asarray(picture.convert("RGB")).reshape(-1, 3).mean(0).round())
-    return tuple(int(v) for v in fill)
-
-
 def occlusion(vlm: "VLM", prompt: str, picture: Image.Image, target: Callable, *, answer: str | None = None,
-              tokens: TokenSelection = "base+highres", fill: Sequence[int] | None = None,
+              tokens: TokenSelection = "base+highres", fill: Sequence[int] | str | None = None,
               batch_size: int = 16) -> Attribution:
     """Occlusion by patch boxes: for each selected patch token, f(picture) − f(picture with its box filled).
 
-    `fill` is an RGB colour (default: the picture's mean colour). Newline tokens have no box and are skipped.
+    `fill` is an RGB colour, 'median' (the picture's median colour: its background, when an object covers less
+    than half) or None (the processor's `image_mean`, zero after normalisation). Newline tokens have no box.
 
     Example:
         >>> import vlens; from PIL import Image
@@ -537,18 +516,18 @@ def occlusion(vlm: "VLM", prompt: str, picture: Image.Image, target: Callable, *
     mask = _mask(batch, tokens) & ~batch.layout.kind_mask("newline") & batch.layout.image
     span = batch.layout.images[0]
     idx = mask[0, span.start : span.end].nonzero()[:, 0]
-    colour = _fill(picture, fill)
-    pictures = [picture] + [_occlude(picture, [span.geometry.box[i].tolist()], colour) for i in idx.tolist()]
+    fill = _fill(vlm, picture, fill)
+    pictures = [picture] + [_occlude(picture, [span.geometry.box[i].tolist()], fill) for i in idx.tolist()]
     f = _scores(vlm, prompt, pictures, answer, target, batch_size)
     values = torch.zeros(batch.layout.shape)
     values[0, span.start + idx] = f[0] - f[1:]
     return Attribution(values, mask, batch.layout, "occlusion", None, f[:1],
-                       note=f"f(picture) - f(picture with the token's box filled with RGB {colour})")
+                       note=f"f(picture) - f(picture with the token's box filled with RGB {fill})")
 
 
 def occlusion_check(vlm: "VLM", prompt: str, picture: Image.Image, target: Callable, attribution: Attribution, *,
                     k: int = 8, kind: str = "highres", n_random: int = 8, answer: str | None = None,
-                    fill: Sequence[int] | None = None, seed: int = 0) -> dict[str, float]:
+                    fill: Sequence[int] | str | None = None, seed: int = 0) -> dict[str, float]:
     """Occlude the `k` patches of `kind` with the most attribution mass together, and `n_random` sets of `k` random
     patches; return the drops of f and their ratio (`top / random`, far above 1 for a faithful map).
 
@@ -561,15 +540,14 @@ def occlusion_check(vlm: "VLM", prompt: str, picture: Image.Image, target: Calla
         >>> sorted(occlusion_check(vlm, "<image>\\nWhat?", pic, answer_target(), a, k=2, answer="red"))
         ['random', 'ratio', 'top']
     """
-    g = attribution.layout.images[0].geometry
-    boxes = g.box[g.kind == KIND_NAMES.index(kind)]
+    boxes, _ = patch_values(attribution.layout, attribution.values, 0, kind)
     if not 0 < k < len(boxes):
         raise InputError(f"k must be between 1 and {len(boxes) - 1} (the image has {len(boxes)} {kind} patches)")
     top = attribution.box_scores(boxes).topk(k).indices
     rng = np.random.default_rng(seed)
     sets = [top.tolist()] + [rng.choice(len(boxes), k, replace=False).tolist() for _ in range(n_random)]
-    colour = _fill(picture, fill)
-    pictures = [picture] + [_occlude(picture, boxes[s].tolist(), colour) for s in sets]
+    fill = _fill(vlm, picture, fill)
+    pictures = [picture] + [_occlude(picture, boxes[s].tolist(), fill) for s in sets]
     f = _scores(vlm, prompt, pictures, answer, target, 16)
     drop_top, drop_random = float(f[0] - f[1]), float((f[0] - f[2:]).mean())
     return {"top": drop_top, "random": drop_random, "ratio": drop_top / drop_random if drop_random else float("inf")}

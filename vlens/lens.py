@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from .model import VLM
 
 __all__ = [
-    "unembed", "logit_lens", "Lens", "project_on_vocab", "VocabProjection", "token_ids", "patch_grid",
+    "unembed", "logit_lens", "Lens", "project_on_vocab", "VocabProjection", "token_ids", "patch_values", "patch_grid",
+    "box_mass",
     "region_tokens", "word_rate", "first_layer", "lens_figure",
 ]
 
@@ -252,6 +253,30 @@ def _span(layout: TokenLayout, image: int):
     return layout.images[image]
 
 
+def patch_values(
+    layout: TokenLayout, values: Float[Tensor, "batch seq"], image: int = 0, kind: str | None = None
+) -> tuple[Float[Tensor, "n 4"], Float[Tensor, " n"]]:
+    """Pixel boxes and values of one image's patch tokens of `kind` ('base', 'highres'; None: both).
+
+    Example:
+        >>> import vlens, torch; from PIL import Image
+        >>> vlm = vlens.tiny()
+        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+        >>> boxes, v = patch_values(b.layout, torch.ones(b.layout.shape), kind="base")
+        >>> boxes[1].tolist(), len(v)
+        ([8.0, 0.0, 16.0, 8.0], 16)
+    """
+    if kind not in (None, *KIND_NAMES[:2]):
+        raise InputError(f"kind must be 'base', 'highres' or None (newline tokens have no pixels), not {kind!r}")
+    span = _span(layout, image)
+    g = span.geometry
+    keep = g.kind != KIND_NAMES.index("newline") if kind is None else g.kind == KIND_NAMES.index(kind)
+    if not keep.any():
+        raise NotFoundError(f"image {image} has no {kind or 'patch'} tokens: it has " +
+                            ", ".join(f"{g.count(n)} {n}" for n in KIND_NAMES))
+    return g.box[keep], values[span.batch_index, span.positions()[keep]].float()
+
+
 def patch_grid(
     layout: TokenLayout, values: Float[Tensor, "batch seq"], image: int = 0, kind: str = "highres"
 ) -> tuple[Float[Tensor, " cols_plus_1"], Float[Tensor, " rows_plus_1"], Float[Tensor, "rows cols"]]:
@@ -268,16 +293,9 @@ def patch_grid(
         >>> tuple(z.shape), x.tolist()
         ((4, 4), [0.0, 8.0, 16.0, 24.0, 32.0])
     """
-    if kind not in KIND_NAMES[:2]:
-        raise InputError(f"kind must be 'base' or 'highres' (newline tokens have no pixels), not {kind!r}")
-    span = _span(layout, image)
-    g = span.geometry
-    keep = g.kind == KIND_NAMES.index(kind)
-    if not keep.any():
-        raise NotFoundError(f"image {image} has no {kind} tokens: it has " +
-                            ", ".join(f"{g.count(n)} {n}" for n in KIND_NAMES))
-    box = g.box[keep]
-    vals = values[span.batch_index, span.positions()[keep]].float()
+    if kind is None:
+        raise InputError("patch_grid draws one kind of token: kind='base' or 'highres'")
+    box, vals = patch_values(layout, values, image, kind)
     xs = torch.unique(torch.cat([box[:, 0], box[:, 2]]))
     ys = torch.unique(torch.cat([box[:, 1], box[:, 3]]))
     z = torch.full((len(ys) - 1, len(xs) - 1), float("nan"))
@@ -286,6 +304,26 @@ def patch_grid(
         r0, r1 = int(torch.searchsorted(ys, y0)), int(torch.searchsorted(ys, y1))
         z[r0:r1, c0:c1] = v
     return xs, ys, z
+
+
+def box_mass(
+    layout: TokenLayout, values: Float[Tensor, "batch seq"], boxes: Float[Tensor, "m 4"], image: int = 0
+) -> Float[Tensor, " m"]:
+    """The mass of per-token values inside each pixel box, every patch token's value spread evenly over its own box.
+
+    Example:
+        >>> import vlens, torch; from PIL import Image
+        >>> vlm = vlens.tiny()
+        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+        >>> box_mass(b.layout, torch.ones(b.layout.shape), torch.tensor([[0., 0., 8., 8.], [0., 0., 32., 32.]]))
+        tensor([ 2., 32.])
+    """
+    tb, v = patch_values(layout, values, image)
+    tb, v, b = tb.double(), v.double(), torch.as_tensor(boxes, dtype=torch.float64)
+    w = (torch.minimum(tb[:, None, 2], b[None, :, 2]) - torch.maximum(tb[:, None, 0], b[None, :, 0])).clamp(min=0)
+    h = (torch.minimum(tb[:, None, 3], b[None, :, 3]) - torch.maximum(tb[:, None, 1], b[None, :, 1])).clamp(min=0)
+    area = ((tb[:, 2] - tb[:, 0]) * (tb[:, 3] - tb[:, 1])).clamp(min=1e-12)
+    return ((w * h / area[:, None]) * v[:, None]).sum(0).float()
 
 
 def region_tokens(
@@ -318,24 +356,38 @@ def region_tokens(
     return out
 
 
-def word_rate(lens: Lens, words: Sequence[int], tokens: Bool[Tensor, "batch seq"] | None = None) -> Float[Tensor, " layers"]:
-    """Per site of `lens`, the fraction of its tokens (or of those in the `tokens` mask) whose top-1 is one of `words`.
+def word_rate(
+    lens: Lens, words: Sequence[int], tokens: Bool[Tensor, "batch seq"] | None = None, *,
+    among: Sequence[int] | None = None,
+) -> Float[Tensor, " layers"]:
+    """Per site of `lens`, the fraction of its tokens (or of those in the `tokens` mask) that decode to one of `words`.
+
+    "Decode to" means the top-1 token of the whole vocabulary, or, with `among` (ids the lens tracks), the most
+    probable of those: a readout restricted to the candidate words (chance is 1 / len(among)).
 
     Example:
         >>> import vlens; from PIL import Image
-        >>> vlm = vlens.tiny()
+        >>> vlm = vlens.tiny(words=["red", "blue"])
         >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
-        >>> lens = logit_lens(vlm, b, k=1)
-        >>> float(word_rate(lens, list(range(vlm.vocab_size)))[0])
-        1.0
+        >>> red, blue = token_ids(vlm, ["red", "blue"])
+        >>> lens = logit_lens(vlm, b, k=1, track=[red, blue])
+        >>> float(word_rate(lens, list(range(vlm.vocab_size)))[0]), float(word_rate(lens, [red, blue], among=[red, blue])[0])
+        (1.0, 1.0)
     """
     keep = torch.ones(len(lens.positions), dtype=torch.bool)
     if tokens is not None:
         keep = tokens[lens.positions[:, 0], lens.positions[:, 1]]
     if not keep.any():
         raise InputError("the token mask selects none of the lens's tokens: build it from the same batch")
-    hit = torch.isin(lens.top_ids[:, keep, 0], torch.as_tensor(list(words), dtype=lens.top_ids.dtype))
-    return hit.float().mean(1)
+    words_t = torch.as_tensor(list(words), dtype=torch.long)
+    if among is None:
+        return torch.isin(lens.top_ids[:, keep, 0], words_t).float().mean(1)
+    missing = [w for w in among if w not in lens.track_ids]
+    if missing:
+        raise InputError(f"ids {missing} are not tracked by this lens: pass track=... to logit_lens")
+    cols = [lens.track_ids.index(w) for w in among]
+    best = torch.as_tensor(list(among))[lens.tracked[:, keep][..., cols].argmax(-1)]
+    return torch.isin(best, words_t).float().mean(1)
 
 
 def first_layer(rate: Float[Tensor, " layers"], threshold: float = 0.5) -> int | None:

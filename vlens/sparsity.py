@@ -299,7 +299,8 @@ def sparse_approximation(
                 out.rows.append(dict(penalty=float(lam), n_latents=0, latents=[], coefficients=[], cosine=0.0))
                 continue
             if refit:
-                a = torch.linalg.lstsq(W[idx].T, v[:, None]).solution[:, 0]
+                # float64: a float32 solve differed run to run by up to 1e-5 relative (thread-dependent reductions)
+                a = torch.linalg.lstsq(W[idx].T.double(), v[:, None].double()).solution[:, 0].to(W.dtype)
             else:
                 a = (c * z)[idx]
                 u = a @ W[idx]

@@ -144,7 +144,8 @@ def harvest(
         text_prompt: what precedes the caption in the text-only pass.
         site: deprecated: the kind ("resid_pre" or "resid_post") given to int
             `layers`; name full sites in `layers` instead.
-        overwrite: replace a store of a different configuration at `out`.
+        overwrite: replace a store of another configuration or other data at `out`, or write into a
+            non-empty folder that is not a store (vlens deletes only its own files there).
         progress: show a progress bar with images/s and tokens/s.
         shard_mb: target shard size in MB (a shard closes at the first batch past it).
         callback: called after every batch with a dict of counters (for logging; it may raise to stop).
@@ -156,7 +157,11 @@ def harvest(
 
     Returns:
         The `ActivationStore` at `out`. Calling `harvest` again with the same
-        arguments resumes an interrupted harvest (or returns at once if complete).
+        arguments resumes an interrupted harvest (or returns at once if complete),
+        after checking that the data is the same (a digest of up to 17 of the samples
+        done: id, label, caption, pixels); a damaged shard and those after it are
+        harvested again. An unreadable image raises `BadImageError` naming the sample.
+        See the "Errors and recovery" docs page.
 
     Example:
         >>> import vlens, tempfile
@@ -271,7 +276,13 @@ def _harvest_run(vlm: VLM, data: Sequence[Any], plan: _Plan, out: Any, overwrite
     writer = _Writer.open(root, config, overwrite=overwrite, hook_names={s.index: s.hook_name for s in plan.sites},
                           shard_bytes=plan.shard_bytes)
     at = (lambda i: i) if indices is None else (lambda i: indices[i])  # a sample's index in the caller's data
-    _check_same_data(root, writer.index, data, at)
+    try:
+        _check_same_data(root, writer.index, data, at)
+    except HarvestError:
+        if not overwrite:
+            raise
+        writer = _Writer.open(root, config, overwrite=True, hook_names={s.index: s.hook_name for s in plan.sites},
+                              shard_bytes=plan.shard_bytes, fresh=True)
     passes = [("main", n)] + ([("text", n)] if plan.text_only else [])
     total = sum(p[1] for p in passes)
     done = sum(writer.progress[p] for p, _ in passes)

@@ -93,7 +93,9 @@ class _Writer:
         self.failed = False
 
     @classmethod
-    def open(cls, root: Path, config: dict, *, overwrite: bool, hook_names: dict, shard_bytes: int) -> "_Writer":
+    def open(cls, root: Path, config: dict, *, overwrite: bool, hook_names: dict, shard_bytes: int,
+             fresh: bool = False) -> "_Writer":
+        """The writer of the store at `root`: resumed if it holds this configuration, else new (`fresh`: always new)."""
         if root.exists() and not root.is_dir():
             raise InputError(f"out={str(root)!r} is a file: pass a directory for the store (a new or an empty one)")
         try:
@@ -102,12 +104,16 @@ class _Writer:
             raise HarvestError(f"cannot create the store directory {root} ({e}): choose a writable out=") from e
         idx_path = root / INDEX
         index = None
-        if idx_path.exists():
+        if idx_path.exists() and not fresh:
             try:
                 index = json.loads(idx_path.read_bytes())
                 problem = index_problem(index)
             except (OSError, ValueError) as e:
-                problem = f"it is unreadable ({e})"
+                index, problem = None, f"it is unreadable ({e})"
+            if not (isinstance(index, dict) and str(index.get("format", "")).startswith("vlens.harvest")):
+                raise HarvestError(f"{idx_path} is not the index of a vlens store ({problem}): vlens did not write it "
+                                   "(or it is damaged beyond recognition) and will not replace it; choose another "
+                                   "out=, or remove that file yourself")
             if problem is not None:
                 if not overwrite:
                     raise HarvestError(f"{idx_path} is damaged: {problem}. Pass overwrite=True to start this store "
@@ -124,7 +130,7 @@ class _Writer:
                     )
                 if diff:
                     index = None
-        elif not overwrite:
+        elif not overwrite and not fresh:
             foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if not OWN_NAMES.match(p.name))
             if foreign:
                 raise HarvestError(

@@ -54,7 +54,7 @@ from sae_lens.saes import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from torch import Tensor
 
-from ..errors import InputError, SiteError
+from ..errors import InputError, NonFiniteActivations, SiteError
 from ..sites import Site, SiteLike, from_hook_name
 from .modality import ModalityStats, as_multimodal
 
@@ -261,7 +261,11 @@ def load(path: str | Path, device: str = "cpu") -> SAE:
             f"known: {sorted(SAE_CLASS_REGISTRY)}. Was it written by another library (try the converters)?"
         )
     weights = path / "sae_weights.safetensors"
-    _read_safetensors(weights)  # validates before SAE-Lens touches it
+    tensors = _read_safetensors(weights)  # validates before SAE-Lens touches it
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise NonFiniteActivations(f"{weights} holds NaN/inf in {', '.join(bad)}: retrain or re-export this SAE")
+    del tensors
     sae = SAE.load_from_disk(path, device=device)
     stats = _modality_from_disk(path, cfg)
     density = None

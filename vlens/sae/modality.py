@@ -35,7 +35,7 @@ from sae_lens import SAE
 from sae_lens.saes import JumpReLUSAE, StandardSAE, TopKSAE
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, NonFiniteActivations
 from .data import IMAGE, TEXT, as_source
 
 __all__ = [
@@ -206,7 +206,7 @@ class _Accumulator:
 
 
 class _WidthCheck:
-    """Forward pre-hook on `sae.hook_sae_input`: a clear error for inputs of the wrong width (picklable)."""
+    """Forward pre-hook on `sae.hook_sae_input`: a clear error for inputs of the wrong width or with NaN/inf (picklable)."""
 
     def __init__(self, d_in: int) -> None:
         self.d_in = int(d_in)
@@ -217,6 +217,12 @@ class _WidthCheck:
             raise InputError(
                 f"this SAE reads {self.d_in}-dimensional activations but got shape {tuple(x.shape)}: "
                 f"use an SAE trained on this model and site (its d_in must equal d_model = {x.shape[-1]})"
+            )
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).any(-1).sum()) if x.dim() > 1 else 1
+            raise NonFiniteActivations(
+                f"{bad} input row(s) hold NaN/inf: the activations upstream of this SAE are broken (check the model's "
+                "dtype, e.g. fp16 overflow) or filter them with torch.isfinite(x).all(-1)"
             )
 
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ... import distributed
 from ...errors import InputError, NonFiniteActivations
 from ..data import IMAGE, ConcatSource, IterSource, TensorSource, _rows, as_source
-from ..modality import DEFAULT_SHARED, as_multimodal, modality_stats_from_source
+from ..modality import DEFAULT_SHARED, as_multimodal, firing_density, modality_stats_from_source
 from ..standard import fused_standard_step
 from .checkpoints import TrainState, remove_leftovers, resume as resume_from, save_checkpoint
 from .config import PRESETS, TrainConfig, make_training_sae
@@ -395,4 +395,6 @@ def _finish(sae: TrainingSAE, cfg: TrainConfig, state: TrainState, source: Any, 
     if n_mod and stats_tokens:
         stats = modality_stats_from_source(inf, source, stats_tokens, shared_range, cfg.trainer.batch_size)
         as_multimodal(inf, stats)
+    elif stats_tokens:  # no modality labels: still the firing density that sparsity.safetensors carries
+        as_multimodal(inf, density=firing_density(inf, source, stats_tokens, cfg.trainer.batch_size))
     return inf
