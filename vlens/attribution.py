@@ -158,8 +158,8 @@ def sae_target(sae: Any, site: SiteLike, latent: int, *, tokens: TokenSelection 
     def fn(vlm: "VLM", batch: Batch) -> Tensor:
         h = vlm.read(site)
         W = getattr(sae, "W_dec", None)
-        f = sae.encode(h.to(W.dtype) if W is not None else h)[..., latent]
-        return (f * select(batch, tokens).to(f.device, f.dtype)).sum(1)
+        f = sae.encode(h.to(W.device, W.dtype) if W is not None else h)[..., latent]
+        return (f * select(batch, tokens).to(f.device, f.dtype)).sum(1).to(h.device)
 
     return Target(fn, site, f"SAE latent {latent} at {site}")
 
@@ -253,20 +253,16 @@ class Attribution:
         return heatmap_overlay(picture, boxes, v.abs() if sign == "abs" else -v if sign == "negative" else v, size=size)
 
     def __repr__(self) -> str:
-        return (f"Attribution({self.method} at {self.site}: {int(self.tokens.sum())} tokens, "
-                f"sum {float(self.values.sum()):.4g}, target {self.target.tolist()})")
+        return f"Attribution({self.method} at {self.site}: {int(self.tokens.sum())} tokens, target {self.target.tolist()})"
 
 
 # -- running -------------------------------------------------------------------------------------
 
 
 def _check_order(vlm: "VLM", site: SiteLike, target: Callable) -> str:
-    s = vlm.site(site).name
-    t = getattr(target, "site", "logits")
-    order = vlm.sites
-    if order.index(vlm.site(t).name) <= order.index(s):
-        raise InputError(f"the target reads {vlm.site(t).name}, which does not run after {s}: attribute at an "
-                         "earlier site, or to a target read later in the model")
+    s, t = vlm.site(site).name, vlm.site(getattr(target, "site", "logits")).name
+    if vlm.sites.index(t) <= vlm.sites.index(s):
+        raise InputError(f"the target reads {t}, which does not run after {s}: attribute at an earlier site")
     return s
 
 
@@ -457,7 +453,7 @@ def activation_patching(vlm: "VLM", clean: Batch, corrupt: Batch, target: Callab
         p = pos[c : c + batch_size]
 
         def edit(h: Tensor, p: Tensor = p, c: int = c) -> Tensor:
-            h[torch.arange(len(p)), p.to(h.device)] = h_cor[c : c + len(p)].to(h.device, h.dtype)
+            h[torch.arange(len(p), device=h.device), p.to(h.device)] = h_cor[c : c + len(p)].to(h.device, h.dtype)
             return h
 
         effects.append(_run(vlm, _repeat(clean, len(p)), target, s, edit) - f_clean)
@@ -533,10 +529,8 @@ def occlusion_check(vlm: "VLM", prompt: str, picture: Image.Image, target: Calla
 
     Example:
         >>> import vlens; from PIL import Image
-        >>> vlm = vlens.tiny(words=["red"])
-        >>> pic = Image.new("RGB", (32, 32), "red")
-        >>> b = vlm.prepare(["<image>\\nWhat?"], [pic], answers=["red"])
-        >>> a = grad_x_act(vlm, b, answer_target())
+        >>> vlm, pic = vlens.tiny(words=["red"]), Image.new("RGB", (32, 32), "red")
+        >>> a = grad_x_act(vlm, vlm.prepare(["<image>\\nWhat?"], [pic], answers=["red"]), answer_target())
         >>> sorted(occlusion_check(vlm, "<image>\\nWhat?", pic, answer_target(), a, k=2, answer="red"))
         ['random', 'ratio', 'top']
     """

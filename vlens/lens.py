@@ -8,8 +8,11 @@ the top-k tokens and their probabilities, and the probabilities of tokens you
 a probe weight, a steering vector): their top and bottom tokens.
 `lens_figure` draws the image's patch grid (base tile and high-res tiles, from
 each token's pixel box) labelled and coloured by the top token, with a layer
-slider; `patch_grid` turns per-token values into that grid, and
-`region_tokens` / `word_rate` measure where a concept becomes readable.
+slider. The geometry helpers serve every per-token map (`vlens.attribution`
+too): `patch_values` (boxes and values of one image's patch tokens),
+`patch_grid` (the [rows, cols] grid), `box_mass` (values summed over pixel
+boxes); `region_tokens`, `word_rate` and `first_layer` measure where a concept
+becomes readable.
 
     >>> import vlens; from PIL import Image
     >>> vlm = vlens.tiny()
@@ -88,7 +91,9 @@ def token_ids(vlm: "VLM", words: str | int | Sequence[str | int]) -> list[int]:
 
 
 def _vocab(vlm: "VLM") -> list[str]:
-    return [str(t) for t in vlm.tokenizer.convert_ids_to_tokens(list(range(vlm.vocab_size)))]
+    """Every token id decoded alone (readable: no SentencePiece '▁' markers); ids past the tokenizer's `<id N>`."""
+    n = min(len(vlm.tokenizer), vlm.vocab_size)
+    return vlm.tokenizer.batch_decode([[i] for i in range(n)]) + [f"<id {i}>" for i in range(n, vlm.vocab_size)]
 
 
 @dataclass
@@ -212,33 +217,43 @@ class VocabProjection:
 
 
 def project_on_vocab(
-    vlm: "VLM", vectors: Float[Tensor, "*n d_model"], k: int = 10, *, norm: bool = True
+    vlm: "VLM", vectors: Float[Tensor, "*n d_model"], k: int = 10, *, norm: str = "module"
 ) -> VocabProjection:
     """The top and bottom `k` tokens of each vector's logits (an SAE decoder row, a probe weight, a steering vector).
 
-    With `norm` (default) the vector goes through the final norm first (its gain and centring, as the logit lens
-    does; the same ranking as TransformerLens's folded unembedding); `norm=False` uses the unembedding alone.
+    `norm` says how the final norm is applied before the unembedding W_U:
+
+    - 'module' (default): the norm module itself, as the logit lens does (values are the logits of the vector
+      at unit scale; the ranking of TransformerLens's folded unembedding);
+    - 'fold': the norm's gain (and a LayerNorm's centring) without its division by the vector's scale,
+      (v ⊙ γ) · W_Uᵀ for an RMSNorm: the logit weights of sae-dashboard and Neuronpedia, which grow with |v|;
+    - 'none': v · W_Uᵀ.
 
     Example:
         >>> import vlens
         >>> vlm = vlens.tiny(words=["red"])
         >>> red = vlm.tokenizer.convert_tokens_to_ids("red")
         >>> v = vlm._module.lm_head.weight[red].detach()     # the unembedding row of "red"
-        >>> project_on_vocab(vlm, v, k=3, norm=False).top()[0][0]
+        >>> project_on_vocab(vlm, v, k=3, norm="none").top()[0][0]
         'red'
     """
+    if norm not in ("module", "fold", "none"):
+        raise InputError(f"norm must be 'module', 'fold' or 'none', not {norm!r}")
     v = torch.as_tensor(vectors)
     v = v[None] if v.dim() == 1 else v
-    if v.dim() != 2:
-        raise InputError(f"vectors must be [d_model] or [n, d_model], got shape {tuple(v.shape)}")
+    if v.dim() != 2 or v.shape[-1] != vlm.d_model:
+        raise InputError(f"vectors must be [d_model] or [n, d_model] with d_model {vlm.d_model}, got {tuple(v.shape)}")
+    final = vlm._module.get_submodule(vlm.modules.final_norm)
+    head = vlm._module.get_submodule(vlm.modules.lm_head)
     with torch.no_grad():
-        if norm:
-            logits = unembed(vlm, v).float()
-        else:
-            if v.shape[-1] != vlm.d_model:
-                raise InputError(f"vectors have width {v.shape[-1]} but the model's residual stream has {vlm.d_model}")
-            head = vlm._module.get_submodule(vlm.modules.lm_head)
-            logits = head(v.to(vlm.device, vlm.dtype)).float()
+        v = v.to(vlm.device, vlm.dtype)
+        x = v if norm == "none" else final(v)
+        if norm == "fold":  # undo the division: (norm(v) - bias) * sqrt(mean(centred v ** 2) + eps)
+            vc = v.float() - v.float().mean(-1, keepdim=True) if isinstance(final, torch.nn.LayerNorm) else v.float()
+            eps = float(getattr(final, "variance_epsilon", getattr(final, "eps", 0.0)))
+            bias = getattr(final, "bias", None)
+            x = (x.float() - (bias.float() if isinstance(bias, Tensor) else 0.0)) * (vc.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        logits = head(x.to(vlm.dtype)).float()
         k = min(k, logits.shape[-1])
         top, bottom = logits.topk(k, dim=-1), logits.topk(k, dim=-1, largest=False)
     return VocabProjection(top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(), bottom.values.cpu(), _vocab(vlm))

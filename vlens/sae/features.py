@@ -2,9 +2,10 @@
 
 - `feature_logits(sae, vlm, latents)`: the **logit attribution** of each latent, the top and
   bottom vocabulary tokens of its decoder row read through the final norm's gain and the
-  unembedding, (W_dec[i] ⊙ γ) · W_Uᵀ (a `LayerNorm` also centres the row first; the norm's
-  division by the residual's scale is left out, as in sae-dashboard and Neuronpedia, so values
-  are comparable across latents, not logit changes of a given token).
+  unembedding, (W_dec[i] ⊙ γ) · W_Uᵀ (`vlens.lens.project_on_vocab(..., norm="fold")`: a
+  `LayerNorm` also centres the row first; the norm's division by the residual's scale is left
+  out, as in sae-dashboard and Neuronpedia, so values are comparable across latents, not logit
+  changes of a given token).
 - `collect(...)`: the chosen latents on every image and caption token of some samples, read
   with `vlens.activations.read_layers` at the SAE's own site (`vlens.sae.io.site_of`); the
   dashboards (`vlens.sae.dashboards`) and the export below share it.
@@ -24,18 +25,17 @@ from __future__ import annotations
 
 import json
 import math
-from functools import reduce
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..activations.read import read_layers
 from ..errors import InputError
+from ..lens import project_on_vocab
 from ..prepare import load_image
 from ..prompts import QUESTION
 from ..sites import Site, SiteLike
@@ -46,11 +46,6 @@ if TYPE_CHECKING:
     from ..model import VLM
 
 __all__ = ["feature_logits", "image_token_names", "collect", "choose_latents", "export_features"]
-
-
-def _final_norm_and_unembedding(vlm: VLM) -> tuple[torch.nn.Module, Float[Tensor, "vocab d_model"]]:
-    norm = reduce(getattr, vlm.modules.final_norm.split("."), vlm._module)
-    return norm, vlm._module.get_output_embeddings().weight.detach()
 
 
 @torch.no_grad()
@@ -72,22 +67,15 @@ def feature_logits(sae: SAE, vlm: VLM, latents: Sequence[int], k: int = 10) -> l
     bad = [i for i in latents if not 0 <= i < sae.cfg.d_sae]
     if bad:
         raise InputError(f"latents {bad} out of range 0..{sae.cfg.d_sae - 1}")
-    norm, W_U = _final_norm_and_unembedding(vlm)
-    rows = sae.W_dec.detach()[torch.tensor(latents, dtype=torch.long, device=sae.W_dec.device)].float().cpu()
-    if isinstance(norm, torch.nn.LayerNorm):
-        rows = rows - rows.mean(-1, keepdim=True)
-    gain = getattr(norm, "weight", None)
-    if isinstance(gain, Tensor) and gain.shape == rows.shape[-1:]:
-        rows = rows * gain.detach().float().cpu()
-    k = min(k, W_U.shape[0])
+    rows = sae.W_dec.detach()[torch.tensor(latents, dtype=torch.long, device=sae.W_dec.device)]
     tok = vlm.tokenizer
     out = []
-    for s in range(0, len(latents), 64):  # [64, vocab] at a time
-        logits = rows[s : s + 64].to(W_U.device, W_U.dtype) @ W_U.T
-        top, bottom = logits.float().topk(k, dim=-1), logits.float().topk(k, dim=-1, largest=False)
-        for j in range(logits.shape[0]):
-            out.append({name: [{"token": tok.decode([int(i)]), "value": float(v)} for v, i in zip(r.values[j], r.indices[j])]
-                        for name, r in (("top", top), ("bottom", bottom))})
+    for s0 in range(0, len(latents), 64):  # [64, vocab] logits at a time
+        proj = project_on_vocab(vlm, rows[s0 : s0 + 64], k, norm="fold")  # the norm module's own gain (Gemma: 1 + w)
+        for j in range(len(proj.top_ids)):
+            out.append({name: [{"token": tok.decode([int(i)]), "value": float(v)} for v, i in zip(vals[j], ids[j])]
+                        for name, ids, vals in (("top", proj.top_ids, proj.top_values),
+                                                ("bottom", proj.bottom_ids, proj.bottom_values))})
     return out
 
 
