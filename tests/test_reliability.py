@@ -1247,6 +1247,7 @@ def test_catalogue_counts():
 TRIALS = r"""
 import json, os, resource, signal, sys
 import safetensors.torch
+import torch
 import vlens, vlens.sae as vs
 import vlens.sae.training.checkpoints as ck
 from vlens.activations import harvest
