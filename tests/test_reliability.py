@@ -1386,3 +1386,20 @@ def test_nan_inputs_and_nan_weights_are_refused_by_the_sae(tmp_path):
     save_file(w, tmp_path / "s" / "sae_weights.safetensors")
     with pytest.raises(NonFiniteActivations, match="W_dec"):
         vs.load(tmp_path / "s")
+
+
+def test_sparse_probe_leaves_unlabelled_rows_out_like_every_probe():
+    from vlens.errors import InputError
+    from vlens.sparsity import sparse_probe
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2).repeat_interleave(30)
+    Z = torch.rand(60, 8, generator=g)
+    Z[:, 3] += y
+    y_missing = torch.cat([y, torch.full((5,), -1)])
+    Z_missing = torch.cat([Z, torch.rand(5, 8, generator=g)])
+    with pytest.warns(UserWarning, match="5 of 65 samples have no label"):
+        rows = sparse_probe(Z_missing, y_missing, penalties=[0.01], steps=20).rows
+    assert rows == sparse_probe(Z, y, penalties=[0.01], steps=20).rows
+    with pytest.raises(InputError, match="strings"):
+        sparse_probe(Z, ["a"] * 60, penalties=[0.01], steps=5)

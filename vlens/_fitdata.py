@@ -8,6 +8,8 @@ both kinds of probe do to their inputs, below both, so neither imports the other
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any
 
 import torch
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from .errors import InputError
 
-__all__ = ["check_xy", "device_of", "split", "standardise"]
+__all__ = ["check_xy", "device_of", "labelled", "split", "standardise"]
 
 
 def check_xy(X: Any, y: Any) -> tuple[Float[Tensor, "n d"], Int[Tensor, " n"]]:
@@ -99,3 +101,32 @@ def standardise(X: Float[Tensor, "n d"]) -> tuple[Float[Tensor, " d"], Float[Ten
         var += (rows - mu).pow_(2).sum(0)
     sd = (var / max(X.shape[0] - 1, 1)).sqrt_()
     return mu, sd.clamp(min=1e-6 * max(float(sd.max()), 1e-12))
+
+
+def labelled(X: Any, y: Any, *idx: Tensor | None) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+    """`check_xy(X, y)` without the rows labelled -1 ("no label"), and row indices `idx` renumbered to match."""
+    kind = getattr(getattr(y, "dtype", None), "kind", None)
+    vals = [y] if isinstance(y, str) else y if isinstance(y, (list, tuple)) else y.tolist() if kind in ("U", "S", "O") else []
+    first = next((v for v in vals if isinstance(v, str)), None)
+    if first is not None:
+        raise InputError(f"labels y must be integer class ids, not strings such as {first!r}: map the names to ids, "
+                         "e.g. names = sorted(set(y)); y = [names.index(v) for v in y]")
+    try:
+        X, y = check_xy(X, y)
+    except InputError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as e:  # torch.as_tensor on ragged or object data
+        raise InputError(f"features X must be a [n, d] array and labels y [n] integer class ids ({e})") from e
+    if bool((y < -1).any()):
+        raise InputError(f"labels must be class ids >= 0, or -1 for 'no label'; got {int(y.min())}")
+    keep = y != -1
+    if bool(keep.all()):
+        return X, y, list(idx)
+    if not bool(keep.any()):
+        raise InputError("every label is -1 ('no label'): a probe needs labelled samples; give each "
+                         "vlens.data.Sample a label (class id) before harvesting")
+    warnings.warn(f"{int((~keep).sum())} of {len(y)} samples have no label (-1) and are left out of the fit",
+                  stacklevel=3)
+    new_pos = keep.long().cumsum(0) - 1
+    out = [None if i is None else new_pos[torch.as_tensor(i)[keep[torch.as_tensor(i)]]] for i in idx]
+    return X[keep], y[keep], out

@@ -35,7 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._fitdata import check_xy, device_of, split, standardise
+from ._fitdata import check_xy, device_of, labelled, split, standardise
 from ._lbfgs import logistic_lbfgs
 from .errors import InputError, NotFoundError
 
@@ -66,35 +66,6 @@ def _torch_lbfgs(params: list[Tensor], closure_loss, max_iter: int, tol: float =
         return loss
 
     opt.step(closure)
-
-
-def _labelled(X: Any, y: Any, *idx: Tensor | None) -> tuple[Tensor, Tensor, list[Tensor | None]]:
-    """`check_xy(X, y)` without the rows labelled -1 ("no label"), and row indices `idx` renumbered to match."""
-    kind = getattr(getattr(y, "dtype", None), "kind", None)
-    vals = [y] if isinstance(y, str) else y if isinstance(y, (list, tuple)) else y.tolist() if kind in ("U", "S", "O") else []
-    first = next((v for v in vals if isinstance(v, str)), None)
-    if first is not None:
-        raise InputError(f"labels y must be integer class ids, not strings such as {first!r}: map the names to ids, "
-                         "e.g. names = sorted(set(y)); y = [names.index(v) for v in y]")
-    try:
-        X, y = check_xy(X, y)
-    except InputError:
-        raise
-    except (TypeError, ValueError, RuntimeError) as e:  # torch.as_tensor on ragged or object data
-        raise InputError(f"features X must be a [n, d] array and labels y [n] integer class ids ({e})") from e
-    if bool((y < -1).any()):
-        raise InputError(f"labels must be class ids >= 0, or -1 for 'no label'; got {int(y.min())}")
-    keep = y != -1
-    if bool(keep.all()):
-        return X, y, list(idx)
-    if not bool(keep.any()):
-        raise InputError("every label is -1 ('no label'): a probe needs labelled samples; give each "
-                         "vlens.data.Sample a label (class id) before harvesting")
-    warnings.warn(f"{int((~keep).sum())} of {len(y)} samples have no label (-1) and are left out of the fit",
-                  stacklevel=3)
-    new_pos = keep.long().cumsum(0) - 1
-    out = [None if i is None else new_pos[torch.as_tensor(i)[keep[torch.as_tensor(i)]]] for i in idx]
-    return X[keep], y[keep], out
 
 
 # -- linear probes -------------------------------------------------------------------------------------
@@ -194,7 +165,7 @@ def fit_probe(
         >>> probe.test_accuracy > 0.9
         True
     """
-    X, y, (train_idx, test_idx) = _labelled(X, y, train_idx, test_idx)
+    X, y, (train_idx, test_idx) = labelled(X, y, train_idx, test_idx)
     if kind not in ("softmax", "ovr"):
         raise InputError(f"kind must be 'softmax' or 'ovr', not {kind!r} (for class pairs use pairwise_probes)")
     if train_idx is None or test_idx is None:
@@ -282,7 +253,7 @@ def pairwise_probes(
         >>> bool((pp.accuracy > 0.8).all())
         True
     """
-    X, y, _ = _labelled(X, y)
+    X, y, _ = labelled(X, y)
     present = torch.unique(y).tolist()
     if pairs is None:
         pairs = [(a, b) for i, a in enumerate(present) for b in present[i + 1 :]]
@@ -427,7 +398,7 @@ def sweep(
     split_idx = None
     for L in tqdm(layers, desc="probe sweep", disable=None, leave=False):
         X, y = _features(features, L)
-        X, y, _ = _labelled(X, y)
+        X, y, _ = labelled(X, y)
         if split_idx is None:
             split_idx = split(y, fit_kwargs.pop("test_size", 0.2), fit_kwargs.pop("seed", 0))
         p = fit_probe(X, y, kind, train_idx=split_idx[0], test_idx=split_idx[1], **fit_kwargs)

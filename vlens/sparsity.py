@@ -25,7 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._fitdata import check_xy, device_of, split, standardise
+from ._fitdata import check_xy, device_of, labelled, split, standardise
 from .errors import InputError
 from .interventions import check_vector
 
@@ -181,7 +181,7 @@ def sparse_probe(
             W = getattr(sae, "W_dec", None)
             if W is not None and Z.shape[-1] == W.shape[1] and Z.shape[-1] != W.shape[0]:
                 Z = sae.encode(Z.to(W.device, W.dtype)).detach()
-    Z, y = check_xy(Z, y)
+    Z, y, _ = labelled(Z, y)  # rows labelled -1 ('no label') are left out, as in every probe
     if pair is not None:
         keep = (y == pair[0]) | (y == pair[1])
         Z, y = Z[keep], y[keep]

@@ -132,10 +132,19 @@ def register(family: Family) -> Family:
     return family
 
 
+#: Modules of this package that hold no family (everything else here is one family file that registers itself).
+_NOT_FAMILIES = {"wordlevel", "checkpoints"}
+
+
 def _load_builtin() -> None:
-    # Each module registers its family on import; importing one already loaded costs nothing, so this
-    # runs every time (a user who imported one family module first still sees them all).
-    from . import gemma3, llava, llava_next, llava_onevision, qwen_vl  # noqa: F401
+    # Every module of this package registers its family on import, so a new family is one new file: no list to
+    # edit. Importing a module already loaded costs nothing, so this runs every time.
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_") and info.name not in _NOT_FAMILIES:
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def names() -> list[str]:
