@@ -29,7 +29,7 @@ from ..sites import ModuleLayout
 if TYPE_CHECKING:
     from ..tokens import ImageGeometry
 
-__all__ = ["Family", "register", "get", "names", "of_config", "of_model"]
+__all__ = ["Family", "register", "get", "names", "of_config", "of_model", "processor_without_video"]
 
 
 class Family:
@@ -110,6 +110,31 @@ class Family:
 
     def __repr__(self) -> str:
         return f"Family({self.name!r})"
+
+
+def processor_without_video(cls: type, **kwargs: Any) -> Any:
+    """Build a processor class that also takes videos (Qwen, LLaVA-OneVision) with no video processor.
+
+    vlens feeds no video.
+
+    transformers 5.23 type-checks even a `None` video processor against a
+    class that needs torchvision, which vlens does not depend on; the check
+    is skipped for that one argument, the processor is the real class.
+
+    Example:
+        >>> import vlens
+        >>> vlens.tiny(family="qwen2.5-vl").processor.video_processor is None   # built through this
+        True
+    """
+    from unittest import mock
+
+    check = cls.check_argument_for_proper_class
+
+    def lenient(self: Any, name: str, arg: Any) -> Any:
+        return None if name == "video_processor" and arg is None else check(self, name, arg)
+
+    with mock.patch.object(cls, "check_argument_for_proper_class", lenient):
+        return cls(video_processor=None, **kwargs)
 
 
 _REGISTRY: dict[str, Family] = {}

@@ -36,12 +36,11 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..tokens import HIGHRES, NEWLINE, ImageGeometry
-from . import Family, register
+from . import Family, processor_without_video, register
 from .llava import CHAT_WORDS, patch_local
 from .llava import image_geometry as _fixed_grid
 from .llava_next import LAYOUTS
 from .llava_next import image_geometry as _anyres
-from .qwen_vl import _without_video
 from .wordlevel import word_tokenizer
 
 if TYPE_CHECKING:
@@ -237,7 +236,7 @@ def tiny_processor(
         image_mean=[0.5, 0.5, 0.5],  # SigLIP's
         image_std=[0.5, 0.5, 0.5],
     )
-    return _without_video(
+    return processor_without_video(
         LlavaOnevisionProcessor,
         image_processor=image_processor,
         tokenizer=word_tokenizer([*CHAT_WORDS, *words], specials=SPECIAL_TOKENS, bos=None, eos="<|im_end|>",

@@ -45,7 +45,7 @@ from ..errors import InputError
 from ..prompts import IMAGE
 from ..sites import ModuleLayout
 from ..tokens import BASE, ImageGeometry
-from . import Family, register
+from . import Family, processor_without_video, register
 from .wordlevel import word_tokenizer
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ def tiny_processor(
     tok = word_tokenizer(
         [*_CHAT_WORDS, *words], specials=SPECIAL_TOKENS, bos=None, eos="<|im_end|>", pad="<|endoftext|>"
     )
-    return _without_video(getattr(transformers, v["processor"]), image_processor=image_processor, tokenizer=tok,
+    return processor_without_video(getattr(transformers, v["processor"]), image_processor=image_processor, tokenizer=tok,
                           chat_template=CHAT_TEMPLATES[version])
 
 
@@ -256,26 +256,8 @@ def load_processor(name_or_path: str | os.PathLike) -> "ProcessorMixin":
         if path:
             text = Path(path).read_text()
             template = json.loads(text)["chat_template"] if fname.endswith(".json") else text
-    return _without_video(getattr(transformers, v["processor"]), tokenizer=tok, chat_template=template,
+    return processor_without_video(getattr(transformers, v["processor"]), tokenizer=tok, chat_template=template,
                           image_processor=Qwen2VLImageProcessorPil.from_pretrained(name_or_path))
-
-
-def _without_video(cls: type, **kwargs: Any) -> Any:
-    """Build a Qwen processor with no video processor (vlens feeds no video).
-
-    transformers 5.23 type-checks even a `None` video processor against a
-    class that needs torchvision, which vlens does not depend on; the check
-    is skipped for that one argument, the processor is the real class.
-    """
-    from unittest import mock
-
-    check = cls.check_argument_for_proper_class
-
-    def lenient(self: Any, name: str, arg: Any) -> Any:
-        return None if name == "video_processor" and arg is None else check(self, name, arg)
-
-    with mock.patch.object(cls, "check_argument_for_proper_class", lenient):
-        return cls(video_processor=None, **kwargs)
 
 
 def _version(version: str) -> dict[str, Any]:
