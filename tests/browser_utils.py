@@ -145,10 +145,16 @@ def screenshot_stats(png: str | os.PathLike) -> ScreenshotStats:
     return ScreenshotStats(width=a.shape[1], height=a.shape[0], ink=ink, colours=int(values.size))
 
 
-def build_site(dest: str | os.PathLike, *, strict: bool = True, timeout: float = 300.0) -> subprocess.CompletedProcess:
-    """Run `mkdocs build` (with this interpreter's mkdocs) into `dest`; return the finished process."""
+def build_site(dest: str | os.PathLike, *, strict: bool = True, timeout: float = 1200.0,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `mkdocs build` (with this interpreter's mkdocs) into `dest`; return the finished process.
+
+    The build executes every page's Python blocks (docs/hooks.py); `env` adds environment variables,
+    e.g. `VLENS_DOCS_RECORD` for the record of what ran.
+    """
     cmd = [sys.executable, "-m", "mkdocs", "build", "-f", str(ROOT / "mkdocs.yml"), "-d", str(dest)]
     if strict:
         cmd.append("--strict")
-    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, check=False)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +35,28 @@ def tiny_llama():
 @pytest.fixture(scope="session", params=["mistral", "llama"])
 def tiny_vlm(request, tiny_mistral, tiny_llama):
     return tiny_mistral if request.param == "mistral" else tiny_llama
+
+
+@dataclass
+class BuiltSite:
+    """The documentation site built once per test session: its folder, the build process, what ran per page."""
+
+    path: Path
+    proc: subprocess.CompletedProcess
+    record: dict
+
+
+@pytest.fixture(scope="session")
+def docs_site(tmp_path_factory) -> BuiltSite:
+    """`mkdocs build --strict` of the docs, executing every page's code (shared by the docs and browser tests)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from browser_utils import build_site
+
+    root = tmp_path_factory.mktemp("docs")
+    rec = root / "record.json"
+    proc = build_site(root / "site", env={"VLENS_DOCS_RECORD": str(rec)})
+    record = json.loads(rec.read_text(encoding="utf-8")) if rec.exists() else {}
+    return BuiltSite(root / "site", proc, record)
 
 
 def solid(w: int, h: int, colour=(200, 30, 30), mode: str = "RGB"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from browser_utils import build_site, chromium, count_colour, plotly_drawn, render_in_chromium, screenshot_stats  # noqa: E402
+from browser_utils import chromium, count_colour, plotly_drawn, render_in_chromium, screenshot_stats  # noqa: E402
 
 pytestmark = [
     pytest.mark.browser,
@@ -25,11 +25,9 @@ ORANGE, GREEN = (0xF5, 0x85, 0x18), (0x54, 0xA2, 0x4B)
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    dest = tmp_path_factory.mktemp("site") / "site"
-    proc = build_site(dest)
-    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stderr[-4000:]}"
-    return dest
+def site(docs_site) -> Path:
+    assert docs_site.proc.returncode == 0, f"mkdocs build --strict failed:\n{docs_site.proc.stderr[-4000:]}"
+    return docs_site.path
 
 
 def test_plotly_figure_draws(site, tmp_path):
@@ -58,3 +56,11 @@ def test_site_pages_render(site, tmp_path):
     assert 'class="md-header' in dom and "vlens" in dom
     assert (site / "search" / "search_index.json").exists()
     assert screenshot_stats(png).ink > 0.05
+
+
+def test_tutorial_shows_its_results(site, tmp_path):
+    """The probes tutorial shows what its code printed and draws the figures its code showed."""
+    dom, png = render_in_chromium(site / "tutorials" / "probes" / "index.html", tmp_path, window=(1280, 9000))
+    assert plotly_drawn(dom) == 3, "the three figures of the probes tutorial did not all draw"
+    assert dom.count(">Output<") >= 3, "printed results are missing"
+    assert screenshot_stats(png).colours > 50

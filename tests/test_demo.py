@@ -29,6 +29,9 @@ def test_demo_writes_report_and_results(demo, capsys):
     html = report.read_text()
     for section in ("Linear probes", "Steering", "Multimodal SAE", "Modality sharing by layer", "Export"):
         assert section in html
+    assert "probe looks: gradient × activation" in html and html.count(">attribution</figcaption>") == 6
+    latent_pages = sorted((demo / "dashboards").glob("latent_*.html"))
+    assert latent_pages and all('class="attr"' in p.read_text() for p in latent_pages[:3])
 
 
 def test_demo_rerun_reuses_finished_stages(demo):

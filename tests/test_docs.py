@@ -1,83 +1,27 @@
-"""The documentation site builds, and every Python block in it runs.
+"""The documentation site builds, and every Python block in it runs and shows its results.
 
-Convention for code blocks in docs/**/*.md:
-
-* Every fenced block whose info string starts with `python` (or `py`) is
-  executed. Blocks of one page run in page order in ONE namespace, like the
-  cells of a notebook, in a fresh empty temporary working directory. Pages
-  run independently, each as its own parametrized test named after the page.
-* A block opts out with the word `skip` after the language: ```python skip
-  (rendered as ordinary Python; mkdocs.yml sets superfences'
-  `relaxed_headers` so the extra word is allowed). Use it only for code that
-  truly needs a GPU or the hub, e.g. loading llava-hf 7B.
-* Fences in any other language (bash, text, ...) are never run.
-* `plotly` figures' `.show()` is a no-op during the run.
-
-Each block is written to a real file before it runs (nnsight reads trace
-bodies from source files), so a traceback names `<page>_<n>_L<line>.py`.
+The site build executes the pages (docs/hooks.py with docs/blocks.py, which holds the
+convention for code blocks: every ```python block runs, in page order, in one namespace per
+page; ```python skip opts out; what a block prints and the plotly figures it shows are
+drawn under it). The build runs once per test session (the `docs_site` fixture in
+conftest.py) and records what ran on every page; the per-page tests read that record, so
+each block runs once, not once for the build and once for the test.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from browser_utils import build_site  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+sys.path.insert(0, str(DOCS))
+from blocks import code_blocks, render, run_page  # noqa: E402
+
 PAGES = sorted(DOCS.rglob("*.md"))
-
-_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`\n]*)$")
-
-
-@dataclass
-class Block:
-    """One fenced code block: 1-based line of its opening fence, its info words, its dedented code."""
-
-    line: int
-    info: list[str]
-    code: str
-
-    @property
-    def lang(self) -> str:
-        return self.info[0].lstrip("{.").rstrip("}").lower() if self.info else ""
-
-    @property
-    def runnable(self) -> bool:
-        return self.lang in ("python", "py") and "skip" not in self.info[1:]
-
-
-def code_blocks(text: str) -> list[Block]:
-    """All fenced code blocks of a Markdown text, at any indentation (admonitions, tabs, lists).
-
-    Example:
-        >>> [(b.line, b.lang, b.runnable) for b in code_blocks("x\\n```python\\n1\\n```\\n```python skip\\n2\\n```")]
-        [(2, 'python', True), (5, 'python', False)]
-    """
-    blocks: list[Block] = []
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        m = _FENCE.match(lines[i])
-        if not m:
-            i += 1
-            continue
-        indent, fence, info = len(m["indent"].expandtabs()), m["fence"], m["info"].split()
-        close = re.compile(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
-        body: list[str] = []
-        j = i + 1
-        while j < len(lines) and not close.match(lines[j]):
-            body.append(lines[j][indent:] if lines[j][:indent].strip() == "" else lines[j].lstrip())
-            j += 1
-        blocks.append(Block(line=i + 1, info=info, code="\n".join(body) + "\n"))
-        i = j + 1
-    return blocks
 
 
 def _page_id(page: Path) -> str:
@@ -87,19 +31,19 @@ def _page_id(page: Path) -> str:
 RUNNABLE = [p for p in PAGES if any(b.runnable for b in code_blocks(p.read_text(encoding="utf-8")))]
 
 
-def test_site_builds_strict(tmp_path):
-    """`mkdocs build --strict` succeeds: no broken links, nav entries, or API reference warnings."""
-    proc = build_site(tmp_path / "site")
+def test_site_builds_strict(docs_site):
+    """`mkdocs build --strict` succeeds: no broken links, nav entries, API reference warnings or failing blocks."""
+    proc, site = docs_site.proc, docs_site.path
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     for page in PAGES:
         rel = page.relative_to(DOCS).with_suffix("")
-        out = tmp_path / "site" / ("index.html" if rel.as_posix() == "index" else f"{rel.as_posix()}/index.html")
+        out = site / ("index.html" if rel.as_posix() == "index" else f"{rel.as_posix()}/index.html")
         assert out.exists(), f"{_page_id(page)} was not rendered to {out}"
-    api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
+    api = (site / "api" / "index.html").read_text(encoding="utf-8")
     for name in ("vlens.loading.load", "vlens.tokens.TokenLayout", "vlens.loading.tiny", "vlens.data.Dataset",
                  "vlens.activations.read.read_layers", "vlens.sites.from_hook_name"):
         assert f'id="{name}"' in api, f"API reference lacks {name}"
-    assert (tmp_path / "site" / "assets" / "plotly.min.js").stat().st_size > 1_000_000, "plotly.js not bundled"
+    assert (site / "assets" / "plotly.min.js").stat().st_size > 1_000_000, "plotly.js not bundled"
 
 
 def test_every_page_is_in_the_nav():
@@ -150,30 +94,40 @@ def test_code_block_parser_conventions():
 
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=[_page_id(p) for p in RUNNABLE])
-def test_page_code_blocks_run(page: Path, tmp_path, monkeypatch):
-    """Run the page's Python blocks in order in one namespace (see the module docstring)."""
-    import plotly.basedatatypes
-    import torch
+def test_page_code_blocks_run(page: Path, docs_site):
+    """Every runnable block of the page ran in the site build, in order, in one namespace."""
+    rec = docs_site.record.get(_page_id(page))
+    assert rec is not None, f"the site build did not execute docs/{_page_id(page)}:\n{docs_site.proc.stderr[-3000:]}"
+    assert rec["error"] is None, rec["error"]
+    assert rec["ran"] == sum(b.runnable for b in code_blocks(page.read_text(encoding="utf-8")))
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(plotly.basedatatypes.BaseFigure, "show", lambda self, *a, **k: None)
-    torch.manual_seed(0)
-    rel = _page_id(page)
-    namespace: dict = {"__name__": "__main__"}
-    src_dir = tmp_path / "_blocks"
-    src_dir.mkdir()
-    ran = 0
-    for n, block in enumerate(code_blocks(page.read_text(encoding="utf-8"))):
-        if not block.runnable:
-            continue
-        file = src_dir / f"{re.sub(r'[^A-Za-z0-9]+', '_', rel)}_{n}_L{block.line}.py"
-        # Pad with blank lines so tracebacks give the line number in the page itself.
-        source = "\n" * block.line + block.code
-        file.write_text(source, encoding="utf-8")
-        try:
-            exec(compile(source, str(file), "exec"), namespace)
-        except Exception as exc:
-            raise AssertionError(f"docs/{rel}: the python block at line {block.line} failed: "
-                                 f"{type(exc).__name__}: {exc}") from exc
-        ran += 1
-    assert ran > 0
+
+def test_pages_show_their_results(docs_site):
+    """Printed results and plotly figures appear in the built pages, under the blocks that made them."""
+    probes = (docs_site.path / "tutorials" / "probes" / "index.html").read_text(encoding="utf-8")
+    assert "Output" in probes and probes.count('class="vlens-figure"') == 3
+    assert probes.count('src="../../assets/plotly.min.js"') == 1 and "Plotly.newPlot" in probes
+    rec = docs_site.record
+    assert rec["tutorials/probes.md"]["figures"] == 3 and rec["tutorials/lens.md"]["figures"] == 1
+    assert sum(r["printed"] or 0 for r in rec.values() if r["ran"]) >= 20
+
+
+def test_render_puts_output_under_its_block(tmp_path):
+    """Output goes right after the block's closing fence, at the block's indentation; hide-output hides it."""
+    text = ("# t\n\n```python\nprint('a`b')\n```\n\n!!! note\n    ```python\n    print(2)\n    ```\n\n"
+            "```python hide-output\nprint(3)\n```\ntail\n")
+    results = run_page(text, "t.md", tmp_path)
+    assert [r.stdout for r in results] == ["a`b\n", "2\n", "3\n"]
+    lines = render(text, results, "assets/plotly.min.js").splitlines()
+    assert lines[4:9] == ["```", "", '```text title="Output"', "a`b", "```"]
+    i = lines.index('    ```text title="Output"')
+    assert lines[i + 1:i + 3] == ["    2", "    ```"]
+    assert "3" not in lines[lines.index("```python hide-output"):][3:]
+
+
+def test_code_lines_fit_their_blocks():
+    """No code line is wider than its rendered block: 84 characters, measured in Chromium at 1280 px wide."""
+    wide = [f"docs/{_page_id(p)}:{b.line + 1 + k}" for p in PAGES for b in code_blocks(p.read_text(encoding="utf-8"))
+            if b.lang in ("python", "py", "bash")
+            for k, ln in enumerate(b.code.splitlines()) if len(ln) > 84]
+    assert not wide, f"code lines over 84 characters (they scroll sideways in the page): {wide}"

@@ -12,6 +12,7 @@ import vlens
 import vlens.sae as vs
 from vlens.activations import read_layers
 from vlens.data import Sample
+from vlens.errors import InputError
 from vlens.prompts import QUESTION
 from vlens.viz import heatmap_overlay
 
@@ -123,6 +124,21 @@ def test_dashboard_pages(vlm, samples, tmp_path):
                              torch.tensor([2.0, 5.0]), vmax=2.0)
     px = img.resize((40, 20)).getpixel((5, 5))
     assert px[0] > 100 and img.resize((40, 20)).getpixel((35, 5)) == (0, 0, 0)
+
+
+def test_dashboard_attribution_maps(vlm, samples, tmp_path):
+    """With `attribution`, every top image also shows gradient × activation of the latent at the earlier site."""
+    x, mod = _harvest(vlm, samples, 2)
+    sae = vs.train((x, mod), "paper", d_sae=32, steps=10, batch_size=64, progress=False,
+                   hook_name=vlm.hook_name("resid_pre.2"))
+    alive = sae.modality.alive.nonzero().flatten()[:2].tolist()
+    vs.dashboard(sae, vlm, samples, None, tmp_path, latents=alive, top_k=3, attribution="resid_pre.0", progress=False)
+    for i in alive:
+        page = (tmp_path / f"latent_{i}.html").read_text()
+        assert page.count('class="attr"') == page.count("<figcaption>max") > 0
+        assert "gradient × activation at <code>resid_pre.0</code>" in page
+    with pytest.raises(InputError, match="must come before"):
+        vs.dashboard(sae, vlm, samples, None, tmp_path, latents=alive, attribution="resid_post.2", progress=False)
 
 
 def test_sae_inside_a_trace(vlm, samples):

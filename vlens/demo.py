@@ -3,7 +3,9 @@
 Stages (each a few library calls; read this file as a worked example):
 
 1. harvest mean-pooled image-token activations at every layer (`vlens.harvest`);
-2. linear probes by layer (`vlens.probes.sweep`);
+2. linear probes by layer (`vlens.probes.sweep`), and where the best one
+   looks: gradient × activation of its class logit, as heatmaps over
+   held-out images (`vlens.attribution`);
 3. a steering vector for a class pair (difference of class means), with
    generations before and after on held-out images, and an efficacy/damage
    sweep over k (`vlens.steering`);
@@ -12,7 +14,8 @@ Stages (each a few library calls; read this file as a worked example):
    loss recovered per modality) (`vlens.sae`);
 5. modality sharing by layer (`vlens.sae.sharing_by_layer`);
 6. export of the middle-layer SAE to SAE-Lens's format, reloaded with plain
-   `sae_lens.SAE.load_from_disk`, and feature dashboards;
+   `sae_lens.SAE.load_from_disk`, and feature dashboards (with each top
+   image's attribution map);
 7. a self-contained HTML report, whose path is printed last.
 """
 
@@ -83,7 +86,7 @@ def run(
     """
     import sae_lens
 
-    from . import probes, prompts, steering
+    from . import attribution, probes, prompts, steering
     from . import sae as vsae
     from .activations import harvest
     from .loading import load
@@ -131,6 +134,17 @@ def run(
     report.text(f"Classes decodable at ≥ 0.9 at layer {sweep.best_layer}: "
                 f"{', '.join(names[c] if isinstance(c, int) else str(c) for c in probes.decodable_classes(sweep, 0.9))}.",
                 note=True)
+    look_layer = max(sweep.best_layer, 1)  # attributed back to resid_pre.0, so a later layer
+    overlays = []
+    for s in list(heldout)[:6]:
+        one = vlm.prepare(question, [s.image])
+        target = attribution.probe_target(sweep.probes[look_layer], look_layer, int(s.label))
+        att = attribution.grad_x_act(vlm, one, target, site=0)
+        overlays += [(s.image, names[s.label]), (att.overlay(s.image), "attribution")]
+    report.text(f"Where the layer-{look_layer} probe looks: gradient × activation at <code>resid_pre.0</code> of the "
+                "true class's probe logit (positive part), painted over each held-out image by its tokens' pixel "
+                "boxes (<code>vlens.attribution.grad_x_act</code>).")
+    report.images(overlays)
     timings["probes"] = time.perf_counter() - t
 
     # -- 3. steering --------------------------------------------------------------------------
@@ -219,7 +233,8 @@ def run(
     same = torch.equal(plain.encode(x), sae.encode(x))
     print(f"exported to {export_dir}; plain SAE-Lens reload encodes identically: {same}")
     dash = vsae.dashboard(sae, vlm, list(heldout)[: max(16, cfg.steer_images)], mid, out / "dashboards",
-                          n_latents=cfg.n_dashboards, prompt=cap_prompt)
+                          n_latents=cfg.n_dashboards, prompt=cap_prompt,
+                          attribution=0 if mid > 0 else None)
     report.section("Export and dashboards",
                    f"<code>{export_dir}</code> loads with <code>sae_lens.SAE.load_from_disk</code> "
                    f"(identical encodings: {same}).")

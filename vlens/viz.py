@@ -1,4 +1,4 @@
-"""HTML pages and figures: the `Report` builder, feature-dashboard pages, the patch-heatmap overlay.
+"""HTML pages and figures: the `Report` builder, feature-dashboard pages, the patch-heatmap overlay, the token-layout figure.
 
 Every page vlens writes is a jinja2 template under `vlens/templates/` (`base.html.j2`
 with the one stylesheet `style.css`; `report.html.j2`, `latent.html.j2`,
@@ -30,7 +30,8 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["Report", "image_data_uri", "heatmap_overlay", "plotly_script", "figure_html", "render", "save_html"]
+__all__ = ["Report", "image_data_uri", "heatmap_overlay", "plotly_script", "figure_html", "render", "save_html",
+           "KINDS", "TILE_COLOURS", "kind_codes", "token_layout_figure"]
 
 
 @lru_cache(maxsize=1)
@@ -216,3 +217,142 @@ class Report:
     def save(self, path: str | os.PathLike) -> str:
         """Write the report atomically and return its absolute path."""
         return save_html(path, self.to_html())
+
+
+#: Colours of token kinds in the sequence strip of `token_layout_figure` (index = `kind_codes` value).
+KINDS = [
+    ("padding", "#e6e6e6"),
+    ("BOS", "#222222"),
+    ("prompt / template", "#4c78a8"),
+    ("image: base tile", "#f58518"),
+    ("image: high-res tiles", "#54a24b"),
+    ("image: newline", "#e45756"),
+    ("answer", "#b279a2"),
+]
+#: Colours of tiles: tile 0 is the base tile, 1.. the high-res tiles in raster order.
+TILE_COLOURS = ["#f58518", "#54a24b", "#72b7b2", "#eeca3b", "#9d755d", "#ff9da6", "#bab0ac", "#4c78a8", "#b279a2"]
+
+
+def kind_codes(layout: Any) -> Tensor:
+    """Per `[batch, seq]` position of a `TokenLayout`, its index into `KINDS`.
+
+    Example:
+        >>> import vlens
+        >>> from PIL import Image
+        >>> vlm = vlens.tiny()
+        >>> b = vlm.prepare("<image>\\nWhat is it?", [Image.new("RGB", (32, 32))])
+        >>> codes = kind_codes(b.layout)
+        >>> KINDS[int(codes[0, 0])][0], int((codes == 3).sum()) == b.layout.images[0].geometry.count("base")
+        ('BOS', True)
+    """
+    import torch
+
+    code = torch.zeros(layout.shape, dtype=torch.long)
+    code[layout.bos] = 1
+    code[layout.prompt & ~layout.bos] = 2
+    code[layout.kind_mask("base")] = 3
+    code[layout.kind_mask("highres")] = 4
+    code[layout.kind_mask("newline")] = 5
+    code[layout.answer] = 6
+    code[layout.pad] = 0
+    return code
+
+
+def _token_info(tokenizer: Any, layout: Any) -> list[list[str]]:
+    """Hover text per [batch, seq] position: token, kind, and for image tokens (tile, row, col) and box."""
+    ids = layout.input_ids
+    code = kind_codes(layout)
+    info = []
+    for b in range(ids.shape[0]):
+        toks = tokenizer.convert_ids_to_tokens(ids[b].tolist())
+        info.append([f"pos {j}: {tok!r}<br>{KINDS[int(code[b, j])][0]}" for j, tok in enumerate(toks)])
+    for span in layout.images:
+        g = span.geometry
+        for k, pos in enumerate(range(span.start, span.end)):
+            if int(g.kind[k]) == 2:
+                info[span.batch_index][pos] += f"<br>image {span.image}, newline after row {int(g.row[k])}"
+            else:
+                x0, y0, x1, y1 = (round(float(v), 1) for v in g.box[k])
+                info[span.batch_index][pos] += (
+                    f"<br>image {span.image}, tile {int(g.tile[k])}, row {int(g.row[k])}, col {int(g.col[k])}"
+                    f"<br>box x {x0}–{x1}, y {y0}–{y1} px"
+                )
+    return info
+
+
+def token_layout_figure(vlm: Any, batch: Any, images: Sequence[Any], *, image: int = 0, height: int = 560):
+    """How images became tokens: image `image` with its patch grids, and the batch's token sequence by kind.
+
+    The top row draws the original picture once per image-token kind it has (the base
+    tile; the high-res tiles where the family has them), each token's pixel box coloured
+    by its tile; the bottom strip colours every position of the batch by kind (`KINDS`).
+    Hover any box or cell for its sequence position, tile, row, column and pixel box.
+
+    Example:
+        >>> import vlens
+        >>> from PIL import Image
+        >>> vlm = vlens.tiny()
+        >>> pic = Image.new("RGB", (96, 56), (200, 30, 30))
+        >>> b = vlm.prepare("<image>\\nWhat is it?", [pic])
+        >>> fig = token_layout_figure(vlm, b, [pic])
+        >>> [a.text.split(":")[0] for a in fig.layout.annotations]
+        ['base tile', 'high-res 2×2 tiles', 'token sequence by kind (hover a cell)']
+    """
+    import plotly.graph_objects as go
+    import torch
+    from plotly.subplots import make_subplots
+
+    layout = batch.layout
+    span = layout.images[image]
+    g = span.geometry
+    img = images[image] if isinstance(images[image], Image.Image) else Image.open(images[image]).convert("RGB")
+    uri = image_data_uri(img)
+    n_base, n_hi, n_nl = g.count("base"), g.count("highres"), g.count("newline")
+    base = g.kind == 0
+    rows, cols = (int(g.row[base].max()) + 1, int(g.col[base].max()) + 1) if n_base else (0, 0)
+    panels = [(0, f"base tile: {n_base} tokens ({rows}×{cols})")]
+    if n_hi:
+        panels.append((1, f"high-res {g.tiles[0]}×{g.tiles[1]} tiles: {n_hi} + {n_nl} newlines"))
+    fig = make_subplots(
+        rows=2, cols=len(panels), specs=[[{}] * len(panels), [{"colspan": len(panels)}] + [None] * (len(panels) - 1)],
+        row_heights=[0.58, 0.42], vertical_spacing=0.16, horizontal_spacing=0.07,
+        subplot_titles=[t for _, t in panels] + ["token sequence by kind (hover a cell)"],
+    )
+    for col, (want, _) in enumerate(panels, start=1):
+        fig.add_trace(go.Image(source=uri, hoverinfo="skip"), row=1, col=col)
+        xs, ys, texts, colours = [], [], [], []
+        for k in torch.nonzero(g.kind == want).flatten().tolist():
+            x0, y0, x1, y1 = (float(v) for v in g.box[k])
+            tile = int(g.tile[k])
+            colour = TILE_COLOURS[tile % len(TILE_COLOURS)]
+            fig.add_shape(type="rect", x0=x0, y0=y0, x1=x1, y1=y1, line=dict(color=colour, width=2),
+                          fillcolor=colour, opacity=0.28, row=1, col=col)
+            xs.append((x0 + x1) / 2)
+            ys.append((y0 + y1) / 2)
+            colours.append(colour)
+            texts.append(f"seq pos {span.start + k}<br>tile {tile}, row {int(g.row[k])}, col {int(g.col[k])}"
+                         f"<br>box x {x0:.1f}–{x1:.1f}, y {y0:.1f}–{y1:.1f} px")
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", hovertext=texts, hoverinfo="text", showlegend=False,
+                                 marker=dict(size=7, color=colours, line=dict(width=1, color="white"))),
+                      row=1, col=col)
+        fig.update_xaxes(range=[0, img.width], showgrid=False, zeroline=False, row=1, col=col)
+        fig.update_yaxes(range=[img.height, 0], showgrid=False, zeroline=False, scaleanchor=f"x{col if col > 1 else ''}",
+                         row=1, col=col)
+    n = len(KINDS)
+    scale = []
+    for i, (_, colour) in enumerate(KINDS):
+        scale += [[i / n, colour], [(i + 1) / n, colour]]
+    fig.add_trace(
+        go.Heatmap(z=kind_codes(layout).tolist(), zmin=-0.5, zmax=n - 0.5, colorscale=scale,
+                   hovertext=_token_info(vlm.tokenizer, layout), hoverinfo="text", xgap=1, ygap=3,
+                   colorbar=dict(tickvals=list(range(n)), ticktext=[k.replace("image: ", "") for k, _ in KINDS],
+                                 orientation="h", x=0.5, xanchor="center", y=-0.12, yanchor="top", len=1.0,
+                                 thickness=12, tickfont=dict(size=11))),
+        row=2, col=1,
+    )
+    fig.update_yaxes(autorange="reversed", tickvals=list(range(layout.shape[0])),
+                     ticktext=[f"row {b}" for b in range(layout.shape[0])], row=2, col=1)
+    fig.update_xaxes(title_text="sequence position", title_standoff=4, row=2, col=1)
+    fig.update_layout(height=height, margin=dict(l=50, r=20, t=40, b=70), template="plotly_white", font=dict(size=12))
+    fig.update_annotations(font_size=13)
+    return fig

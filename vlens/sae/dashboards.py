@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 import torch
 from sae_lens import SAE
 
+from ..attribution import grad_x_act, sae_target
 from ..errors import InputError
 from ..prompts import QUESTION
 from ..sites import SiteLike
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 
 def _top_images(records: list[dict[str, Any]], samples: Sequence[Any], j: int,
-                top_k: int) -> tuple[list[dict[str, Any]], float]:
+                top_k: int) -> tuple[list[dict[str, Any]], float, list[int]]:
     imgs = [(r, im) for r in records for im in r["images"]]
     peak = torch.tensor([float(r["acts"][im["start"]:im["end"], j].float().max()) for r, im in imgs]) \
         if imgs else torch.zeros(0)
@@ -52,7 +53,18 @@ def _top_images(records: list[dict[str, Any]], samples: Sequence[Any], j: int,
                               r["acts"][im["start"]:im["end"], j].float(), vmax)
         cap = getattr(sample, "caption", None) or ""
         cards.append({"src": image_data_uri(pic), "max": f"{float(peak[i]):.3g}", "caption": str(cap)[:60]})
-    return cards, vmax
+    return cards, vmax, [r["sample"] for r, _ in (imgs[i] for i in
+                                                   torch.argsort(peak, descending=True, stable=True)[:len(cards)].tolist())]
+
+
+def _attribution_maps(vlm: VLM, sae: SAE, site: Any, latent: int, pictures: list[Any], prompt: str,
+                      at: SiteLike) -> list[str]:
+    """Gradient × activation at `at` of the latent's summed activation over each picture's image tokens."""
+    if not pictures:
+        return []
+    batch = vlm.prepare([prompt] * len(pictures), pictures)
+    attr = grad_x_act(vlm, batch, sae_target(sae, site.name, latent), site=at)
+    return [image_data_uri(attr.overlay(p, i, sign="abs")) for i, p in enumerate(pictures)]
 
 
 def _top_contexts(records: list[dict[str, Any]], j: int, top_k: int) -> list[dict[str, Any]]:
@@ -96,6 +108,7 @@ def dashboard(
     n_logits: int = 10,
     prompt: str = QUESTION,
     batch_size: int = 8,
+    attribution: SiteLike | None = None,
     progress: bool = True,
 ) -> Path:
     """Write `index.html` and `latent_{i}.html` pages for `latents` (default: the `n_latents` most frequent).
@@ -104,7 +117,11 @@ def dashboard(
     own site, from `sae.cfg.metadata.hook_name` (`vlens.sae.io.site_of`); `layer` (an int L is
     `resid_pre.L`; any site name works) is needed only when the SAE does not name one, and must
     agree with it when it does. Each page also shows the latent's logit attribution
-    (`vlens.sae.features.feature_logits`, `n_logits` tokens each way). Returns the path of the index page.
+    (`vlens.sae.features.feature_logits`, `n_logits` tokens each way). With `attribution` set to an
+    earlier site (e.g. `"resid_pre.0"`, the image tokens as the LM receives them), each top image
+    also shows where the latent comes from: gradient × activation there of the latent's summed
+    activation over the image's tokens (`vlens.attribution.grad_x_act`, magnitude, one backward
+    pass per latent). Returns the path of the index page.
 
     Example:
         >>> import tempfile, torch, vlens, vlens.sae as vs
@@ -121,6 +138,9 @@ def dashboard(
     if sae.cfg.d_in != vlm.d_model:
         raise InputError(f"SAE d_in {sae.cfg.d_in} != model d_model {vlm.d_model}: this SAE belongs to another model")
     site = site_of(sae, vlm, layer)
+    if attribution is not None and vlm.sites.index(vlm.site(attribution).name) >= vlm.sites.index(site.name):
+        raise InputError(f"attribution site {vlm.site(attribution).name} must come before the SAE's site {site.name}: "
+                         "gradient × activation attributes the latent to an earlier site (e.g. 'resid_pre.0')")
     chosen = [int(i) for i in (latents if latents is not None else choose_latents(sae, n_latents))]
     logits = feature_logits(sae, vlm, chosen, n_logits)  # checks the latent range
     records = collect(vlm, sae, samples, chosen, layer=site, prompt=prompt, batch_size=batch_size, progress=progress)
@@ -130,7 +150,11 @@ def dashboard(
     script = plotly_script(out)
     rows = []
     for j, latent in enumerate(chosen):
-        cards, vmax = _top_images(records, samples, j, top_k)
+        cards, vmax, shown = _top_images(records, samples, j, top_k)
+        if attribution is not None:
+            maps = _attribution_maps(vlm, sae, site, latent, [samples[i].image for i in shown], prompt, attribution)
+            for card, src in zip(cards, maps):
+                card["attr"] = src
         vals = [v for r in records for v in r["acts"][:, j].float().tolist() if v != 0]
         fig = go.Figure(go.Histogram(x=vals, nbinsx=40, marker_color="#4c78a8"))
         fig.update_layout(title="non-zero activations (image + caption tokens)", xaxis_title="activation",
@@ -139,7 +163,8 @@ def dashboard(
         logit_rows = [[t["token"], f"{t['value']:+.3g}", b["token"], f"{b['value']:+.3g}"] for t, b in pairs]
         page = render("latent.html.j2", title=f"latent {latent}", plotly_script=script, latent=latent, hook=hook,
                       d_sae=sae.cfg.d_sae, stats=_stats_rows(sae, latent), histogram=figure_html(fig), cards=cards,
-                      contexts=_top_contexts(records, j, top_k), logits=logit_rows)
+                      contexts=_top_contexts(records, j, top_k), logits=logit_rows,
+                      attribution=vlm.site(attribution).name if attribution is not None else None)
         save_html(out / f"latent_{latent}.html", page)
         score = float(st.score[latent]) if st is not None else math.nan
         rows.append({"latent": latent, "score": "—" if math.isnan(score) else f"{score:.3f}",
