@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,docs,real]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,docs,real,explore]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -11,7 +11,8 @@ One module per concept of the paper (docs/architecture.md has the map):
 `families` (what each model family needs), `prepare`, `model` (`VLM`),
 `loading`, `activations` (read, harvest, stores), `prompts`, `scoring`,
 `probes`, `sparsity`, `steering`, `interventions`, `sae` (multimodal SAEs),
-`viz`, `data`, `toy`, `demo`, `cli`, `errors`.
+`lens`, `attribution`, `viz`, `data`, `toy`, `demo`, `explorer` (`vlens.explore`), `cli`,
+`errors`.
 """
 
 import sys as _sys
@@ -41,7 +42,7 @@ __all__ = [
 
 
 #: Heavier subpackages, imported on first use (`vlens.sae` brings SAE-Lens).
-_LAZY = ("sae", "viz", "demo", "cli", "distributed")
+_LAZY = ("sae", "viz", "demo", "cli", "distributed", "explorer", "lens", "attribution")
 
 
 def __getattr__(name: str):
@@ -49,6 +50,10 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "explore":  # the function; its package is vlens.explorer (the `explore` extra)
+        from .explorer import explore
+
+        return explore
     if name == "image_geometry":  # vlens 0.1 exported the LLaVA-Next geometry at the top
         import warnings
 

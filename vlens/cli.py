@@ -390,3 +390,33 @@ def _export_command() -> Callable:
 
 
 app.command("export")(_export_command())
+
+
+def _explore_command() -> Callable:
+    from .explorer import explore
+
+    def run_explore(
+        model: str = typer.Option("toy", help="'toy', 'tiny:FAMILY' (a random tiny build of llava-next, llava, "
+                                              "llava-onevision, qwen2.5-vl, qwen3-vl, gemma3), a hub id or a directory"),
+        host: str = typer.Option(_default(explore, "host"), help="address to listen on (default: this machine only)"),
+        port: int = typer.Option(_default(explore, "port"), help="port to listen on (0: any free port)"),
+        sae: Optional[Path] = typer.Option(None, help="an SAE directory (SAE-Lens format): SAE vector, map and latents"),
+        n_train: int = typer.Option(_default(explore, "n_train"), help="toy images for class means and probes"),
+        n_pool: int = typer.Option(_default(explore, "n_pool"), help="toy images to pick from and browse latents on"),
+        open_browser: bool = typer.Option(False, "--open", help="open the page in the default browser"),
+    ) -> None:
+        """Serve a local page to steer the model and look at its image tokens; prints its URL, Ctrl-C stops it.
+
+        Needs vlens's `explore` extra (fastapi, uvicorn, python-multipart).
+        """
+        _positive("n-train", n_train)
+        _positive("n-pool", n_pool)
+        if sae is not None and not sae.exists():
+            raise InputError(f"no SAE at {sae}: pass a directory written by vlens.sae.export (or vlens train-sae)")
+        explore(model, sae=None if sae is None else str(sae), host=host, port=port, open_browser=open_browser,
+                n_train=n_train, n_pool=n_pool)
+
+    return run_explore
+
+
+app.command("explore")(_explore_command())

@@ -185,19 +185,9 @@ def harvest(
     if out is not None and not str(out).strip():
         raise InputError("out='' is an empty path: pass a directory for the store (a new or an empty one), or "
                          "out=None for a temporary one")
-    try:
-        n_data = len(data)
-    except TypeError:
-        raise InputError(f"data must be a sequence with len() and indexing (a list of vlens.data.Sample or a "
-                         f"vlens.data data set), not {type(data).__name__}: wrap an iterator in list(...)") from None
-    if n_data == 0:
-        raise InputError("data is empty: nothing to harvest; give at least one vlens.data.Sample")
+    _check_stream(data, tokens, "harvest")
     if not isinstance(shard_mb, (int, float)) or isinstance(shard_mb, bool) or not shard_mb > 0:
         raise InputError(f"shard_mb must be a positive number of megabytes, not {shard_mb!r}")
-    check_selection(tokens)  # a bad name fails now, not after the first forward
-    if isinstance(tokens, Tensor) and tokens.dtype == torch.bool:
-        raise InputError("a fixed [batch, seq] mask cannot select tokens in every batch of a harvest: pass a "
-                         "selection name or a function layout -> mask")
     if vlm.family.image_token(vlm.processor) not in prompt:
         raise InputError(f"prompt {prompt!r} has no '<image>' placeholder: write it where the image goes, e.g. {QUESTION!r}")
     plan = _Plan(kind, layer_ints, tokens, pool, batch_size, store_dtype, prompt, bool(template), bool(captions),
@@ -239,6 +229,21 @@ def _resolve_layers(vlm: VLM, layers: Any, kind: str | None) -> tuple[str, list[
     if dups:
         raise InputError(f"layers {items} list layer(s) {dups} more than once: give each layer once")
     return kinds[0], sorted(ints)
+
+
+def _check_stream(data: Any, tokens: Any, what: str) -> None:
+    """The data and token selection of a pass over a data set (a harvest, `train_many`), checked before any forward."""
+    try:
+        n = len(data)
+    except TypeError:
+        raise InputError(f"data must be a sequence with len() and indexing (a list of vlens.data.Sample or a "
+                         f"vlens.data data set), not {type(data).__name__}: wrap an iterator in list(...)") from None
+    if n == 0:
+        raise InputError(f"data is empty: nothing to {what}; give at least one vlens.data.Sample")
+    check_selection(tokens)  # a bad name fails now, not after the first forward
+    if isinstance(tokens, Tensor) and tokens.dtype == torch.bool:
+        raise InputError("a fixed [batch, seq] mask cannot select tokens in every forward: pass a selection name "
+                         "or a function layout -> mask")
 
 
 def _describe(tokens: Any) -> str:
