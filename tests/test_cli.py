@@ -69,6 +69,9 @@ def test_harvest_command(tmp_path, capsys):
     (["harvest", "--layers", "1", "--model", "./no/such/model", "--out", "x"], "no model directory at"),
     (["toy", "eval", "--n", "0"], "--n must be at least 1"),
     (["train-sae", "--store", "/no/store", "--layer", "1", "--out", "x", "--preset", "nope"], "--preset must be one of"),
+    (["train-saes", "--sites", "resid_pre.9", "--n-tokens", "10", "--out", "x"], "out of range"),
+    (["train-saes", "--sites", "vision.0", "--n-tokens", "10", "--out", "x"], "takes resid_pre.L and resid_post.L"),
+    (["train-saes", "--sites", "1", "--n-tokens", "0", "--out", "x"], "--n-tokens must be at least 1"),
     (["export", "paper", "/no/such/file.pt", "--out", "x"], "no checkpoint at"),
     (["demo", "--model", "some/model"], "needs --data"),
 ])
@@ -85,6 +88,19 @@ def test_user_errors_are_one_line_and_exit_2_before_any_model_loads(argv, messag
     assert re.search(message, out), out
 
 
+def test_train_saes_from_one_pass_exports_each(tmp_path, capsys):
+    """`vlens train-saes` trains one SAE per site in one pass; each export loads in plain SAE-Lens at its site."""
+    from sae_lens import SAE
+
+    argv = ["train-saes", "--sites", "resid_pre.1,resid_post.2", "--n", "8", "--n-tokens", "1024",
+            "--batch-size", "256", "--expansion", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    for name, hook in (("resid_pre.1", "blocks.1.hook_resid_pre"), ("resid_post.2", "blocks.2.hook_resid_post")):
+        sae = SAE.load_from_disk(str(tmp_path / name))
+        assert sae.cfg.metadata.hook_name == hook and sae.cfg.d_sae == 128
+    assert "resid_post.2: exported to" in capsys.readouterr().out
+
+
 def test_usage_errors_exit_2(capsys):
     assert main(["frobnicate"]) == 2
     assert "No such command" in capsys.readouterr().err
@@ -94,7 +110,7 @@ def test_usage_errors_exit_2(capsys):
 def test_help_exits_0(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("demo", "harvest", "train-sae", "export", "toy"):
+    for command in ("demo", "harvest", "train-sae", "train-saes", "export", "explore", "toy"):
         assert command in out
 
 

@@ -1,4 +1,5 @@
-"""The `vlens` command line, one module: `demo`, `toy train|eval|samples`, `harvest`, `train-sae`, `export`.
+"""The `vlens` command line, one module: `demo`, `toy train|eval|samples`, `harvest`, `train-sae`, `train-saes`,
+`export`, `explore`.
 
 Each command is a thin shell over a library function. Its flags come from the
 function's signature or config dataclass (so a default is written once, in
@@ -349,6 +350,63 @@ def _train_sae_command() -> Callable:
 
 
 app.command("train-sae")(_train_sae_command())
+
+
+def _train_saes_command() -> Callable:
+    from .sae.training import PRESETS, train_many
+
+    def train_saes(
+        sites: str = typer.Option(..., help="comma-separated sites, one SAE each, e.g. resid_pre.2,resid_post.4"),
+        out: Path = typer.Option(..., help="export directory: one SAE-Lens folder per SAE, named after its site"),
+        model: str = typer.Option("toy", help="'toy', a hub id or a model directory"),
+        data: str = typer.Option("toy", help="'toy' (the toy image set) or an image folder (class/xxx.jpg)"),
+        n: int = typer.Option(200, help="number of toy samples"),
+        preset: str = typer.Option("paper", help=f"one of {', '.join(sorted(PRESETS))}, for every SAE"),
+        expansion: int = typer.Option(8, help="latents per residual dimension (d_sae = expansion × d_model)"),
+        n_tokens: int = typer.Option(..., help="training tokens per SAE (the data is streamed again if needed)"),
+        batch_size: Optional[int] = typer.Option(None, help="SAE batch size (default: the preset's)"),
+        tokens: str = typer.Option(_default(train_many, "tokens"), help="token selection, e.g. image, image+answer"),
+        captions: bool = typer.Option(False, "--captions", help="append each sample's caption as the answer"),
+        text_only: bool = typer.Option(False, "--text-only", help="also run a text-only pass over the captions"),
+        forward_batch_size: int = typer.Option(_default(train_many, "forward_batch_size"), help="samples per forward"),
+        buffer: Optional[int] = typer.Option(None, help="shuffle-buffer rows per SAE (default: 8 batches)"),
+        checkpoint_dir: Optional[Path] = typer.Option(None, help="periodic checkpoints; rerun to resume"),
+        device: Optional[str] = typer.Option(None, help="e.g. cuda"),
+    ) -> None:
+        """Train one SAE per site from a single streaming pass of the model (nothing written but checkpoints)."""
+        from .loading import facts, load
+        from .sae.io import export
+        from .sites import parse, resolve
+        from .tokens import check_selection
+
+        if preset not in PRESETS:
+            raise InputError(f"--preset must be one of {', '.join(sorted(PRESETS))}, not {preset!r}")
+        for name, v in (("n", n), ("expansion", expansion), ("n-tokens", n_tokens),
+                        ("forward-batch-size", forward_batch_size), ("buffer", buffer),
+                        ("batch-size", batch_size)):
+            _positive(name, v)
+        check_selection(tokens)
+        f = facts(model)
+        names = [x.strip() for x in sites.split(",") if x.strip()]
+        if not names:
+            raise InputError("--sites must name at least one site, e.g. resid_pre.2,resid_post.4")
+        for x in names:
+            if parse(x).kind not in ("resid_pre", "resid_post"):
+                raise InputError(f"--sites takes resid_pre.L and resid_post.L sites, not {x!r}")
+            resolve(x, f.n_layers)
+        vlm = load(model, device=device)
+        spec = {"preset": preset, "expansion": expansion, **({"batch_size": batch_size} if batch_size else {})}
+        saes = train_many(vlm, _data(data, n), {x: dict(spec) for x in names},
+                          tokens=tokens, captions=captions, text_only=text_only, forward_batch_size=forward_batch_size,
+                          buffer=buffer, n_tokens=n_tokens, checkpoint_dir=checkpoint_dir, device=device or "cpu")
+        for name, sae in saes.items():
+            path = export(sae, Path(out) / name, model_name=vlm.name, hook_name=sae.cfg.metadata.hook_name)
+            print(f"{name}: exported to {path}")
+
+    return train_saes
+
+
+app.command("train-saes")(_train_saes_command())
 
 
 def _export_command() -> Callable:

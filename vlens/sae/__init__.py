@@ -1,6 +1,7 @@
 """Multimodal sparse autoencoders: SAE-Lens SAEs with modality statistics attached.
 
-Train (`train`, presets and `TrainConfig` = `ArchitectureConfig` + `TrainerConfig`),
+Train (`train`, or several SAEs from one pass of the model: `train_many`; presets and
+`TrainConfig` = `ArchitectureConfig` + `TrainerConfig`),
 evaluate (`evaluate`, `loss_recovered`), analyse modality (`modality_stats`,
 `sharing_by_layer`, plots), browse (`dashboard`) and move SAEs to and from disk in the
 SAE-Lens format (`export`, `load`, `convert_paper_checkpoint`,
@@ -10,9 +11,11 @@ SAE-Lens format (`export`, `load`, `convert_paper_checkpoint`,
 | module       | holds                                                                        |
 |--------------|------------------------------------------------------------------------------|
 | `modality`   | `ModalityStats`, `as_multimodal`, `modality_stats`, sharing by layer, plots  |
-| `standard`   | the paper's SAE as a registered SAE-Lens training class; the fused step      |
+| `standard`   | the paper's SAE as a registered SAE-Lens training class; its fused step      |
+| `topk`       | the fused TopK step (sparse decoder products, AuxK on dead latents)          |
+| `fused`      | which architectures take a fused step, and the dispatch                      |
 | `data`       | activation sources (tensors, stores, iterables)                              |
-| `training`   | `config` (the split configs, presets), `trainer` (the loop), `checkpoints`   |
+| `training`   | `config`, `trainer` (the loop, `Stepper`), `multi` (`train_many`), `buffer`  |
 | `evals`      | `evaluate`, `loss_recovered`                                                 |
 | `io`         | `export`, `load`, converters                                                 |
 | `dashboards` | `dashboard`: static HTML pages per latent                                    |
@@ -45,14 +48,14 @@ from .modality import (
     sharing_by_layer,
 )
 from .standard import PaperTrainingSAE, PaperTrainingSAEConfig, fused_standard_step
-from .training import PRESETS, ArchitectureConfig, TrainConfig, TrainerConfig, make_training_sae, train
+from .training import PRESETS, ArchitectureConfig, TrainConfig, TrainerConfig, make_training_sae, train, train_many
 
 __all__ = [
     "IMAGE", "TEXT", "ModalityStats", "as_multimodal", "modality_stats", "modality_stats_from_source",
     "modality_table", "plot_modality_histogram", "plot_sharing_by_layer", "sharing_by_layer",
     "StoreSource", "TensorSource", "as_source",
     "PaperTrainingSAE", "PaperTrainingSAEConfig", "fused_standard_step",
-    "PRESETS", "ArchitectureConfig", "TrainerConfig", "TrainConfig", "make_training_sae", "train",
+    "PRESETS", "ArchitectureConfig", "TrainerConfig", "TrainConfig", "make_training_sae", "train", "train_many",
     "NonFiniteActivations", "evaluate", "loss_recovered", "sae_bench_core", "export_features", "feature_logits",
     "convert_sparsify_run", "site_of", "firing_density",
     "export", "load", "convert_paper_checkpoint", "convert_sparsify_checkpoint", "dashboard",

@@ -100,7 +100,7 @@ class StepStats:
     """Scalars of one fused step (tensors, to avoid syncs; read with `.item()` when logging)."""
 
     mse: Tensor
-    l1: Tensor
+    l1: Tensor  # the penalty term: λ-weighted L1 here, the AuxK loss in `vlens.sae.topk`
     fired: Tensor  # [d_sae] bool: latent fired on this batch
     l0: Tensor
     sse: Tensor  # Σ squared error
@@ -108,6 +108,36 @@ class StepStats:
 
 
 _SPARSE_DENSITY = 0.15  # below this fraction of active (token, latent) pairs, use the sparse kernels
+
+
+def workspace_buffer(workspace: dict | None, name: str, shape: tuple[int, ...], like: Tensor,
+                     dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialised tensor for a step's [batch, d_sae] temporaries, kept in `workspace` for the next step.
+
+    Why: CPU tensors of this size (128 MiB at batch 4096 × 8192 latents) are fresh `mmap`s
+    each step, and first-touching them costs ~0.1 s each (measured: filling a fresh one is
+    9× slower than refilling a kept one). Writing into kept buffers (`out=`) computes the
+    same values with the same kernels. Keys are (name, shape, dtype, device); a new shape
+    under a name drops the old buffer. With `workspace=None` a fresh tensor is returned.
+
+    Example:
+        >>> import torch
+        >>> ws = {}
+        >>> a = workspace_buffer(ws, "pre", (4, 8), torch.zeros(1))
+        >>> a is workspace_buffer(ws, "pre", (4, 8), torch.zeros(1)), tuple(a.shape), len(ws)
+        (True, (4, 8), 1)
+    """
+    dtype = like.dtype if dtype is None else dtype
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    key = (name, tuple(shape), dtype, like.device)
+    buf = workspace.get(key)
+    if buf is None:
+        for old in [k for k in workspace if k[0] == name]:
+            del workspace[old]
+        buf = torch.empty(shape, dtype=dtype, device=like.device)
+        workspace[key] = buf
+    return buf
 
 
 def fused_standard_step(
@@ -118,12 +148,14 @@ def fused_standard_step(
     x: Float[Tensor, "batch d_in"],
     l1_coefficient: float,
     apply_b_dec_to_input: bool,
+    workspace: dict | None = None,
 ) -> tuple[StepStats, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Loss and gradients of the standard SAE on one batch, without autograd.
 
     Returns `(stats, (dW_enc, db_enc, dW_dec, db_dec))` for
     L = Σ||x̂ − x||²/B + λ Σ f·||W_dec||/B, the loss of SAE-Lens's
-    `StandardTrainingSAE.training_forward_pass` (`lp_norm=1`).
+    `StandardTrainingSAE.training_forward_pass` (`lp_norm=1`). `workspace`: a dict kept
+    across steps for the [batch, d_sae] temporaries (`workspace_buffer`); same results.
 
     Example:
         >>> import torch
@@ -136,44 +168,54 @@ def fused_standard_step(
     """
     B = x.shape[0]
     sae_in = x - b_dec if apply_b_dec_to_input else x
-    pre = torch.addmm(b_enc, sae_in, W_enc)  # [B, m]
-    active = pre > 0
+    m = W_enc.shape[1]
+    pre = torch.addmm(b_enc, sae_in, W_enc, out=workspace_buffer(workspace, "pre", (B, m), x))  # [B, m]
+    active = torch.gt(pre, 0, out=workspace_buffer(workspace, "active", (B, m), x, torch.bool))
     dec_norm = W_dec.norm(dim=1)  # [m]
-    n_active = int(active.sum())
+    n_active = int(torch.count_nonzero(active))  # 25x faster than active.sum() (no int64 widening)
     inv_b = 1.0 / B
     if n_active <= _SPARSE_DENSITY * pre.numel():
         # (token, latent) pairs that fire, in row order (for decoding) and in latent order (for
-        # the weight gradients); the latter from the transposed mask, which avoids a sort.
-        r, j = active.nonzero().unbind(1)
-        vals = pre[r, j]
+        # the weight gradients: a stable sort by latent, the order of the transposed mask's
+        # nonzero at a tenth of its cost); values read through flat indices (index_select).
+        flat = active.view(-1).nonzero().squeeze(1)
+        r = torch.div(flat, m, rounding_mode="floor")
+        j = flat - r * m
+        vals = pre.view(-1).index_select(0, flat)
         counts_r = torch.bincount(r, minlength=B)
         offs_r = counts_r.cumsum(0) - counts_r
         x_hat = F.embedding_bag(j, W_dec, offs_r, per_sample_weights=vals, mode="sum") + b_dec
         err = x_hat - x
         g_xhat = err * (2.0 * inv_b)
-        j_o, r_o = active.T.contiguous().nonzero().unbind(1)
-        vals_o = pre[r_o, j_o]
+        order = torch.argsort(j, stable=True)
+        flat_o, j_o, r_o = flat[order], j[order], r[order]
+        vals_o = vals[order]
         counts_j = torch.bincount(j_o, minlength=W_dec.shape[0])
         offs_j = counts_j.cumsum(0) - counts_j
         # gradient at the firing pairs: <g_xhat[r], W_dec[j]> + λ||W_dec[j]||/B
-        g_vals = torch.mm(g_xhat, W_dec.T)[r_o, j_o] + (l1_coefficient * inv_b) * dec_norm[j_o]
+        dots = torch.mm(g_xhat, W_dec.T, out=workspace_buffer(workspace, "g_pre", (B, m), x))
+        g_vals = dots.view(-1).index_select(0, flat_o) + (l1_coefficient * inv_b) * dec_norm[j_o]
         f_sum = torch.zeros_like(b_enc).index_add_(0, j_o, vals_o)
         dW_dec = F.embedding_bag(r_o, g_xhat, offs_j, per_sample_weights=vals_o, mode="sum")
         dW_enc = F.embedding_bag(r_o, sae_in, offs_j, per_sample_weights=g_vals, mode="sum").T
         db_enc = torch.zeros_like(b_enc).index_add_(0, j_o, g_vals)
         l1_sum = (f_sum * dec_norm).sum()
+        fired = counts_j > 0
     else:
-        f = pre.clamp_min(0)
+        f = torch.clamp_min(pre, 0, out=workspace_buffer(workspace, "f", (B, m), x))
         x_hat = torch.addmm(b_dec, f, W_dec)
         err = x_hat - x
         g_xhat = err * (2.0 * inv_b)
-        g_pre = torch.addmm(dec_norm.unsqueeze(0) * (l1_coefficient * inv_b), g_xhat, W_dec.T)
-        g_pre = g_pre * active
+        g_pre = torch.addmm(dec_norm.unsqueeze(0) * (l1_coefficient * inv_b), g_xhat, W_dec.T,
+                            out=workspace_buffer(workspace, "g_pre", (B, m), x))
+        # = g_pre * active bit for bit, without the bool→float copy
+        g_pre.mul_(torch.sign(f, out=workspace_buffer(workspace, "mask", (B, m), x)))
         f_sum = f.sum(0)
         dW_dec = f.T @ g_xhat
         dW_enc = sae_in.T @ g_pre
         db_enc = g_pre.sum(0)
         l1_sum = (f_sum * dec_norm).sum()
+        fired = active.any(0)
     # L1 term's gradient on W_dec: λ/B · (Σ_t f_ti) · W_dec,i / ||W_dec,i||
     dW_dec = dW_dec + (l1_coefficient * inv_b) * (f_sum / dec_norm.clamp_min(1e-12)).unsqueeze(1) * W_dec
     db_dec = g_xhat.sum(0)
@@ -183,8 +225,8 @@ def fused_standard_step(
     stats = StepStats(
         mse=sse * inv_b,
         l1=l1_sum * (l1_coefficient * inv_b),
-        fired=active.any(0),
-        l0=active.sum() * inv_b,
+        fired=fired,
+        l0=torch.tensor(n_active * inv_b),
         sse=sse,
         n_active=n_active,
     )

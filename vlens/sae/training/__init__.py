@@ -9,7 +9,9 @@
 | module        | holds                                                                          |
 |---------------|--------------------------------------------------------------------------------|
 | `config`      | `ArchitectureConfig` (what the SAE is), `TrainerConfig` (how it is trained), `TrainConfig` (both), `PRESETS`, `make_training_sae` |
-| `trainer`     | `train`: the loop (fused sparse step or SAE-Lens's training pass, DDP, token mix), `vlens train-sae` |
+| `trainer`     | `train`: the loop (fused sparse step or SAE-Lens's training pass, DDP, token mix), `vlens train-sae`; `Stepper`: one training step, written once |
+| `multi`       | `train_many`: SAEs at several sites from one streaming pass of the model, nothing on disk but checkpoints |
+| `buffer`      | `ShuffleBuffer`: the bounded, seeded, checkpointable shuffle buffer of each `train_many` SAE |
 | `checkpoints` | periodic checkpoints and bit-identical resume                                   |
 
 Presets (`PRESETS`, override any field by keyword):
@@ -35,11 +37,12 @@ from .config import (
     TrainerConfig,
     make_training_sae,
 )
+from .multi import train_many
 from .trainer import train
 
 __all__ = [
     "ArchitectureConfig", "TrainerConfig", "TrainConfig", "PRESETS", "TRAINING_ARCHITECTURES", "make_training_sae",
-    "train",
+    "train", "train_many",
 ]
 
 

@@ -30,6 +30,7 @@ from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 
 from ...errors import InputError
 from .. import standard as _standard  # noqa: F401  (registers "vlens_paper" with SAE-Lens)
+from ..fused import has_fused_step
 
 TRAINING_ARCHITECTURES = ("vlens_paper", "standard", "topk", "batchtopk", "jumprelu")
 
@@ -249,8 +250,8 @@ class TrainConfig:
 
     @property
     def uses_fused_step(self) -> bool:
-        """Whether training runs the fused sparse step (`vlens.sae.standard.fused_standard_step`)."""
-        return self.trainer.fused and self.sae.architecture in ("vlens_paper", "standard")
+        """Whether training runs a fused step (`vlens.sae.fused`: standard / paper, TopK with k ≤ d_sae/16)."""
+        return self.trainer.fused and has_fused_step(self.sae.architecture, self.sae.d_sae, self.sae.k)
 
 
 def _preset(arch: dict[str, Any], trainer: dict[str, Any]) -> TrainConfig:

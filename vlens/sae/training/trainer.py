@@ -8,13 +8,18 @@ scaler (`ActivationScaler.scale`), folding the scale into the weights
 
 What it keeps, and why:
 
+- one training step, written once (`Stepper`: check and scale the batch, fused step or
+  SAE-Lens's training pass, clip, scheduled lr, Adam, dead-latent and token-mix counts),
+  driven by `train` here and by `vlens.sae.train_many` (several SAEs from one streaming pass);
 - the loop itself, not `SAETrainer`: batch i of an indexable source is a function of
   (seed, i) (`vlens.sae.data.TensorSource`), so a resumed run is bit-identical; rows are
   split across ranks under DDP; the image/text token mix and the per-latent modality
   statistics are counted on the way; errors name the batch and the source rows;
-- the fused sparse step for the standard / paper SAE (`vlens.sae.standard`): the same loss
-  as SAE-Lens's `StandardTrainingSAE`, gradients checked against autograd, faster once
-  few latents fire; its numerics are not to change;
+- the fused sparse steps (`vlens.sae.fused` picks them): the standard / paper SAE
+  (`vlens.sae.standard`, the same loss as SAE-Lens's `StandardTrainingSAE`, faster once few
+  latents fire; its numerics are not to change) and TopK while k ≤ d_sae/16 (`vlens.sae.topk`,
+  SAE-Lens's `TopKTrainingSAE` loss with AuxK, no dense latent matrix in the backward), both
+  with gradients checked against autograd in the tests;
 - the scale estimate (`_estimate_scale`): SAE-Lens's `ActivationScaler.estimate_scaling_factor`
   averages norms in float64 over consecutive batches, vlens averages float32 norms of
   randomly drawn rows (NaN rows skipped), so the factors differ in the last bits and the
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from jaxtyping import Float, Int
 from sae_lens import SAE
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.training.activation_scaler import ActivationScaler
@@ -39,7 +45,7 @@ from ... import distributed
 from ...errors import InputError, NonFiniteActivations
 from ..data import IMAGE, ConcatSource, IterSource, TensorSource, _rows, as_source
 from ..modality import DEFAULT_SHARED, as_multimodal, firing_density, modality_stats_from_source
-from ..standard import fused_standard_step
+from ..fused import fused_step
 from .checkpoints import TrainState, remove_leftovers, resume as resume_from, save_checkpoint
 from .config import PRESETS, TrainConfig, make_training_sae
 
@@ -207,21 +213,19 @@ def train(
             raise InputError(f"{name} must be an int >= 1, not {v!r}")
 
     metadata = {"model_name": model_name, "hook_name": hook_name}
-    sae = make_training_sae(cfg, {k: v for k, v in metadata.items() if v is not None}).to(device)
-    params = [p for p in sae.parameters()]
-    opt = torch.optim.Adam(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), foreach=True)
+    stepper = Stepper(cfg, metadata, device=device, log_every=log_every)
+    sae, opt = stepper.sae, stepper.opt
 
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    state = TrainState(since_fired=torch.zeros(arch.d_sae, dtype=torch.long))
     env = distributed.info()
     if ckdir is not None and env.is_main:
         remove_leftovers(ckdir)  # what a kill during a checkpoint write left
     restored = resume_from(ckdir, cfg, sae, opt) if ckdir is not None and resume else None
     if restored is not None:
-        state = restored
+        stepper.state = restored
     elif t.normalize:
-        state.scale = _estimate_scale(source, cfg)
-    scaler = ActivationScaler(state.scale if state.scale != 1.0 else None)
+        stepper.state.scale = _estimate_scale(source, cfg)
+    state = stepper.state
     if isinstance(source, IterSource):
         if state.step and source.reiterable:
             source._pending.clear()
@@ -230,9 +234,6 @@ def train(
             source.start()
     every = checkpoint_every or max(t.total_steps // 10, 1)
 
-    named = dict(sae.named_parameters())
-    fused = cfg.uses_fused_step
-    ddp = None
     if env.enabled:
         # DistributedDataParallel: each rank takes its slice of every global batch; gradients are
         # averaged by DDP's all-reduce, so training means what it means on one process.
@@ -244,88 +245,31 @@ def train(
         if arch.architecture == "batchtopk":
             raise InputError("batchtopk picks its top-k over the whole batch, so it cannot be split across ranks; "
                              "use 'topk' or 'jumprelu' with torchrun")
-        fused = False
-        ddp = torch.nn.parallel.DistributedDataParallel(_StepModule(sae))
+        stepper.distribute()
     bar = tqdm(total=t.total_steps, initial=state.step, disable=(not progress) or None,
                desc=f"SAE {arch.architecture} d_sae={arch.d_sae}", dynamic_ncols=True)
-    metrics: dict[str, float] = {}
     t0 = time.perf_counter()
-    sae.train()
+    stepper.begin()
     try:
         while state.step < t.total_steps:
             step = state.step
             rows = None
             if isinstance(source, TensorSource):
                 rows = source.indices(step, t.batch_size, t.seed, t.shuffle)
-                if ddp is not None:
+                if stepper.ddp is not None:
                     rows = rows.chunk(env.world_size)[env.rank]
                     x, mod = _fetch(source, rows)
                 else:
                     x, mod = source.batch(step, t.batch_size, t.seed, t.shuffle)
             else:
                 x, mod = source.next()
-            _check_batch(x, step, arch.d_in, rows)
-            x = scaler.scale(x.to(device=device, dtype=torch.float32))
-            coeff = cfg.coefficient_at(step)
-            log_now = (step % log_every == 0) or step == t.total_steps - 1
-            if fused:
-                stats, grads = fused_standard_step(named["W_enc"].data, named["b_enc"].data, named["W_dec"].data,
-                                                   named["b_dec"].data, x, coeff, arch.apply_b_dec_to_input)
-                for name, g in zip(("W_enc", "b_enc", "W_dec", "b_dec"), grads):
-                    named[name].grad = g
-                fired = stats.fired
-                if log_now:
-                    var = (x - x.mean(0)).pow(2).sum()
-                    metrics = {"loss": float(stats.mse + stats.l1), "mse": float(stats.mse), "l0": float(stats.l0),
-                               "explained_variance": float(1 - stats.sse / var)}
-            else:
-                dead = state.since_fired > t.dead_window_tokens  # type: ignore[operator]
-                coeff_name = next(iter(sae.get_coefficients()), None)
-                step_in = TrainStepInput(
-                    sae_in=x, coefficients={coeff_name: coeff} if coeff_name else {},
-                    dead_neuron_mask=dead.to(device), n_training_steps=step, is_logging_step=False)
-                out = ddp(step_in) if ddp is not None else sae.training_forward_pass(step_in)
-                out.loss.backward()
-                fired = (out.feature_acts != 0).any(0)
-                if log_now:
-                    with torch.no_grad():
-                        sse = (out.sae_out - x).pow(2).sum()
-                        var = (x - x.mean(0)).pow(2).sum()
-                        metrics = {"loss": float(out.loss), "mse": float(out.losses["mse_loss"]),
-                                   "l0": float((out.feature_acts != 0).sum(-1).float().mean()),
-                                   "explained_variance": float(1 - sse / var)}
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip, foreach=True)
-            lr = t.lr_at(step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-            n = x.shape[0]
-            if ddp is not None:  # every rank keeps the same dead-latent and token counts
-                fired = distributed.all_reduce_sum(fired.to(torch.int32)) > 0
-                n = t.batch_size
-                if mod is not None:
-                    mod = _gather_all(mod)
-            state.since_fired += n  # type: ignore[operator]
-            state.since_fired[fired.cpu()] = 0  # type: ignore[index]
-            state.tokens += n
-            if mod is None:
-                state.mix["unknown"] += n
-            else:
-                k_img = int((mod == IMAGE).sum())
-                state.mix["image"] += k_img
-                state.mix["text"] += n - k_img
-            state.step += 1
+            logged = stepper.step(x, mod, rows)
             bar.update(1)
-            if log_now:
-                metrics["dead"] = float(int((state.since_fired > t.dead_window_tokens).sum()))  # type: ignore[operator]
-                metrics["lr"] = lr
-                bar.set_postfix(loss=f"{metrics['loss']:.4g}", L0=f"{metrics['l0']:.1f}",
-                                EV=f"{metrics['explained_variance']:.3f}", dead=int(metrics["dead"]), refresh=False)
+            if logged is not None:
+                bar.set_postfix(loss=f"{logged['loss']:.4g}", L0=f"{logged['l0']:.1f}",
+                                EV=f"{logged['explained_variance']:.3f}", dead=int(logged["dead"]), refresh=False)
                 if callback is not None:
-                    callback(step, dict(metrics))
+                    callback(step, dict(logged))
             if ckdir is not None and state.step % every == 0 and state.step < t.total_steps:
                 if env.is_main:
                     save_checkpoint(ckdir, cfg, sae, opt, state)
@@ -346,7 +290,121 @@ def train(
             save_checkpoint(ckdir, cfg, sae, opt, state)
         distributed.barrier()
 
+    metrics = stepper.metrics
     return _finish(sae, cfg, state, source, metrics, elapsed, stats_tokens, shared_range, device, progress)
+
+
+class Stepper:
+    """One SAE's training step, written once: `train` and `train_many` both drive it.
+
+    Holds the training SAE (`make_training_sae(cfg)`), its Adam optimiser and its
+    `TrainState`; `step(x, mod)` checks and scales one batch, takes the fused sparse step or
+    SAE-Lens's training pass, clips, applies the scheduled lr, and updates the dead-latent
+    window, token count and image/text mix. It returns the metrics on a logging step (every
+    `log_every` steps and the last), else None; the last ones stay in `.metrics`.
+
+    Example:
+        >>> import torch
+        >>> from vlens.sae.training import TrainConfig
+        >>> s = Stepper(TrainConfig.preset("topk", d_in=8, d_sae=32, k=4, total_steps=3, batch_size=16))
+        >>> s.begin(); logged = [s.step(torch.randn(16, 8)) for _ in range(3)]
+        >>> s.state.step, s.state.tokens, [m is not None for m in logged]
+        (3, 48, [True, False, True])
+    """
+
+    def __init__(self, cfg: TrainConfig, metadata: dict[str, Any] | None = None, *, device: str = "cpu",
+                 log_every: int = 50) -> None:
+        t = cfg.trainer
+        self.cfg, self.device, self.log_every = cfg, device, log_every
+        self.sae = make_training_sae(cfg, {k: v for k, v in (metadata or {}).items() if v is not None}).to(device)
+        self.params = list(self.sae.parameters())
+        self.opt = torch.optim.Adam(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), foreach=True)
+        self.state = TrainState(since_fired=torch.zeros(cfg.sae.d_sae, dtype=torch.long))
+        self.named = dict(self.sae.named_parameters())
+        self.fused = cfg.uses_fused_step
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        self.metrics: dict[str, float] = {}
+        self._scaler: ActivationScaler | None = None
+
+    def distribute(self) -> None:
+        """Wrap the SAE in DistributedDataParallel (SAE-Lens's training pass; the fused step is single-process)."""
+        self.fused = False
+        self.ddp = torch.nn.parallel.DistributedDataParallel(_StepModule(self.sae))
+
+    def begin(self) -> None:
+        """Fix the activation scale (`state.scale`, estimated or restored) and put the SAE in training mode."""
+        self._scaler = ActivationScaler(self.state.scale if self.state.scale != 1.0 else None)
+        self.sae.train()
+
+    def step(self, x: Float[torch.Tensor, "batch d_in"], mod: Int[torch.Tensor, " batch"] | None = None,
+             rows: torch.Tensor | None = None) -> dict[str, float] | None:
+        """Train on one batch `x` (raw activations; `mod` their modality codes, `rows` their source rows for errors)."""
+        cfg, t, arch, state = self.cfg, self.cfg.trainer, self.cfg.sae, self.state
+        if self._scaler is None:
+            self.begin()
+        step = state.step
+        _check_batch(x, step, arch.d_in, rows)
+        x = self._scaler.scale(x.to(device=self.device, dtype=torch.float32))  # type: ignore[union-attr]
+        coeff = cfg.coefficient_at(step)
+        log_now = (step % self.log_every == 0) or step == t.total_steps - 1
+        metrics: dict[str, float] = {}
+        if self.fused:
+            named = self.named
+            dead = state.since_fired > t.dead_window_tokens  # type: ignore[operator]  (TopK's AuxK loss)
+            stats, grads = fused_step(self.sae, x, coeff, dead.to(self.device))  # vlens.sae.fused
+            for name, g in zip(("W_enc", "b_enc", "W_dec", "b_dec"), grads):
+                named[name].grad = g
+            fired = stats.fired
+            if log_now:
+                var = (x - x.mean(0)).pow(2).sum()
+                metrics = {"loss": float(stats.mse + stats.l1), "mse": float(stats.mse), "l0": float(stats.l0),
+                           "explained_variance": float(1 - stats.sse / var)}
+        else:
+            dead = state.since_fired > t.dead_window_tokens  # type: ignore[operator]
+            coeff_name = next(iter(self.sae.get_coefficients()), None)
+            step_in = TrainStepInput(
+                sae_in=x, coefficients={coeff_name: coeff} if coeff_name else {},
+                dead_neuron_mask=dead.to(self.device), n_training_steps=step, is_logging_step=False)
+            out = self.ddp(step_in) if self.ddp is not None else self.sae.training_forward_pass(step_in)
+            out.loss.backward()
+            fired = (out.feature_acts != 0).any(0)
+            if log_now:
+                with torch.no_grad():
+                    sse = (out.sae_out - x).pow(2).sum()
+                    var = (x - x.mean(0)).pow(2).sum()
+                    metrics = {"loss": float(out.loss), "mse": float(out.losses["mse_loss"]),
+                               "l0": float((out.feature_acts != 0).sum(-1).float().mean()),
+                               "explained_variance": float(1 - sse / var)}
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip, foreach=True)
+        lr = t.lr_at(step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+        n = x.shape[0]
+        if self.ddp is not None:  # every rank keeps the same dead-latent and token counts
+            fired = distributed.all_reduce_sum(fired.to(torch.int32)) > 0
+            n = t.batch_size
+            if mod is not None:
+                mod = _gather_all(mod)
+        state.since_fired += n  # type: ignore[operator]
+        state.since_fired[fired.cpu()] = 0  # type: ignore[index]
+        state.tokens += n
+        if mod is None:
+            state.mix["unknown"] += n
+        else:
+            k_img = int((mod == IMAGE).sum())
+            state.mix["image"] += k_img
+            state.mix["text"] += n - k_img
+        state.step += 1
+        if not log_now:
+            return None
+        metrics["dead"] = float(int((state.since_fired > t.dead_window_tokens).sum()))  # type: ignore[operator]
+        metrics["lr"] = lr
+        self.metrics = metrics
+        return metrics
 
 
 class _StepModule(torch.nn.Module):
