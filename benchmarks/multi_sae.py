@@ -9,9 +9,9 @@ Measured in one run, repetitions interleaved, medians reported:
   store on disk with `vlens.harvest`, then `vlens.sae.train(store, layer=L)` for each SAE).
   Below 1: one pass is faster than harvesting first.
 
-The JSON also records the load average before and after, the thread count and `reliable`
-(false when the 1-minute load average was over 0.5 before or after: ratios measured on a busy
-machine swing). Modality statistics are off (`stats_tokens=0`) on every side.
+The JSON also records the load average before and after, the CPU other processes used while
+it ran (`other_cores`, `benchmarks/_idle.py`), the thread count and `reliable` (false when other
+processes used more than 0.3 of a core: ratios measured on a busy machine swing). Modality statistics are off (`stats_tokens=0`) on every side.
 
 Usage: `python benchmarks/multi_sae.py` (a d_model-512, 8-layer tiny LLaVA-Next, 4 SAEs of 2048 latents,
 40 steps of 512 rows; a few minutes on 2 idle cores), `--quick` (the default tiny model, 2 SAEs, seconds), `--threads N`,
@@ -31,6 +31,9 @@ import time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _idle import OtherLoad  # noqa: E402
 
 LARGE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, vision_d_model=128, image_size=64, patch_size=8)
 
@@ -66,7 +69,8 @@ def measure(quick: bool = False, threads: int | None = None, reps: int | None = 
                   device=args.device)
     fb = 4
 
-    load_before = os.getloadavg()
+    load = OtherLoad()
+    load.start()
 
     def multi() -> tuple[float, int]:
         t = time.perf_counter()
@@ -114,7 +118,7 @@ def measure(quick: bool = False, threads: int | None = None, reps: int | None = 
         t_fwd.append(tf)
         t_steps.append(steps_alone(rows))
         t_h.append(harvest_then_train())
-    load_after = os.getloadavg()
+    idle = load.stop()
     med = statistics.median
     alone = [f + s for f, s in zip(t_fwd, t_steps)]
     result = {
@@ -127,9 +131,9 @@ def measure(quick: bool = False, threads: int | None = None, reps: int | None = 
         "multi_sae_ratio_spread": [round(min(m / a for m, a in zip(t_multi, alone)), 4),
                                    round(max(m / a for m, a in zip(t_multi, alone)), 4)],
         "harvest_then_train_ratio": round(med(m / h for m, h in zip(t_multi, t_h)), 4),
-        "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after],
-        "threads": torch.get_num_threads(),
-        "reliable": max(load_before[0], load_after[0]) < 0.5,
+        **idle, "threads": torch.get_num_threads(),
+        # other processes' CPU, not the load average: this benchmark's own threads raise that
+        "reliable": load.reliable(idle),
     }
     return result
 

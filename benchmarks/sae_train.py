@@ -60,13 +60,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _idle import OtherLoad  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # SAE-Lens's progress bar (vlens runs with progress=False)
 
@@ -119,38 +121,6 @@ SIZES = {
 
 def _arch(name: str) -> tuple[str, int | None]:
     return ("standard", None) if name == "standard" else ("topk", int(name[4:]))
-
-
-class _OtherLoad:
-    """CPU cores used by other processes between `start()` and `stop()` (Linux; None elsewhere)."""
-
-    def start(self) -> None:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
-        self.load0 = os.getloadavg()
-
-    def stop(self) -> dict:
-        wall = time.perf_counter() - self.t0
-        busy = self._busy()
-        other = None
-        if busy is not None and self.busy0 is not None and wall > 0:
-            other = max(0.0, ((busy - self.busy0) - (self._own() - self.own0)) / wall)
-        return {"load_before": round(self.load0[0], 2), "load_after": round(os.getloadavg()[0], 2),
-                "other_cores": None if other is None else round(other, 3)}
-
-    @staticmethod
-    def _busy() -> float | None:
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-        except OSError:
-            return None
-        idle = v[3] + (v[4] if len(v) > 4 else 0)
-        return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
 
 
 def make_data(size: Size, steps: int, seed: int = 0):
@@ -254,7 +224,7 @@ def bench_setting(size: Size, arch_name: str, steps: int, repeats: int, lr: floa
     arch, k = _arch(arch_name)
     check_same_init(size, arch, k, steps, lr)
     samples = steps * size.batch
-    load = _OtherLoad()
+    load = OtherLoad()
     load.start()
     times: dict[str, list[float]] = {"vlens": [], "sae_lens": []}
     saes = {}
