@@ -219,7 +219,8 @@ class Session:
                     raise InputError(f"{name} holds {len(tensors)} tensors ({sorted(tensors)[:5]}): upload one vector")
                 v = next(iter(tensors.values()))
             else:
-                v = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+                buf = io.BytesIO(bytes(data))
+                v = torch.load(buf, map_location="cpu", weights_only=True)
         except InputError:
             raise
         except Exception as e:

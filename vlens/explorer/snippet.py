@@ -110,11 +110,13 @@ def snippet(s: Settings, *, what: str = "steer", model: str | None = "toy", n_tr
     if what == "look":
         return _with_imports(setup + [""] + _look(s, ctx))
     body = ["", *_vector(s, ctx), _tokens(s), "",
-            "before = steering.efficacy(vlm, [image], src, tgt, None, site, 0.0, prompt=prompt)",
+            "before = steering.efficacy(vlm, [image], src, tgt, None, site, 0.0,",
+            "                           prompt=prompt)",
             "after = steering.efficacy(vlm, [image], src, tgt, v, site, k, prompt=prompt,",
             "                          tokens=tokens)",
             'for name, r in (("before", before), ("after", after)):',
-            '    print(f"{name}: {r[\'answers\'][0]}, p({tgt}) = {float(r[\'p_target\'][0]):.3f}")']
+            "    answer, p = r['answers'][0], float(r['p_target'][0])",
+            '    print(f"{name}: {answer}, p({tgt}) = {p:.3f}")']
     if s.caption.strip():
         body += ["from vlens.data import Sample",
                  f"caption = {s.caption.strip()!r}",
