@@ -35,7 +35,7 @@ docs-serve: venv
 	$(VENV)/bin/mkdocs serve
 
 bench: venv
-	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	@for f in benchmarks/[!_]*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf site build *.egg-info .pytest_cache
