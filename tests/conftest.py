@@ -54,7 +54,7 @@ def docs_site(tmp_path_factory) -> BuiltSite:
 
     root = tmp_path_factory.mktemp("docs")
     rec = root / "record.json"
-    proc = build_site(root / "site", env={"VLENS_DOCS_RECORD": str(rec)})
+    proc = build_site(root / "site", env={"VLENS_DOCS_RECORD": str(rec), "VLENS_DOCS_CACHE": "0"})
     record = json.loads(rec.read_text(encoding="utf-8")) if rec.exists() else {}
     return BuiltSite(root / "site", proc, record)
 

@@ -125,6 +125,19 @@ def test_render_puts_output_under_its_block(tmp_path):
     assert "3" not in lines[lines.index("```python hide-output"):][3:]
 
 
+def test_execution_cache_round_trip(tmp_path, monkeypatch):
+    """A page's outputs come back from the cache only while its runnable blocks are where they were."""
+    import hooks
+
+    monkeypatch.setattr(hooks, "CACHE", tmp_path / "cache")
+    text = "# t\n\n```python\nprint(6 * 7)\n```\n"
+    hooks._store("k", run_page(text, "t.md", tmp_path))
+    back = hooks._cached(text, "k")
+    assert [(r.block.line, r.stdout) for r in back] == [(3, "42\n")]
+    assert hooks._cached("# t\n\n\n```python\nprint(6 * 7)\n```\n", "k") is None
+    assert hooks._cached(text, "other") is None
+
+
 def test_code_lines_fit_their_blocks():
     """No code line is wider than its rendered block: 80 characters, measured in Chromium at 1280 to 1920 px wide."""
     wide = [f"docs/{_page_id(p)}:{b.line + 1 + k}" for p in PAGES for b in code_blocks(p.read_text(encoding="utf-8"))
