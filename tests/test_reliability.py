@@ -1403,3 +1403,29 @@ def test_sparse_probe_leaves_unlabelled_rows_out_like_every_probe():
     assert rows == sparse_probe(Z, y, penalties=[0.01], steps=20).rows
     with pytest.raises(InputError, match="strings"):
         sparse_probe(Z, ["a"] * 60, penalties=[0.01], steps=5)
+
+
+def test_ctrl_c_right_after_the_optimiser_step_resumes_bit_identically(tmp_path, monkeypatch):
+    """A SIGINT between the weight update and the step counter is held until both moved: the resume repeats nothing."""
+    import vlens.sae as vs
+
+    x = torch.randn(2048, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(d_sae=32, steps=12, batch_size=128, progress=False)
+    ref = vs.train(x, "paper", checkpoint_dir=tmp_path / "ref", **kw)
+    original = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def step_then_ctrl_c(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # lands after the update, before the counters move
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        vs.train(x, "paper", checkpoint_dir=tmp_path / "ck", **kw)
+    monkeypatch.setattr(torch.optim.Adam, "step", original)
+    again = vs.train(x, "paper", checkpoint_dir=tmp_path / "ck", **kw)
+    assert calls["n"] == 5
+    assert torch.equal(again.W_dec, ref.W_dec) and torch.equal(again.W_enc, ref.W_enc)

@@ -10,18 +10,24 @@ Shared by the harvest writer and store reader (`vlens.activations.writer`,
 - `file_crc32(path)`: CRC-32 of a file's bytes (zlib's; about 1.5 GB/s here), stored
   beside what vlens writes so that truncation and bit flips are detected on read;
 - `json_checksum(doc)`: CRC-32 of a JSON document's canonical form (its own
-  `"checksum"` entry left out), stored in the document itself.
+  `"checksum"` entry left out), stored in the document itself;
+- `deferred_interrupt()`: a Ctrl-C inside the block is held until the block ends, so a
+  state update made of several parts (an optimiser step and the step counter; a forward's
+  rows joining every SAE's buffer) is saved whole or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-__all__ = ["atomic_write", "fsync_dir", "fsync_file", "file_crc32", "json_checksum"]
+__all__ = ["atomic_write", "fsync_dir", "fsync_file", "file_crc32", "json_checksum", "deferred_interrupt"]
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -104,3 +110,34 @@ def json_checksum(doc: dict[str, Any]) -> str:
     """
     body = {k: v for k, v in doc.items() if k != "checksum"}
     return f"{zlib.crc32(json.dumps(body, sort_keys=True, default=str).encode()):08x}"
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) while the block runs; raise `KeyboardInterrupt` after it if one came.
+
+    Outside the main thread (where Python cannot set signal handlers) it holds nothing.
+
+    Example:
+        >>> import os, signal
+        >>> done = []
+        >>> try:
+        ...     with deferred_interrupt():
+        ...         os.kill(os.getpid(), signal.SIGINT)
+        ...         done.append("the block finished")
+        ... except KeyboardInterrupt:
+        ...     done.append("then the interrupt")
+        >>> done
+        ['the block finished', 'then the interrupt']
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt

@@ -49,7 +49,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ... import distributed
-from ..._durable import atomic_write, json_checksum
+from ..._durable import atomic_write, deferred_interrupt, json_checksum
 # The harvest's own pass over a data set (its checks, batches and sample keys), shared on purpose: a
 # single-pass run feeds the SAEs exactly the tokens a harvest of the same data would store.
 from ...activations.harvesting import (KINDS, _check_stream, _describe, _fingerprint, _image, _key, _Plan, _prepare,
@@ -204,11 +204,12 @@ def train_many(
                 if empty >= stream.per_epoch:
                     raise InputError(f"token selection {_describe(tokens)!r} selects no token in any sample of the "
                                      "data: nothing to train on; choose another selection (e.g. tokens='image')")
-            else:
-                empty = 0
-                for r in active:
-                    r.buffer.add(acts[r.site], mod)
-            position += 1  # after the rows joined every buffer: a Ctrl-C during the forward loses nothing
+            with deferred_interrupt():  # the forward's rows join every buffer and the position moves, together
+                if mod is not None:
+                    empty = 0
+                    for r in active:
+                        r.buffer.add(acts[r.site], mod)
+                position += 1  # a Ctrl-C during the forward itself loses nothing: it is read again
     except KeyboardInterrupt:
         if ckdir is not None:
             _save(ckdir, runs, position, setup)

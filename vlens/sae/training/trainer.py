@@ -42,6 +42,7 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from tqdm.auto import tqdm
 
 from ... import distributed
+from ..._durable import deferred_interrupt
 from ...errors import InputError, NonFiniteActivations
 from ..data import IMAGE, ConcatSource, IterSource, TensorSource, _rows, as_source
 from ..modality import DEFAULT_SHARED, as_multimodal, firing_density, modality_stats_from_source
@@ -380,10 +381,20 @@ class Stepper:
         lr = t.lr_at(step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        with deferred_interrupt():  # the weights and the step counter move together, or a resume repeats a step
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self._account(x.shape[0], fired, mod)
+        if not log_now:
+            return None
+        metrics["dead"] = float(int((state.since_fired > t.dead_window_tokens).sum()))  # type: ignore[operator]
+        metrics["lr"] = lr
+        self.metrics = metrics
+        return metrics
 
-        n = x.shape[0]
+    def _account(self, n: int, fired: torch.Tensor, mod: torch.Tensor | None) -> None:
+        """After an optimiser step: dead-latent counters, tokens seen, the image/text mix, the step counter."""
+        t, state = self.cfg.trainer, self.state
         if self.ddp is not None:  # every rank keeps the same dead-latent and token counts
             fired = distributed.all_reduce_sum(fired.to(torch.int32)) > 0
             n = t.batch_size
@@ -399,12 +410,6 @@ class Stepper:
             state.mix["image"] += k_img
             state.mix["text"] += n - k_img
         state.step += 1
-        if not log_now:
-            return None
-        metrics["dead"] = float(int((state.since_fired > t.dead_window_tokens).sum()))  # type: ignore[operator]
-        metrics["lr"] = lr
-        self.metrics = metrics
-        return metrics
 
 
 class _StepModule(torch.nn.Module):
