@@ -29,7 +29,7 @@ from ..sites import ModuleLayout
 if TYPE_CHECKING:
     from ..tokens import ImageGeometry
 
-__all__ = ["Family", "register", "get", "names", "of_config", "of_model", "processor_without_video"]
+__all__ = ["Family", "register", "get", "names", "of_config", "of_model", "processor_without_video", "text_sizes"]
 
 
 class Family:
@@ -110,6 +110,19 @@ class Family:
 
     def __repr__(self) -> str:
         return f"Family({self.name!r})"
+
+
+def text_sizes(tokenizer: Any, d_model: int, n_layers: int, n_heads: int, n_kv_heads: int,
+               d_mlp: int | None) -> dict[str, Any]:
+    """The size keywords of a tiny build, as the fields every HF text config of a tiny build shares.
+
+    Example:
+        >>> text_sizes(["a", "b", "c"], 64, 2, 4, 2, None)["intermediate_size"]
+        256
+    """
+    return dict(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp or 4 * d_model,
+                num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                max_position_embeddings=4096)
 
 
 def processor_without_video(cls: type, **kwargs: Any) -> Any:

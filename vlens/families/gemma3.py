@@ -39,7 +39,7 @@ from ..errors import InputError
 from ..prompts import IMAGE
 from ..sites import ModuleLayout
 from ..tokens import BASE, ImageGeometry
-from . import Family, register
+from . import Family, register, text_sizes
 from .wordlevel import word_tokenizer
 
 if TYPE_CHECKING:
@@ -177,9 +177,8 @@ def tiny_config(
     tok = processor.tokenizer
     head_dim = d_model // n_heads
     text = Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp or 4 * d_model, num_hidden_layers=n_layers,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
-        query_pre_attn_scalar=head_dim, sliding_window=sliding_window, max_position_embeddings=4096,
+        **text_sizes(tok, d_model, n_layers, n_heads, n_kv_heads, d_mlp), head_dim=head_dim,
+        query_pre_attn_scalar=head_dim, sliding_window=sliding_window,
         layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )

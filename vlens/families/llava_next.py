@@ -26,7 +26,7 @@ import torch
 from ..errors import InputError
 from ..sites import ModuleLayout
 from ..tokens import BASE, HIGHRES, NEWLINE, ImageGeometry
-from . import Family, register
+from . import Family, register, text_sizes
 from .wordlevel import word_tokenizer
 
 if TYPE_CHECKING:
@@ -269,13 +269,7 @@ def tiny_config(
     if text_cls is None:
         raise InputError(f"backbone must be 'mistral' or 'llama', not {backbone!r}")
     text = text_cls(
-        vocab_size=len(tok),
-        hidden_size=d_model,
-        intermediate_size=d_mlp or 4 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
-        max_position_embeddings=4096,
+        **text_sizes(tok, d_model, n_layers, n_heads, n_kv_heads, d_mlp),
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..tokens import HIGHRES, NEWLINE, ImageGeometry
-from . import Family, processor_without_video, register
+from . import Family, processor_without_video, register, text_sizes
 from .llava import CHAT_WORDS, patch_local
 from .llava import image_geometry as _fixed_grid
 from .llava_next import LAYOUTS
@@ -281,8 +281,7 @@ def tiny_config(
     side = ip.size["height"]
     layers, feature = patch_local(vision_layers, vision_feature_layer)
     text = Qwen2Config(
-        vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp or 4 * d_model, num_hidden_layers=n_layers,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=4096,
+        **text_sizes(tok, d_model, n_layers, n_heads, n_kv_heads, d_mlp),
         pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
         **text_overrides,
     )

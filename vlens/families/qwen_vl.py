@@ -45,7 +45,7 @@ from ..errors import InputError
 from ..prompts import IMAGE
 from ..sites import ModuleLayout
 from ..tokens import BASE, ImageGeometry
-from . import Family, processor_without_video, register
+from . import Family, processor_without_video, register, text_sizes
 from .wordlevel import word_tokenizer
 
 if TYPE_CHECKING:
@@ -312,8 +312,7 @@ def tiny_config(
     head_dim = d_model // n_heads
     qwen3 = version == "qwen3-vl"
     text = dict(
-        vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp or 4 * d_model, num_hidden_layers=n_layers,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=4096,
+        **text_sizes(tok, d_model, n_layers, n_heads, n_kv_heads, d_mlp),
         pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=tok.eos_token_id,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
                          "mrope_section": _mrope_section(head_dim, qwen3)},
