@@ -43,7 +43,7 @@ def _top_images(records: list[dict[str, Any]], samples: Sequence[Any], j: int,
     peak = torch.tensor([float(r["acts"][im["start"]:im["end"], j].float().max()) for r, im in imgs]) \
         if imgs else torch.zeros(0)
     vmax = float(peak.max()) if peak.numel() else 1.0
-    cards = []
+    cards, shown = [], []  # shown: the sample index behind each card
     for i in torch.argsort(peak, descending=True, stable=True)[:top_k].tolist():
         if peak[i] <= 0:
             break
@@ -53,8 +53,8 @@ def _top_images(records: list[dict[str, Any]], samples: Sequence[Any], j: int,
                               r["acts"][im["start"]:im["end"], j].float(), vmax)
         cap = getattr(sample, "caption", None) or ""
         cards.append({"src": image_data_uri(pic), "max": f"{float(peak[i]):.3g}", "caption": str(cap)[:60]})
-    return cards, vmax, [r["sample"] for r, _ in (imgs[i] for i in
-                                                   torch.argsort(peak, descending=True, stable=True)[:len(cards)].tolist())]
+        shown.append(r["sample"])
+    return cards, vmax, shown
 
 
 def _attribution_maps(vlm: VLM, sae: SAE, site: Any, latent: int, pictures: list[Any], prompt: str,
