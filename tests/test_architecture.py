@@ -1,4 +1,4 @@
-"""The shape of the house: no cycles, no shadowing, small modules, old paths that warn, no unpickling."""
+"""The shape of the house: no cycles, no shadowing, small modules, old paths gone, no unpickling."""
 
 from __future__ import annotations
 
@@ -33,49 +33,50 @@ def test_no_module_unpickles_user_files():
     assert not bad, bad
 
 
-@pytest.mark.parametrize("old", ["vlens.positions", "vlens.tiny", "vlens.configs", "vlens.harvest", "vlens.report",
-                                 "vlens.sae.train", "vlens.sae.evaluate", "vlens.sae.export", "vlens.sae.dashboard",
-                                 "vlens.sae.base"])
-def test_old_module_paths_warn_and_forward(old):
-    from vlens._deprecated import MOVED
-
-    assert old in MOVED
-    mod = importlib.import_module(old)
-    targets, call = MOVED[old]
-    first = importlib.import_module(targets[0])
-    name = call or next(n for n in getattr(first, "__all__", dir(first)) if not n.startswith("_"))
-    with pytest.warns(DeprecationWarning, match=re.escape(old)):
-        value = getattr(mod, name)
-    assert value is getattr(first, name)
+#: What vlens 0.3 removed (CHANGELOG.md): old module paths, moved names, the legacy classes.
+REMOVED_MODULES = ["vlens.positions", "vlens.configs", "vlens.harvest", "vlens.report", "vlens.sae.train",
+                   "vlens.sae.evaluate", "vlens.sae.export", "vlens.sae.dashboard", "vlens.sae.base"]
+REMOVED_NAMES = [("vlens", "image_geometry"), ("vlens.interventions", "token_mask"), ("vlens.interventions", "site_name"),
+                 ("vlens.interventions", "positions"), ("vlens.steering", "pool_features"),
+                 ("vlens.steering", "sparse_approximation"), ("vlens.steering", "TWO_CHOICE"),
+                 ("vlens.probes", "sparse_probe"), ("vlens.probes", "HardConcrete"), ("vlens.sae", "MultimodalSAE"),
+                 ("vlens.sae", "MultimodalStandardSAE"), ("vlens.sae", "collect_activations"),
+                 ("vlens.sae", "heatmap_overlay"), ("vlens.sae.training", "modality_stats_from_source"),
+                 ("vlens.activations:ActivationStore", "to_sae_lens"), ("vlens.activations:ActivationStore", "site")]
 
 
-def test_same_named_functions_still_call_after_the_old_module_was_imported():
-    import vlens
+@pytest.mark.parametrize("old", REMOVED_MODULES)
+def test_old_module_paths_are_gone(old):
+    """No import finder serves vlens 0.1's module paths any more."""
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(old)
+    assert not any(type(f).__module__.startswith("vlens") for f in sys.meta_path)
 
-    from vlens.loading import tiny
-    from vlens.sae.training import train
 
-    for old in ("vlens.tiny", "vlens.harvest", "vlens.sae.train", "vlens.sae.evaluate"):
-        importlib.import_module(old)  # the old module path is served from sys.modules...
-    assert vlens.tiny is tiny and vlens.sae.train is train  # ...and the package keeps its functions
+@pytest.mark.parametrize("where, name", REMOVED_NAMES)
+def test_old_names_are_gone(where, name):
+    """No module `__getattr__` forwards vlens 0.1's names: each is listed in CHANGELOG.md with its new home."""
+    mod, _, cls = where.partition(":")
+    obj = importlib.import_module(mod)
+    obj = getattr(obj, cls) if cls else obj
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert vlens.tiny(n_layers=1).n_layers == 1
+        assert not hasattr(obj, name)
+    assert re.search(rf"[`.]{name}\b", (ROOT / "CHANGELOG.md").read_text()), f"{where}.{name} is not in CHANGELOG.md"
 
 
-def test_old_names_keep_their_meaning():
+def test_removed_keywords_are_refused():
+    """`TrainConfig(lr=...)`, `harvest(site=...)` and `tiny("llama")` are gone (their replacements are in the changelog)."""
     import vlens
-    from vlens import interventions, prompts, tokens
+    from vlens.sae.training import TrainConfig
 
-    with pytest.warns(DeprecationWarning):
-        from vlens.positions import TokenLayout
-    assert TokenLayout is tokens.TokenLayout
-    with pytest.warns(DeprecationWarning):
-        assert importlib.import_module("vlens.harvest").DEFAULT_PROMPT == prompts.QUESTION
-    with pytest.warns(DeprecationWarning):
-        assert interventions.site_name(3) == "resid_pre.3"
-    with pytest.warns(DeprecationWarning):
-        assert vlens.image_geometry((32, 32), pinpoints=[[32, 32]], tile_size=32, patch_size=8).n_tokens == 36
+    with pytest.raises(TypeError):
+        TrainConfig(lr=1e-3)
+    with pytest.raises(TypeError, match="site"):
+        vlens.harvest(vlens.tiny(n_layers=1), [], layers=[0], site="resid_post")
+    with pytest.raises(Exception, match="llama"):
+        vlens.tiny("llama")
+    assert vlens.tiny(backbone="llama", n_layers=1).n_layers == 1
 
 
 def test_every_paper_concept_has_its_module():

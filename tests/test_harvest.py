@@ -111,27 +111,15 @@ def test_pooled_and_resid_post(vlm, data, tmp_path):
     assert y2.equal(y)
 
 
-def test_old_site_keyword_still_works(vlm, data, tmp_path):
-    """harvest(..., site="resid_post") (vlens 0.1) warns and writes the store `layers=["resid_post.L", ...]` writes."""
-    new = harvest(vlm, data[:4], layers=["resid_post.3", "resid_post.1"], batch_size=2, out=tmp_path / "new",
-                  progress=False)
-    with pytest.warns(DeprecationWarning, match="site= goes away"):
-        old = harvest(vlm, data[:4], layers=[3, -3], site="resid_post", batch_size=2, out=tmp_path / "old",
-                      progress=False)
-    index_new, index_old = (json.loads((s.path / "index.json").read_text()) for s in (new, old))
-    assert index_old["config"] == index_new["config"] and index_old["hook_names"] == index_new["hook_names"]
-    assert index_old["config"]["layers"] == [1, 3] and index_old["config"]["site"] == "resid_post"
-    assert index_old["hook_names"] == {"1": "blocks.1.hook_resid_post", "3": "blocks.3.hook_resid_post"}
-    _same(old, new)
-    # a store written under the old keyword resumes under the new spelling (same configuration)
-    assert harvest(vlm, data[:4], layers=["resid_post.1", "resid_post.3"], batch_size=2, out=tmp_path / "old",
-                   progress=False).complete
-    with pytest.warns(DeprecationWarning, match="use store.sites"):
-        assert old.site == "resid_post"
+def test_a_store_holds_residual_sites_of_one_kind(vlm, data, tmp_path):
+    """Full site names pick the kind; mixed kinds and non-residual sites are refused before any forward."""
+    store = harvest(vlm, data[:4], layers=["resid_post.3", "resid_post.1"], batch_size=2, out=tmp_path / "new",
+                    progress=False)
+    index = json.loads((store.path / "index.json").read_text())
+    assert index["config"]["layers"] == [1, 3] and index["config"]["site"] == "resid_post"
+    assert index["hook_names"] == {"1": "blocks.1.hook_resid_post", "3": "blocks.3.hook_resid_post"}
     with pytest.raises(InputError, match="mix the site kinds"):
         harvest(vlm, data, layers=[1, "resid_post.2"], out=tmp_path / "m", progress=False)
-    with pytest.raises(InputError, match="contradicts"), pytest.warns(DeprecationWarning):
-        harvest(vlm, data, layers=["resid_pre.1"], site="resid_post", out=tmp_path / "m", progress=False)
     with pytest.raises(InputError, match="residual-stream sites.*read_layers"):
         harvest(vlm, data, layers=["embed"], out=tmp_path / "m", progress=False)
 
@@ -291,8 +279,6 @@ def test_bad_inputs(vlm, data, tmp_path):
         harvest(vlm, data, layers=[1, 4], out=tmp_path / "a", progress=False)
     with pytest.raises(InputError, match=r"layer\(s\) \[1\] more than once"):
         harvest(vlm, data, layers=[1, 2, -3], out=tmp_path / "a", progress=False)
-    with pytest.raises(InputError, match="unknown site 'resid_mid'.*resid_pre"), pytest.warns(DeprecationWarning):
-        harvest(vlm, data, layers=[1], site="resid_mid", out=tmp_path / "a", progress=False)
     with pytest.raises(SelectionError, match="unknown token selection 'imgae'"):
         harvest(vlm, data, layers=[1], tokens="imgae", out=tmp_path / "a", progress=False)
     with pytest.raises(InputError, match="no caption.*captions=False"):
@@ -371,10 +357,6 @@ def test_sae_lens_trains_from_export(vlm, data, tmp_path):
     store = harvest(vlm, data, layers=[2], tokens="image+answer", captions=True, out=tmp_path / "s", progress=False)
     cfg = export_sae_lens(store, 2, tmp_path / "acts", context_size=16, shuffle=False)
     assert cfg["hook_name"] == "blocks.2.hook_resid_pre" and cfg["n_tokens"] == len(store) // 16 * 16
-    with pytest.warns(DeprecationWarning, match="export_sae_lens"):  # the old method: a thin wrapper
-        old = store.to_sae_lens(2, tmp_path / "acts-old", context_size=16, shuffle=False)
-    assert {k: v for k, v in old.items() if k != "cached_activations_path"} == {
-        k: v for k, v in cfg.items() if k != "cached_activations_path"}
     acts = ActivationsStore(
         model=None, dataset=None, streaming=False, hook_name=cfg["hook_name"], hook_head_index=None,
         context_size=cfg["context_size"], d_in=cfg["d_in"], n_batches_in_buffer=8, total_training_tokens=1024,
@@ -396,15 +378,3 @@ def test_sae_lens_trains_from_export(vlm, data, tmp_path):
     with torch.no_grad():
         after = float(((sae(x) - x) ** 2).mean())
     assert trainer.n_training_steps == 30 and after < before
-
-
-def test_old_import_path_warns_and_forwards():
-    import importlib
-
-    old = importlib.import_module("vlens.harvest")
-    with pytest.warns(DeprecationWarning, match="vlens.activations"):
-        assert old.ActivationStore is ActivationStore and old.export_sae_lens is export_sae_lens
-    with pytest.warns(DeprecationWarning, match="vlens.prompts.QUESTION"):
-        assert old.DEFAULT_PROMPT == QUESTION
-    with pytest.warns(DeprecationWarning):
-        assert old.HarvestError is HarvestError

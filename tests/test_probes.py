@@ -230,25 +230,6 @@ def test_probe_on_features_from_a_trace():
 # -- the moved names and the one gate loop ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["HardConcrete", "SparseProbeResult", "sparse_probe"])
-def test_moved_sparse_names_warn_and_are_the_same_objects(name):
-    with pytest.warns(DeprecationWarning, match=f"vlens.probes.{name} moved to vlens.sparsity.{name}"):
-        old = getattr(probes, name)
-    assert old is getattr(sparsity, name)
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        probes.nope  # noqa: B018
-
-
-def test_deprecated_sparse_probe_gives_the_same_result():
-    g = torch.Generator().manual_seed(1)
-    y = torch.arange(2).repeat_interleave(30)
-    Z = torch.rand(60, 32, generator=g)
-    Z[:, 5] += y
-    with pytest.warns(DeprecationWarning):
-        old = probes.sparse_probe(Z, y, penalties=[0.02], steps=60)
-    assert old.rows == sparsity.sparse_probe(Z, y, penalties=[0.02], steps=60).rows
-
-
 def test_fit_gates_trades_the_loss_against_the_penalty():
     """The one gate loop: a loss that needs gates 2 and 5 keeps them open; a huge penalty closes every gate."""
     target = torch.zeros(10)

@@ -182,8 +182,6 @@ error("harvest/tokens-typo", SelectionError, r"unknown token selection 'imgae'",
 error("harvest/prompt-without-image", InputError, r"no '<image>' placeholder", _h(prompt="Describe it."))
 error("harvest/shard-mb-0", InputError, r"shard_mb must be a positive", _h(shard_mb=0))
 error("harvest/shard-mb-negative", InputError, r"shard_mb must be a positive", _h(shard_mb=-1))
-error("harvest/old-site-keyword", InputError, r"unknown site 'resid_mid'",
-      lambda e, t: e.harvest(t / "h", layers=[1], site="resid_mid"))
 error("harvest/out-empty-string", InputError, r"out='' is an empty path", lambda e, t: e.harvest(""))
 error("harvest/out-blank", InputError, r"empty path", lambda e, t: e.harvest("  "))
 

@@ -75,10 +75,6 @@ def test_split_config_and_flat_compatibility(acts):
         "apply_b_dec_to_input", "decoder_init_norm", "normalize", "n_norm_batches", "dead_window_tokens", "seed",
         "shuffle", "fused"]
     assert vs.TrainConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.warns(DeprecationWarning, match="flat fields is deprecated"):
-        flat = vs.TrainConfig(architecture="topk", d_in=16, d_sae=32, k=4, lr=1e-3, batch_size=128)
-    assert flat == vs.TrainConfig(sae=vs.ArchitectureConfig("topk", d_in=16, d_sae=32, k=4),
-                                  trainer=vs.TrainerConfig(lr=1e-3, batch_size=128))
     assert vs.TrainConfig() == vs.PRESETS["paper"]
     with pytest.raises(ValueError, match="unknown training option"):
         cfg.replace(learning_rate=1.0)

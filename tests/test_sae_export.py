@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import vlens.sae as vs
 from sae_lens import SAE
 from sae_lens.registry import get_sae_class
-from sae_lens.saes import StandardSAE, StandardSAEConfig
+from sae_lens.saes import StandardSAE
 
 
 @pytest.fixture(scope="module")
@@ -235,32 +235,3 @@ def test_export_writes_with_sae_lens_save_model(trained, tmp_path):
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["device"] == "cpu" and cfg["metadata"]["model_name"] == "m" and "vlens_modality" in cfg["metadata"]
     assert sae.cfg.metadata.to_dict() == meta_before
-
-
-def test_old_import_paths_warn_and_work(monkeypatch):
-    """vlens 0.1's module paths and class names keep working for one minor version, with a DeprecationWarning."""
-    import importlib
-    import sys
-
-    import vlens.viz
-
-    for old, name, new in [("vlens.sae.train", "TrainConfig", vs.TrainConfig), ("vlens.sae.evaluate", "evaluate", vs.evaluate),
-                           ("vlens.sae.export", "load", vs.load), ("vlens.sae.dashboard", "dashboard", vs.dashboard),
-                           ("vlens.report", "Report", vlens.viz.Report)]:
-        monkeypatch.delitem(sys.modules, old, raising=False)
-        mod = importlib.import_module(old)
-        with pytest.warns(DeprecationWarning, match="moved to"):
-            obj = getattr(mod, name)
-        assert obj is new
-        monkeypatch.delitem(sys.modules, old, raising=False)
-    with pytest.warns(DeprecationWarning, match="MultimodalStandardSAE is deprecated"):
-        legacy = vs.MultimodalStandardSAE
-    sae = legacy(StandardSAEConfig(d_in=4, d_sae=8))
-    assert type(sae) is StandardSAE and isinstance(sae, legacy) and sae.modality is None
-    assert not isinstance(StandardSAE(StandardSAEConfig(d_in=4, d_sae=8)), legacy)
-    with pytest.warns(DeprecationWarning, match="vlens.viz.heatmap_overlay"):
-        from vlens.viz import heatmap_overlay
-
-        assert vs.heatmap_overlay is heatmap_overlay
-    with pytest.warns(DeprecationWarning, match="flat fields"):
-        vs.TrainConfig(lr=1e-3)

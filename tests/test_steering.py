@@ -185,54 +185,6 @@ def test_package_exports_and_submodules():
     assert vlens.steered_generate is generation.steered_generate
 
 
-@pytest.mark.parametrize("name, home", [("sparse_approximation", sparsity), ("SparseApproximation", sparsity),
-                                        ("TWO_CHOICE", prompts), ("CAPTION_PROMPT", prompts),
-                                        ("two_choice_prompt", prompts)])
-def test_moved_names_warn_and_are_the_same_objects(name, home):
-    with pytest.warns(DeprecationWarning, match=f"vlens.steering.{name} moved to {home.__name__}.{name}"):
-        old = getattr(steering, name)
-    assert old is getattr(home, name)
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        steering.nope  # noqa: B018
-
-
-def test_moved_prompts_keep_their_values():
-    with pytest.warns(DeprecationWarning):
-        assert steering.two_choice_prompt("cat", "dog") == (
-            '<image>\nReply either "cat" or "dog" in lowercase depending on what is shown in the image. '
-            "Do not output any other text.")
-    with pytest.warns(DeprecationWarning):
-        assert steering.CAPTION_PROMPT == "<image>\nDescribe the image."
-
-
-def test_deprecated_sparse_approximation_gives_the_same_result():
-    g = torch.Generator().manual_seed(0)
-    W = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=-1)
-    v = W[4] - W[9]
-    with pytest.warns(DeprecationWarning):
-        old = steering.sparse_approximation(v, W, penalties=[0.01], steps=100)
-    new = sparsity.sparse_approximation(v, W, penalties=[0.01], steps=100)
-    assert old.rows[0]["latents"] == new.rows[0]["latents"]
-    assert old.rows[0]["cosine"] == pytest.approx(new.rows[0]["cosine"], abs=1e-6)
-
-
-def test_pool_features_warns_and_equals_read_layers(vlm, data):
-    """The deprecated wrapper: `read_layers(..., pool="mean")` per batch of the bare <image> prompt."""
-    with pytest.warns(DeprecationWarning, match="vlens.read_layers"):
-        feats = steering.pool_features(vlm, data, [3, 1], batch_size=5)
-    assert list(feats) == [1, 3] and feats[1].shape == (len(data), vlm.d_model) and feats[1].dtype == torch.float32
-    for L in (1, 3):
-        assert torch.equal(feats[L], image_features(vlm, data, L, batch_size=5))
-    b = vlm.prepare(["<image>\nWhat is it?"] * 2, [data[0].image, data[1].image])
-    with pytest.warns(DeprecationWarning):
-        text = steering.pool_features(vlm, [data[0].image, data[1].image], [2], prompt="<image>\nWhat is it?",
-                                      tokens="text")
-    assert torch.equal(text[2], read_layers(vlm, b, 2, tokens="text", pool="mean", dtype=torch.float32)[2])
-    with pytest.raises(ValueError, match="range|layer"):
-        with pytest.warns(DeprecationWarning):
-            steering.pool_features(vlm, data, [99])
-
-
 def test_steered_generate_checks_the_selection_before_running(vlm, data):
     b = vlm.prepare(["<image>\nWhat is it?"], [data[0].image])
     with pytest.raises(ValueError, match="unknown token selection"):

@@ -15,25 +15,17 @@ One module per concept of the paper (docs/architecture.md has the map):
 `errors`.
 """
 
-import sys as _sys
-
-from . import _deprecated
-
-_deprecated.install()
-
-from . import (  # noqa: E402
+from . import (
     data, errors, families, interventions, probes, prompts, scoring, sites, sparsity, steering, tokens, toy,
 )
-from .activations import ActivationStore, harvest, read_layers  # noqa: E402
-from .errors import VlensError  # noqa: E402
-from .loading import load, tiny  # noqa: E402
-from .model import VLM  # noqa: E402
-from .steering import steered_generate  # noqa: E402
-from .tokens import Batch, TokenLayout  # noqa: E402
+from .activations import ActivationStore, harvest, read_layers
+from .errors import VlensError
+from .loading import load, tiny
+from .model import VLM
+from .steering import steered_generate
+from .tokens import Batch, TokenLayout
 
-_deprecated.guard(_sys.modules[__name__])
-
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     "VLM", "Batch", "TokenLayout", "ActivationStore", "VlensError", "load", "tiny", "harvest", "read_layers",
     "steered_generate", "data", "errors", "families", "interventions", "probes", "prompts", "scoring", "sites",
@@ -54,12 +46,4 @@ def __getattr__(name: str):
         from .explorer import explore
 
         return explore
-    if name == "image_geometry":  # vlens 0.1 exported the LLaVA-Next geometry at the top
-        import warnings
-
-        from .families.llava_next import image_geometry
-
-        warnings.warn("vlens.image_geometry moved to vlens.families.llava_next.image_geometry",
-                      DeprecationWarning, stacklevel=2)
-        return image_geometry
     raise AttributeError(f"module 'vlens' has no attribute {name!r}")

@@ -348,21 +348,3 @@ def splice_sae(
     _edit(vlm, site, batch, tokens, fn, new_tokens)
     return out[0] if out else torch.zeros(0, sae.W_dec.shape[0])
 
-
-def __getattr__(name: str) -> Any:
-    """vlens 0.1 names that moved: token selection lives in `vlens.tokens`, site names in `vlens.sites`."""
-    import warnings
-
-    from . import sites, tokens
-
-    moved = {
-        "positions": tokens.positions, "one_image": tokens.one_image, "tile": tokens.tile,
-        "token_mask": lambda batch, sel: tokens.select(batch, sel, nonempty=True),
-        "site_name": lambda site: sites.parse(site).name,
-    }
-    if name not in moved:
-        raise AttributeError(f"module 'vlens.interventions' has no attribute {name!r}")
-    new = {"token_mask": "vlens.tokens.select(batch, tokens, nonempty=True)", "site_name": "vlens.sites.parse(site).name"}
-    warnings.warn(f"vlens.interventions.{name} moved: use {new.get(name, 'vlens.tokens.' + name)}",
-                  DeprecationWarning, stacklevel=2)
-    return moved[name]

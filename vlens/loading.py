@@ -29,16 +29,13 @@ def tiny(family: str = "llava-next", seed: int = 0, *, backbone: str | None = No
     `sizes` go to the family's tiny build (for LLaVA-Next: `d_model`,
     `n_layers`, `vision_layers`, `image_size`, `patch_size`, `words`...; see
     `vlens.families.llava_next.tiny_config`). `backbone` picks the language
-    model ('mistral' or 'llama'); a first positional argument naming a
-    backbone is read as one, as in earlier releases.
+    model ('mistral' or 'llama').
 
     Example:
         >>> vlm = tiny(backbone="llama", n_layers=3)
         >>> vlm.n_layers, vlm.d_model, vlm.family.name
         (3, 64, 'llava-next')
     """
-    if family in ("mistral", "llama"):  # vlens 0.1: tiny("llama")
-        family, backbone = "llava-next", family
     fam = families.get(family)
     if backbone is not None:
         sizes["backbone"] = backbone

@@ -25,7 +25,6 @@ stream that can serve as a steering vector (`vlens.steering.from_probe`).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -434,17 +433,3 @@ def decodable_classes(
         return [probe.class_names[c] for c in labels]
     return labels
 
-
-#: Names that moved to `vlens.sparsity` in vlens 0.2 (served with a DeprecationWarning until 0.3).
-_MOVED = ("HardConcrete", "SparseProbeResult", "sparse_probe")
-
-
-def __getattr__(name: str) -> Any:
-    """vlens 0.1 names that moved: sparse probes and their gates live in `vlens.sparsity`."""
-    if name not in _MOVED:
-        raise AttributeError(f"module 'vlens.probes' has no attribute {name!r}")
-    from . import sparsity
-
-    warnings.warn(f"vlens.probes.{name} moved to vlens.sparsity.{name}; the old path goes away in vlens 0.3",
-                  DeprecationWarning, stacklevel=2)
-    return getattr(sparsity, name)

@@ -101,7 +101,6 @@ def harvest(
     captions: bool = False,
     text_only: bool = False,
     text_prompt: str = "",
-    site: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     shard_mb: float = 128.0,
@@ -142,8 +141,6 @@ def harvest(
         captions: append each `Sample.caption` as the answer.
         text_only: also run a text-only pass over the captions.
         text_prompt: what precedes the caption in the text-only pass.
-        site: deprecated: the kind ("resid_pre" or "resid_post") given to int
-            `layers`; name full sites in `layers` instead.
         overwrite: replace a store of another configuration or other data at `out`, or write into a
             non-empty folder that is not a store (vlens deletes only its own files there).
         progress: show a progress bar with images/s and tokens/s.
@@ -174,7 +171,7 @@ def harvest(
         >>> tuple(X.shape), y.tolist()
         ((4, 64), [0, 1, 0, 1])
     """
-    kind, layer_ints = _resolve_layers(vlm, layers, site)
+    kind, layer_ints = _resolve_layers(vlm, layers)
     if pool not in POOLS:
         raise InputError(f"pool must be None (one row per token) or 'mean' (one row per sample), not {pool!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -198,22 +195,13 @@ def harvest(
     return _harvest_run(vlm, data, plan, out, overwrite)
 
 
-def _resolve_layers(vlm: VLM, layers: Any, kind: str | None) -> tuple[str, list[int]]:
-    """(site kind, sorted non-negative layers) of `layers`; `kind` is the deprecated `site=` keyword."""
-    if kind is not None:
-        warnings.warn("harvest(site=...) is deprecated: name the sites in layers, e.g. layers=['resid_post.3', "
-                      "'resid_post.5'] (an int L means 'resid_pre.L'); site= goes away in vlens 0.3",
-                      DeprecationWarning, stacklevel=3)
-        if kind not in KINDS:
-            raise InputError(f"unknown site {kind!r}: the site= keyword takes 'resid_pre' (entering layer L) or "
-                             "'resid_post' (leaving it); better, name full sites: layers=['resid_post.3', ...]")
+def _resolve_layers(vlm: VLM, layers: Any) -> tuple[str, list[int]]:
+    """(site kind, sorted non-negative layers) of `layers`."""
     items = [layers] if isinstance(layers, (int, str, Site)) else list(layers)
     if not items:
         raise InputError(f"give at least one layer: layers=[...] with layers 0..{vlm.n_layers - 1} "
                          "(resid_pre) or sites such as 'resid_post.3'")
-    given = [Site(kind, x) if kind is not None and isinstance(x, int) and not isinstance(x, bool) else x
-             for x in items]
-    resolved = [vlm.site(x) for x in given]  # SiteError for unknown names and layers out of range
+    resolved = [vlm.site(x) for x in items]  # SiteError for unknown names and layers out of range
     other = [s.name for s in resolved if s.kind not in KINDS]
     if other:
         raise InputError(f"harvest stores residual-stream sites ('resid_pre.L' or 'resid_post.L'), not {other}: "
@@ -222,8 +210,6 @@ def _resolve_layers(vlm: VLM, layers: Any, kind: str | None) -> tuple[str, list[
     if len(kinds) > 1:
         raise InputError(f"layers {items} mix the site kinds {kinds}: a store holds one kind; harvest each kind "
                          "into its own store (its own out=)")
-    if kind is not None and kinds[0] != kind:
-        raise InputError(f"site={kind!r} contradicts layers {items}: drop site= and name the sites in layers")
     ints = [s.index for s in resolved]
     dups = sorted({L for L in ints if ints.count(L) > 1})
     if dups:

@@ -257,13 +257,6 @@ class ActivationStore:
         return [Site(self.config["site"], L).name for L in self.layers]
 
     @property
-    def site(self) -> str:
-        """Deprecated: the site kind ('resid_pre' or 'resid_post'); use `sites` (full site names)."""
-        warnings.warn("ActivationStore.site (the site kind) is deprecated: use store.sites, the full site names "
-                      "(e.g. 'resid_pre.3'); store.site goes away in vlens 0.3", DeprecationWarning, stacklevel=2)
-        return self.config["site"]
-
-    @property
     def tokens(self) -> str:
         return self.config["tokens"]
 
@@ -474,12 +467,4 @@ class ActivationStore:
                 raise StoreError(f"shard {self.path / e['file']} does not match its checksum (a bit flip or a partial "
                                  f"copy): delete that file, then {DAMAGED_HINT}")
         return self
-
-    def to_sae_lens(self, layer: int | str | Site, path: str | os.PathLike, **kwargs: Any) -> dict:
-        """Deprecated: use `vlens.activations.export_sae_lens(store, layer, path, ...)`."""
-        from .sae_lens import export_sae_lens
-
-        warnings.warn("ActivationStore.to_sae_lens is deprecated: use vlens.activations.export_sae_lens(store, layer, "
-                      "path, ...); the method goes away in vlens 0.3", DeprecationWarning, stacklevel=2)
-        return export_sae_lens(self, layer, path, **kwargs)
 

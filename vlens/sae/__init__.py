@@ -27,9 +27,6 @@ SAE-Lens format (`export`, `load`, `convert_paper_checkpoint`,
     ('StandardSAE', 256)
 """
 
-import sys as _sys
-
-from .. import _deprecated
 from ..errors import NonFiniteActivations
 from .dashboards import dashboard
 from .data import IMAGE, TEXT, StoreSource, TensorSource, as_source
@@ -60,27 +57,3 @@ __all__ = [
     "convert_sparsify_run", "site_of", "firing_density",
     "export", "load", "convert_paper_checkpoint", "convert_sparsify_checkpoint", "dashboard",
 ]
-
-_LEGACY_CLASSES = ("MultimodalSAE", "MultimodalStandardSAE", "MultimodalTopKSAE", "MultimodalJumpReLUSAE")
-
-
-_deprecated.guard(_sys.modules[__name__])  # vs.train, vs.evaluate... stay functions
-
-def __getattr__(name: str):
-    """vlens 0.1 names: the multimodal subclasses, `collect_activations`, `heatmap_overlay` (now `vlens.viz`)."""
-    import warnings
-
-    if name in _LEGACY_CLASSES:
-        from . import modality
-
-        return getattr(modality, name)  # warns there
-    if name == "collect_activations":
-        from .data import collect_activations
-
-        return collect_activations  # warns when called
-    if name == "heatmap_overlay":
-        from ..viz import heatmap_overlay
-
-        warnings.warn("vlens.sae.heatmap_overlay moved to vlens.viz.heatmap_overlay", DeprecationWarning, stacklevel=2)
-        return heatmap_overlay
-    raise AttributeError(f"module 'vlens.sae' has no attribute {name!r}")

@@ -17,21 +17,14 @@ resuming bit-identical.
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections.abc import Iterable, Iterator
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..activations.read import read_layers
 from ..errors import InputError, StoreError
-from ..prompts import QUESTION
-from ..tokens import select
-
-if TYPE_CHECKING:
-    from ..model import VLM
 
 IMAGE, TEXT = 1, 0
 """Modality codes used everywhere in `vlens.sae`: 1 = image token, 0 = text token."""
@@ -346,72 +339,3 @@ def as_source(data: Any, layer: int | None = None, modality: Any = None) -> Tens
         "a list of stores, or an iterable of [batch, d] tensors"
     )
 
-
-@torch.no_grad()
-def collect_activations(
-    vlm: VLM,
-    samples: Any,
-    layers: Any,
-    *,
-    prompt: str = QUESTION,
-    tokens: str = "image+answer",
-    text_only: bool = True,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> dict[int, tuple[Tensor, Tensor]]:
-    """Deprecated: small in-memory harvest `{layer: (x [n, d], modality [n])}` at `resid_pre.layer`.
-
-    Use `vlens.harvest(vlm, samples, layers, tokens="image+answer", captions=True,
-    text_only=True)` and pass the store to `vlens.sae.train(store, layer=L)` instead.
-    The token mix is the paper's: image tokens and caption tokens of `prompt` + caption
-    (instruction tokens and BOS excluded via `tokens="image+answer"`), plus, with
-    `text_only`, a pass over the captions alone (no image, no template; caption tokens
-    only, BOS excluded). Reads through `vlens.activations.read_layers`.
-
-    Example:
-        >>> import vlens, warnings
-        >>> from PIL import Image
-        >>> from vlens.data import Sample
-        >>> vlm = vlens.tiny(words=["a", "red", "square"])
-        >>> with warnings.catch_warnings():
-        ...     warnings.simplefilter("ignore", DeprecationWarning)
-        ...     acts = collect_activations(vlm, [Sample(Image.new("RGB", (32, 32)), caption="a red square")], [1, 2],
-        ...                                progress=False)
-        >>> x, mod = acts[2]
-        >>> x.shape[1] == vlm.d_model, int((mod == 0).sum())   # 3 caption tokens + 3 text-only tokens
-        (True, 6)
-    """
-    from tqdm.auto import tqdm
-
-    warnings.warn(
-        "vlens.sae.collect_activations is deprecated and goes away in vlens 0.3: harvest with "
-        "vlens.harvest(vlm, samples, layers, tokens='image+answer', captions=True, text_only=True) and train on the "
-        "store (vlens.sae.train(store, layer=L))",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    layers = [int(layers)] if isinstance(layers, int) else [int(layer) for layer in layers]
-    order = sorted(set(layers))
-    xs: dict[int, list[Tensor]] = {layer: [] for layer in order}
-    mods: list[Tensor] = []
-    samples = list(samples)
-    caps = [getattr(s, "caption", None) for s in samples]
-    if any(c is None for c in caps):
-        raise InputError("every sample needs a caption: SAE training mixes image tokens with caption tokens")
-    passes = [("image", s) for s in range(0, len(samples), batch_size)]
-    if text_only:
-        passes += [("text", s) for s in range(0, len(samples), batch_size)]
-    for kind, s in tqdm(passes, desc="collect activations", disable=(not progress) or None):
-        part = samples[s : s + batch_size]
-        if kind == "image":
-            batch = vlm.prepare([prompt] * len(part), [p.image for p in part], answers=[p.caption for p in part])
-            sel = select(batch, tokens)
-        else:
-            batch = vlm.prepare([""] * len(part), None, answers=[p.caption for p in part], template=False)
-            sel = batch.layout.answer & ~batch.layout.bos
-        acts = read_layers(vlm, batch, order, tokens=sel, dtype=torch.float32)
-        for layer in order:
-            xs[layer].append(acts[layer])
-        mods.append(batch.layout.image[sel].long())
-    mod = torch.cat(mods)
-    return {layer: (torch.cat(xs[layer]), mod) for layer in layers}

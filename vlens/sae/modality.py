@@ -23,7 +23,6 @@ next to the weights (`modality.safetensors`).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -32,7 +31,6 @@ import torch
 from jaxtyping import Bool, Float
 from plotly.subplots import make_subplots
 from sae_lens import SAE
-from sae_lens.saes import JumpReLUSAE, StandardSAE, TopKSAE
 from torch import Tensor
 
 from ..errors import InputError, NonFiniteActivations
@@ -429,56 +427,3 @@ def modality_table(sae: SAE | ModalityStats) -> list[dict[str, float | str | int
                      "score": None if math.isnan(score) else score, "kind": kinds[i]})
     return rows
 
-
-# -- vlens 0.1 names ---------------------------------------------------------------------------
-
-
-class _LegacyClass(type):
-    """The 0.1 subclasses, kept as names: calling one builds the SAE-Lens class with `as_multimodal`;
-    `isinstance(sae, X)` holds for any SAE of the matching SAE-Lens class that carries `sae.modality`."""
-
-    _base: type
-
-    def __instancecheck__(cls, obj: Any) -> bool:
-        return isinstance(obj, cls._base) and "modality" in getattr(obj, "__dict__", {})
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> SAE:
-        return as_multimodal(cls._base(*args, **kwargs))
-
-
-class _MultimodalSAE(metaclass=_LegacyClass):
-    _base = SAE
-
-
-class _MultimodalStandardSAE(metaclass=_LegacyClass):
-    _base = StandardSAE
-
-
-class _MultimodalTopKSAE(metaclass=_LegacyClass):
-    _base = TopKSAE
-
-
-class _MultimodalJumpReLUSAE(metaclass=_LegacyClass):
-    _base = JumpReLUSAE
-
-
-_LEGACY = {
-    "MultimodalSAE": _MultimodalSAE,
-    "MultimodalStandardSAE": _MultimodalStandardSAE,
-    "MultimodalTopKSAE": _MultimodalTopKSAE,
-    "MultimodalJumpReLUSAE": _MultimodalJumpReLUSAE,
-}
-
-
-def __getattr__(name: str) -> Any:
-    """vlens 0.1's multimodal subclasses: modality statistics are now a plain attribute of any SAE-Lens SAE."""
-    if name in _LEGACY:
-        warnings.warn(
-            f"vlens.sae.{name} is deprecated (goes away in vlens 0.3): vlens SAEs are plain SAE-Lens SAEs with "
-            "`sae.modality` attached; build the SAE-Lens class and call vlens.sae.as_multimodal(sae), and test "
-            "`getattr(sae, 'modality', None) is not None`",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return _LEGACY[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

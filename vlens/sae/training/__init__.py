@@ -45,18 +45,3 @@ __all__ = [
     "train", "train_many",
 ]
 
-
-def __getattr__(name: str):
-    """Names vlens 0.1's `vlens.sae.train` module also held."""
-    import warnings
-
-    from ..modality import modality_stats_from_source
-    from ...errors import NonFiniteActivations
-
-    moved = {"modality_stats_from_source": ("vlens.sae.modality", modality_stats_from_source),
-             "NonFiniteActivations": ("vlens.errors", NonFiniteActivations)}
-    if name not in moved:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    where, obj = moved[name]
-    warnings.warn(f"vlens.sae.training.{name} lives in {where}", DeprecationWarning, stacklevel=2)
-    return obj

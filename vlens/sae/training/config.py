@@ -20,7 +20,6 @@ saving scheduler state (`tests/test_sae.py::test_schedules_match_sae_lens_to_rou
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -120,8 +119,7 @@ class TrainConfig:
 
     Build one from a preset (`TrainConfig.preset("paper", d_sae=4096, lr=1e-4)`) or from
     the two halves (`TrainConfig(sae=ArchitectureConfig(...), trainer=TrainerConfig(...))`).
-    Flat names read through (`cfg.lr` is `cfg.trainer.lr`); the flat constructor of
-    vlens 0.1 (`TrainConfig(lr=..., d_sae=...)`) still works, with a DeprecationWarning.
+    Flat names read through (`cfg.lr` is `cfg.trainer.lr`).
 
     Example:
         >>> cfg = TrainConfig.preset("paper", d_in=64, d_sae=512, total_steps=1000)
@@ -134,20 +132,9 @@ class TrainConfig:
     sae: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
-    def __init__(self, sae: ArchitectureConfig | None = None, trainer: TrainerConfig | None = None,
-                 **flat: Any) -> None:
+    def __init__(self, sae: ArchitectureConfig | None = None, trainer: TrainerConfig | None = None) -> None:
         object.__setattr__(self, "sae", sae if sae is not None else ArchitectureConfig())
         object.__setattr__(self, "trainer", trainer if trainer is not None else TrainerConfig())
-        if flat:
-            warnings.warn(
-                "TrainConfig(field=...) with flat fields is deprecated (goes away in vlens 0.3): use "
-                "TrainConfig.preset(name, **fields) or TrainConfig(sae=ArchitectureConfig(...), trainer=TrainerConfig(...))",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            _check_names(flat)
-            for k, v in flat.items():
-                setattr(self, k, v)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name in ("sae", "trainer"):
