@@ -23,8 +23,8 @@ from vlens.tokens import NEWLINE
 
 #: family name -> `vlens.tiny` keywords of a build with a patch-local vision feature.
 FAMILIES: dict[str, dict] = {
-    "llava-next": dict(vision_layers=1),  # one CLIP layer, vision_feature_layer -2: the patch embeddings
-    "llava": dict(vision_layers=0),  # 0 = no mixing before the feature (see vlens.families.llava.patch_local)
+    "llava-next": dict(vision_layers=0),  # 0: the patch embeddings (vision_feature_layer -2 of one CLIP layer)
+    "llava": dict(vision_layers=0),  # 0 = no mixing before the feature (see vlens.families.llava_next.patch_local)
     "llava-onevision": dict(vision_layers=0),
 }
 
@@ -68,6 +68,22 @@ def image_features(vlm, batch) -> list[torch.Tensor]:
 
 
 # -- sites ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", vlens.families.names())
+def test_every_family_runs_with_no_vision_layers(family):
+    """`vision_layers=0` builds a model whose first forward works and equals HF's own hidden states."""
+    vlm = vlens.tiny(family=family, vision_layers=0, words=WORDS)
+    batch = vlm.prepare(["<image>\nWhat is shown in this image?"], [noise(40, 24, 0)])
+    hs = hf_forward(vlm, batch).hidden_states
+    with torch.no_grad(), vlm.trace(batch):
+        h = vlm.resid_pre(1).save()
+    torch.testing.assert_close(h, hs[1])
+
+
+def test_a_vision_feature_layer_the_tower_lacks_is_refused_at_build_time():
+    with pytest.raises(vlens.errors.InputError, match="vision_feature_layer -4 does not exist in a tower of 2"):
+        vlens.tiny(family="llava-next", vision_layers=2, vision_feature_layer=-4)
 
 
 def test_every_site_reads_and_residuals_equal_hidden_states(vlm, images):

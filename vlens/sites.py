@@ -27,6 +27,7 @@ for means `resid_pre.L`, the paper's hook point.
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -88,6 +89,25 @@ class Site:
 
     kind: str
     index: int | None = None
+
+    def __post_init__(self) -> None:
+        spec = KINDS.get(self.kind) if isinstance(self.kind, str) else None
+        if spec is None:
+            raise SiteError(f"unknown site kind {self.kind!r}: {_HELP}")
+        if spec.indexed is None:
+            if self.index is not None:
+                raise SiteError(f"site {self.kind!r} takes no layer index (got {self.index!r}): {_HELP}")
+            return
+        try:
+            if isinstance(self.index, bool):
+                raise TypeError
+            index = operator.index(self.index)  # ints, numpy ints and 0-d int tensors; never 1.5 or "3"
+        except TypeError:
+            raise SiteError(
+                f"the layer of {self.kind} must be an int, not {self.index!r} ({type(self.index).__name__}): "
+                f"pass an int layer such as 3 (or the site name '{self.kind}.3')"
+            ) from None
+        object.__setattr__(self, "index", index)
 
     @property
     def name(self) -> str:

@@ -30,13 +30,14 @@ from ..errors import InputError, UnsupportedModelError
 from ..tokens import BASE, ImageGeometry
 from . import Family, register
 from .llava_next import LAYOUTS
+from .llava_next import patch_local
 from .llava_next import tiny_config as _llava_next_config
 from .wordlevel import word_tokenizer
 
 if TYPE_CHECKING:
     from transformers import LlavaConfig, LlavaProcessor
 
-__all__ = ["Llava", "CHAT_TEMPLATE", "CHAT_WORDS", "resized_size", "image_geometry", "patch_local",
+__all__ = ["Llava", "CHAT_TEMPLATE", "CHAT_WORDS", "resized_size", "image_geometry",
            "tiny_processor", "tiny_config"]
 
 #: Vicuna-style chat template of llava-hf/llava-1.5-7b-hf: `USER: <image>\n{text} ASSISTANT:`.
@@ -134,25 +135,6 @@ def image_geometry(
         col=c.long(),
         box=box,
     )
-
-
-def patch_local(vision_layers: int, vision_feature_layer: int) -> tuple[int, int]:
-    """Tower depth and feature layer for a tiny build; `vision_layers=0` asks for a patch-local feature.
-
-    A tower with no layer cannot be run by transformers (the feature is read
-    from the captured hidden states, and there are none), so 0 layers become
-    one layer whose *input*, the patch embeddings, is the feature
-    (`vision_feature_layer=-2`): each image token then depends on its own
-    patch only, which is what the pixel-box tests need. That layer is still
-    there (site `vision.0`) but the language model never sees its output.
-
-    Example:
-        >>> patch_local(0, -2), patch_local(2, -2)
-        ((1, -2), (2, -2))
-    """
-    if vision_layers < 0:
-        raise InputError(f"vision_layers must be 0 or more, not {vision_layers}")
-    return (1, -2) if vision_layers == 0 else (vision_layers, vision_feature_layer)
 
 
 def tiny_processor(

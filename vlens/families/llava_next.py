@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from transformers import LlavaNextConfig, LlavaNextProcessor
 
 __all__ = [
-    "LlavaNext", "PINPOINTS", "CHAT_TEMPLATE", "LAYOUTS", "select_best_resolution", "image_geometry", "tiny_processor", "tiny_config",
+    "LlavaNext", "PINPOINTS", "patch_local", "CHAT_TEMPLATE", "LAYOUTS", "select_best_resolution", "image_geometry", "tiny_processor", "tiny_config",
 ]
 
 #: Module trees of LLaVA-Next across transformers releases, newest first.
@@ -239,6 +239,36 @@ def tiny_processor(
     )
 
 
+def patch_local(vision_layers: int, vision_feature_layer: int) -> tuple[int, int]:
+    """Tower depth and feature layer for a tiny build; `vision_layers=0` asks for a patch-local feature.
+
+    A tower with no layer cannot be run by transformers (the feature is read
+    from the captured hidden states, and there are none), so 0 layers become
+    one layer whose *input*, the patch embeddings, is the feature
+    (`vision_feature_layer=-2`): each image token then depends on its own
+    patch only, which is what the pixel-box tests need. That layer is still
+    there (site `vision.0`) but the language model never sees its output.
+
+    A feature layer the tower does not have is refused here, at build time,
+    not on the first forward.
+
+    Example:
+        >>> patch_local(0, -2), patch_local(2, -2)
+        ((1, -2), (2, -2))
+    """
+    if vision_layers < 0:
+        raise InputError(f"vision_layers must be 0 or more, not {vision_layers}")
+    if vision_layers == 0:
+        return 1, -2
+    if not -(vision_layers + 1) <= vision_feature_layer <= vision_layers:
+        raise InputError(
+            f"vision_feature_layer {vision_feature_layer} does not exist in a tower of {vision_layers} layers "
+            f"(its hidden states are {-(vision_layers + 1)}..{vision_layers}): pick one of those, or "
+            "vision_layers=0 for the patch embeddings"
+        )
+    return vision_layers, vision_feature_layer
+
+
 def tiny_config(
     processor: "LlavaNextProcessor",
     backbone: str = "mistral",
@@ -256,6 +286,9 @@ def tiny_config(
 ) -> "LlavaNextConfig":
     """A `LlavaNextConfig` whose sizes and token ids match `processor`.
 
+    `vision_layers=0` gives a patch-local feature (see `patch_local`): the
+    language model reads the patch embeddings.
+
     Example:
         >>> cfg = tiny_config(tiny_processor(), "llama", n_layers=3)
         >>> cfg.text_config.model_type, cfg.text_config.num_hidden_layers
@@ -265,6 +298,7 @@ def tiny_config(
 
     tok = processor.tokenizer
     ip = processor.image_processor
+    vision_layers, vision_feature_layer = patch_local(vision_layers, vision_feature_layer)
     text_cls = {"mistral": MistralConfig, "llama": LlamaConfig}.get(backbone)
     if text_cls is None:
         raise InputError(f"backbone must be 'mistral' or 'llama', not {backbone!r}")

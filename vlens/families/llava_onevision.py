@@ -37,9 +37,9 @@ from torch import Tensor
 from ..errors import InputError
 from ..tokens import HIGHRES, NEWLINE, ImageGeometry
 from . import Family, processor_without_video, register, text_sizes
-from .llava import CHAT_WORDS, patch_local
+from .llava import CHAT_WORDS
 from .llava import image_geometry as _fixed_grid
-from .llava_next import LAYOUTS
+from .llava_next import LAYOUTS, patch_local
 from .llava_next import image_geometry as _anyres
 from .wordlevel import word_tokenizer
 
@@ -266,7 +266,7 @@ def tiny_config(
     """A `LlavaOnevisionConfig` (SigLIP tower, Qwen2 LM) whose sizes and token ids match `processor`.
 
     Same size keywords as LLaVA-Next; `vision_layers=0` gives a patch-local
-    feature (see `vlens.families.llava.patch_local`). `patch_size` is the
+    feature (see `vlens.families.llava_next.patch_local`). `patch_size` is the
     tower's (default: the tile side over the processor's patches per side).
 
     Example:

@@ -38,7 +38,6 @@ Which site each format reads (`sae.cfg.metadata.hook_name`, and `site_of` for a 
 from __future__ import annotations
 
 import copy
-import json
 import re
 import warnings
 from pathlib import Path
@@ -49,6 +48,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from sae_lens import SAE
+from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
 from sae_lens.registry import SAE_CLASS_REGISTRY
 from sae_lens.saes import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from sae_lens.saes.sae import SAEMetadata
@@ -56,6 +56,7 @@ from torch import Tensor
 
 from ..errors import InputError, NonFiniteActivations, SiteError
 from ..sites import Site, SiteLike, from_hook_name
+from ._ondisk import check_config, check_tensors, expected_shapes, read_json
 from .modality import ModalityStats, as_multimodal
 
 if TYPE_CHECKING:
@@ -250,23 +251,29 @@ def load(path: str | Path, device: str = "cpu") -> SAE:
             "(for sparsify checkpoints use convert_sparsify_checkpoint, for the paper's fc1/fc2 files "
             "convert_paper_checkpoint)"
         )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{cfg_path} is not valid JSON ({e})") from None
+    cfg = read_json(cfg_path, "re-export the SAE (vlens.sae.export writes cfg.json)")
     arch = cfg.get("architecture")
     if arch not in SAE_CLASS_REGISTRY:
         raise InputError(
             f"{cfg_path} names architecture {arch!r}, which SAE-Lens {sae_lens.__version__} does not know; "
             f"known: {sorted(SAE_CLASS_REGISTRY)}. Was it written by another library (try the converters)?"
         )
+    sae_cls, cfg_cls = SAE_CLASS_REGISTRY[arch]
+    check_config(cfg_path, cfg, cfg_cls, arch)
     weights = path / "sae_weights.safetensors"
     tensors = _read_safetensors(weights)  # validates before SAE-Lens touches it
     bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if bad:
         raise NonFiniteActivations(f"{weights} holds NaN/inf in {', '.join(bad)}: retrain or re-export this SAE")
+    try:
+        sae = SAE.load_from_disk(path, device=device)
+    except RuntimeError:  # torch's "Error(s) in loading state_dict": say which tensor and why
+        parsed = cfg_cls.from_dict(handle_config_defaulting(dict(cfg)))
+        check_tensors(weights, tensors, expected_shapes(sae_cls, parsed),
+                      f"{cfg_path} (a {arch!r} SAE, d_in={cfg['d_in']}, d_sae={cfg['d_sae']})",
+                      "Fix d_in / d_sae in cfg.json, or re-export the SAE from its training run.")
+        raise
     del tensors
-    sae = SAE.load_from_disk(path, device=device)
     stats = _modality_from_disk(path, cfg)
     density = None
     if stats is None and (path / SPARSITY_FILENAME).exists():
@@ -469,7 +476,8 @@ def convert_sparsify_checkpoint(
     if not cfg_path.exists():
         raise InputError(f"{cfg_path} not found: a sparsify checkpoint is a folder with cfg.json and sae.safetensors "
                          "(for a run folder of several hookpoints use convert_sparsify_run)")
-    c = json.loads(cfg_path.read_text())
+    fix = "re-download the checkpoint, or write a sparsify cfg.json ({\"d_in\": ..., \"num_latents\": ..., \"k\": ...})"
+    c = read_json(cfg_path, fix)
     if c.get("transcode"):
         raise InputError("this sparsify checkpoint is a transcoder (transcode=true): only SAEs can be converted")
     act = c.get("activation", "topk")
@@ -483,16 +491,27 @@ def convert_sparsify_checkpoint(
         raise InputError(f"not a sparsify SAE: sae.safetensors lacks {missing} (has {sorted(sd)})")
     dt = _dtype(dtype, sd["encoder.weight"].dtype)
     w_enc = sd["encoder.weight"].to(dt)
+    if w_enc.ndim != 2:
+        raise InputError(f"{src / 'sae.safetensors'}: encoder.weight has shape {tuple(w_enc.shape)}, not "
+                         "(num_latents, d_in): re-download the checkpoint")
     d_sae, d_in = w_enc.shape
-    if "d_in" in c and int(c["d_in"]) != d_in:
-        raise InputError(f"cfg.json says d_in={c['d_in']} but encoder.weight has shape {tuple(w_enc.shape)}")
-    if "k" not in c:
-        raise InputError("sparsify cfg.json has no 'k'")
+    for key, value in (("d_in", d_in), ("num_latents", d_sae)):
+        if c.get(key) not in (None, 0, value):  # sparsify writes num_latents=0 when expansion_factor sets it
+            raise InputError(f"{cfg_path} says {key}={c[key]!r} but encoder.weight in sae.safetensors has shape "
+                             f"{tuple(w_enc.shape)} (num_latents, d_in): fix {key}, or re-download the checkpoint")
+    k = c.get("k")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_sae:
+        raise InputError(f"{cfg_path} says k={k!r}: a TopK SAE keeps k latents of its {d_sae}, so k must be an int "
+                         f"in 1..{d_sae}; fix k in cfg.json")
+    check_tensors(src / "sae.safetensors", {k_: sd[k_] for k_ in ("encoder.bias", "W_dec", "b_dec")},
+                  {"encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)},
+                  f"its encoder.weight {tuple(w_enc.shape)} (num_latents={d_sae}, d_in={d_in})",
+                  "Re-download the checkpoint, or convert the folder it came from.")
     w_dec = sd["W_dec"].to(dt)
     unit = bool(((w_dec.float().norm(dim=-1) - 1).abs() <= SPARSIFY_UNIT_NORM_TOL).all())
     hook = hook_name if hook_name is not None else sparsify_hook_name(src.name)
     meta = _converted_metadata({"format": "sparsify", "folder": src.name, "cfg": c}, model_name, hook)
-    cfg = TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=int(c["k"]), apply_b_dec_to_input=True,
+    cfg = TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, apply_b_dec_to_input=True,
                         rescale_acts_by_decoder_norm=unit, dtype=str(dt).removeprefix("torch."), metadata=meta)
     sae = as_multimodal(TopKSAE(cfg))
     sae.load_state_dict({"W_enc": w_enc.T.contiguous(), "b_enc": sd["encoder.bias"].to(dt),
@@ -534,7 +553,7 @@ def convert_sparsify_run(
         raise InputError(f"{src} holds no sparsify hookpoint folders (each with cfg.json and sae.safetensors)")
     run_cfg = src / "config.json"
     if model_name is None and run_cfg.exists():
-        model_name = json.loads(run_cfg.read_text()).get("model")
+        model_name = read_json(run_cfg, "fix or delete it, or pass model_name=").get("model")
 
     def order(p: Path) -> tuple:
         return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name))
