@@ -25,7 +25,7 @@ from nnsight.intervention.envoy import traceable
 from nnsight.modeling.transformers import TransformersModel
 from torch import Tensor
 
-from . import families, sites
+from . import attention, families, sites
 from .errors import InputError, UnsupportedModelError
 from .prepare import position_ids, prepare
 from .tokens import Batch
@@ -86,7 +86,10 @@ class VLM(TransformersModel):
 
     def _find_modules(self) -> None:
         for name, layout in self.family.layouts.items():
-            if all(_has(self._module, p) for p in vars(layout).values()):
+            top = [p for f, p in vars(layout).items() if f not in sites.LAYER_FIELDS]
+            if all(_has(self._module, p) for p in top) and all(
+                _has(_get(self._module, layout.lm_layers)[0], getattr(layout, f)) for f in sites.LAYER_FIELDS
+            ):
                 self.modules, self.layout_version = layout, name
                 return
         raise UnsupportedModelError(
@@ -112,6 +115,35 @@ class VLM(TransformersModel):
     def d_model(self) -> int:
         """Width of the language-model residual stream."""
         return int(self.family.text_config(self.config).hidden_size)
+
+    @property
+    def n_heads(self) -> int:
+        """Number of query heads per LM layer (the `heads` axis of `z` and `pattern`)."""
+        return int(self.family.text_config(self.config).num_attention_heads)
+
+    @property
+    def d_head(self) -> int:
+        """Width of one attention head of the LM (`z`'s last axis)."""
+        attn = _get(_get(self._module, self.modules.lm_layers)[0], self.modules.attn)
+        return int(attn.head_dim)
+
+    def width(self, site: sites.SiteLike) -> int:
+        """The width of one token's vector at a site (`heads × d_head` at `z`, as SAE-Lens's hook_z SAEs read it).
+
+        Example:
+            >>> import vlens
+            >>> vlm = vlens.tiny()
+            >>> vlm.width("mlp_out.1") == vlm.d_model, vlm.width("z.1") == vlm.n_heads * vlm.d_head
+            (True, True)
+        """
+        s = self.site(site)
+        if s.kind == "z":
+            return self.n_heads * self.d_head
+        if s.kind == "pattern":
+            raise InputError(f"{s.name} has no fixed width (one row per key token): read it with vlm.read")
+        if s.kind == "vision":
+            return int(getattr(self.config.vision_config, "hidden_size"))
+        return self.vocab_size if s.kind == "logits" else self.d_model
 
     @property
     def n_vision_layers(self) -> int:
@@ -158,10 +190,21 @@ class VLM(TransformersModel):
         """
         return sites.resolve(site, self.n_layers, self.n_vision_layers)
 
+    def envoy(self, site: sites.SiteLike) -> Any:
+        """The nnsight envoy of the module behind a site (for `pattern.L`: the layer's attention block).
+
+        Example:
+            >>> import vlens
+            >>> type(vlens.tiny().envoy("z.0")._module).__name__
+            'Linear'
+        """
+        return self._site_envoy(site)[0]
+
     def _site_envoy(self, site: sites.SiteLike) -> tuple[Any, sites.Site]:
         s = self.site(site)
         envoy = self._envoy(s.module)
-        return (envoy[s.index] if s.index is not None else envoy), s
+        envoy = envoy[s.index] if s.index is not None else envoy
+        return (_get(envoy, getattr(self.modules, s.sub)) if s.sub else envoy), s
 
     def module_path(self, site: sites.SiteLike) -> str:
         """The module path behind a site, and whether it is its input or output.
@@ -173,6 +216,7 @@ class VLM(TransformersModel):
         """
         s = self.site(site)
         path = getattr(self.modules, s.module) + (f".{s.index}" if s.index is not None else "")
+        path += f".{getattr(self.modules, s.sub)}" if s.sub else ""
         return f"{path}.{s.value}"
 
     def hook_name(self, site: sites.SiteLike) -> str:
@@ -185,10 +229,14 @@ class VLM(TransformersModel):
         """
         return self.site(site).hook_name
 
-    def read(self, site: sites.SiteLike) -> Tensor:
+    def read(self, site: sites.SiteLike, *, queries: Any = None) -> Tensor:
         """Read a site inside a trace (tuple outputs are unpacked to their hidden state).
 
         The returned tensor is the live one: edit it in place to intervene.
+        `z.L` comes as `[batch, seq, heads, d_head]` (a view: `z[:, :, h] = 0`
+        ablates head h). `pattern.L` is `[batch, heads, query, key]`,
+        recomputed (`vlens.attention.pattern`); `queries` (int positions or a
+        1-D index tensor) keeps only those query rows.
 
         Example:
             >>> import vlens; from PIL import Image
@@ -200,8 +248,34 @@ class VLM(TransformersModel):
             True
         """
         envoy, s = self._site_envoy(site)
+        if s.kind == "pattern":
+            return attention.pattern(envoy, queries)
+        if queries is not None:
+            raise InputError(f"queries= limits the rows of a pattern site, not of {s.name}")
         value = getattr(envoy, s.value)
-        return value[0] if isinstance(value, tuple) else value
+        value = value[0] if isinstance(value, tuple) else value
+        return value.unflatten(-1, (self.n_heads, self.d_head)) if s.kind == "z" else value
+
+    def vectors(self, site: sites.SiteLike) -> Float[Tensor, "batch seq d"]:
+        """A site as one vector per token, `[batch, seq, width]`, live inside a trace (`z`'s heads concatenated).
+
+        This is what SAEs, harvests and vector edits read and write (a view:
+        editing it edits the model).
+
+        Example:
+            >>> import vlens; from PIL import Image
+            >>> vlm = vlens.tiny()
+            >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+            >>> with vlm.trace(b):
+            ...     z = vlm.vectors("z.1").save()
+            >>> z.shape[-1] == vlm.n_heads * vlm.d_head
+            True
+        """
+        s = self.site(site)
+        if s.kind == "pattern":
+            raise InputError(f"{s.name} is not one vector per token: read it with vlm.read({s.name!r})")
+        h = self.read(s)
+        return h.flatten(-2) if s.kind == "z" else h
 
     def write(self, site: sites.SiteLike, value: Tensor) -> None:
         """Replace the value at a site inside a trace (same shape as the value it replaces).
@@ -217,8 +291,13 @@ class VLM(TransformersModel):
             True
         """
         envoy, s = self._site_envoy(site)
+        if s.kind == "pattern":
+            raise InputError(f"{s.name} is read-only (recomputed from the attention's inputs): block attention edges "
+                             "with vlens.attention.knockout, or edit z/attn_out")
         current = getattr(envoy, s.value)
         live = current[0] if isinstance(current, tuple) else current
+        if s.kind == "z" and isinstance(value, Tensor) and value.dim() == 4:
+            value = value.flatten(-2)
         if isinstance(value, Tensor) and isinstance(live, Tensor) and tuple(value.shape) != tuple(live.shape):
             raise InputError(
                 f"cannot write a value of shape {tuple(value.shape)} to {s.name}, whose value has shape "

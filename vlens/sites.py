@@ -8,6 +8,11 @@ its hook name is what SAE-Lens and TransformerLens call it:
 |----------------|------------------------------------------|--------|----------------------------------|
 | `resid_pre.L`  | `model.language_model.layers.L`          | input  | `blocks.L.hook_resid_pre`        |
 | `resid_post.L` | `model.language_model.layers.L`          | output | `blocks.L.hook_resid_post`       |
+| `attn_out.L`   | `….layers.L.self_attn` (Gemma 3: `….layers.L.post_attention_layernorm`) | output | `blocks.L.hook_attn_out` |
+| `mlp_in.L`     | `….layers.L.mlp`                         | input  | `blocks.L.hook_mlp_in` (alias `blocks.L.ln2.hook_normalized`) |
+| `mlp_out.L`    | `….layers.L.mlp` (Gemma 3: `….layers.L.post_feedforward_layernorm`) | output | `blocks.L.hook_mlp_out` |
+| `z.L`          | `….layers.L.self_attn.o_proj`            | input, `[batch, seq, heads, d_head]` | `blocks.L.attn.hook_z` |
+| `pattern.L`    | `….layers.L.self_attn` (recomputed)      | `[batch, heads, query, key]` | `blocks.L.attn.hook_pattern` |
 | `vision.J`     | `model.vision_tower.encoder.layers.J`    | output | `vision.blocks.J.hook_resid_post`|
 | `embed`        | `model.language_model.embed_tokens`      | output | `hook_embed`                     |
 | `projector`    | `model.multi_modal_projector`            | output | `hook_projector`                 |
@@ -17,6 +22,21 @@ its hook name is what SAE-Lens and TransformerLens call it:
 `resid_pre.L` is HF `hidden_states[L]`; `resid_post.L` is `hidden_states[L + 1]`
 (before the final norm on the last layer). An int `L` anywhere a site is asked
 for means `resid_pre.L`, the paper's hook point.
+
+Inside a layer, `attn_out.L` and `mlp_out.L` are what the attention and MLP
+blocks ADD to the residual stream, so `resid_post.L == resid_pre.L +
+attn_out.L + mlp_out.L` in every family. Gemma 3 norms both blocks' inputs
+and outputs: its `attn_out`/`mlp_out` are the post-norms' outputs, its
+`mlp_in` is the pre-feedforward norm's output (the MLP's input, as in every
+family: `ln2` is `post_attention_layernorm` elsewhere). `z.L` is the heads'
+outputs before `o_proj`: `o_proj(z.flatten(-2))` is `attn_out` in every
+family except Gemma 3, where it is `attn_out` BEFORE the post-attention norm.
+Grouped-query models have `heads` query heads in `z` and `pattern` (the
+key/value heads are shared, as HF's `repeat_kv` does). `pattern.L` is
+recomputed from the attention block's own inputs (see `vlens.attention`);
+it is read-only: block attention edges with `vlens.attention.knockout`.
+Qwen's M-RoPE, Gemma's q/k norms, sliding windows and image-bidirectional
+masks all come from the model's own code and mask.
 
     >>> from vlens.sites import parse, hook_name, from_hook_name
     >>> parse(8), parse("resid_post.3").hook_name
@@ -34,7 +54,7 @@ from typing import Union
 
 from .errors import SiteError
 
-__all__ = ["Site", "SiteLike", "ModuleLayout", "KINDS", "parse", "resolve", "hook_name", "from_hook_name", "names"]
+__all__ = ["Site", "SiteLike", "ModuleLayout", "KINDS", "ALIASES", "IN_LAYER", "LAYER_FIELDS", "parse", "resolve", "hook_name", "from_hook_name", "names"]
 
 
 @dataclass(frozen=True)
@@ -43,12 +63,18 @@ class _Kind:
     value: str  # "input" or "output" of that module
     hook: str  # SAE-Lens hook name, `{i}` for the layer index
     indexed: str | None  # "lm", "vision" or None
+    sub: str | None = None  # field of ModuleLayout: a submodule path inside each layer
 
 
 #: Site kinds: name -> which module (a `ModuleLayout` field), which value, which hook name, indexed by which layers.
 KINDS: dict[str, _Kind] = {
     "resid_pre": _Kind("lm_layers", "input", "blocks.{i}.hook_resid_pre", "lm"),
     "resid_post": _Kind("lm_layers", "output", "blocks.{i}.hook_resid_post", "lm"),
+    "attn_out": _Kind("lm_layers", "output", "blocks.{i}.hook_attn_out", "lm", "attn_out"),
+    "mlp_in": _Kind("lm_layers", "input", "blocks.{i}.hook_mlp_in", "lm", "mlp"),
+    "mlp_out": _Kind("lm_layers", "output", "blocks.{i}.hook_mlp_out", "lm", "mlp_out"),
+    "z": _Kind("lm_layers", "input", "blocks.{i}.attn.hook_z", "lm", "o_proj"),
+    "pattern": _Kind("lm_layers", "recomputed", "blocks.{i}.attn.hook_pattern", "lm", "attn"),
     "vision": _Kind("vision_layers", "output", "vision.blocks.{i}.hook_resid_post", "vision"),
     "embed": _Kind("embed", "output", "hook_embed", None),
     "projector": _Kind("projector", "output", "hook_projector", None),
@@ -57,7 +83,12 @@ KINDS: dict[str, _Kind] = {
 }
 
 _NAME = re.compile(r"^([a-z_]+)(?:\.(-?\d+))?$")
-_HOOKS = [(re.compile("^" + re.escape(k.hook).replace(r"\{i\}", r"(\d+)") + "$"), name) for name, k in KINDS.items()]
+#: Other hook names of the same sites (TransformerLens's name of the MLP's normalised input).
+ALIASES: dict[str, str] = {"blocks.{i}.ln2.hook_normalized": "mlp_in"}
+#: Sites inside each LM layer, in the order a layer computes them (between `resid_pre.L` and `resid_post.L`).
+IN_LAYER = ("pattern", "z", "attn_out", "mlp_in", "mlp_out")
+_HOOKS = [(re.compile("^" + re.escape(h).replace(r"\{i\}", r"(\d+)") + "$"), name)
+          for name, h in [(n, k.hook) for n, k in KINDS.items()] + [(n, h) for h, n in ALIASES.items()]]
 
 
 @dataclass(frozen=True)
@@ -75,6 +106,16 @@ class ModuleLayout:
     lm_head: str = "lm_head"
     vision_layers: str = "model.vision_tower.encoder.layers"
     projector: str = "model.multi_modal_projector"
+    # paths inside one LM layer (fields named in `LAYER_FIELDS`)
+    attn: str = "self_attn"
+    o_proj: str = "self_attn.o_proj"
+    mlp: str = "mlp"
+    attn_out: str = "self_attn"
+    mlp_out: str = "mlp"
+
+
+#: `ModuleLayout` fields that are paths inside one LM layer, not from the top module.
+LAYER_FIELDS = ("attn", "o_proj", "mlp", "attn_out", "mlp_out")
 
 
 @dataclass(frozen=True)
@@ -125,8 +166,13 @@ class Site:
 
     @property
     def value(self) -> str:
-        """'input' or 'output' of the module."""
+        """'input' or 'output' of the module ('recomputed' for `pattern`)."""
         return KINDS[self.kind].value
+
+    @property
+    def sub(self) -> str | None:
+        """The `ModuleLayout` field of the submodule inside the layer, for sites inside a layer."""
+        return KINDS[self.kind].sub
 
     def __str__(self) -> str:
         return self.name
@@ -139,8 +185,8 @@ class Site:
 SiteLike = Union[int, str, Site]
 
 _HELP = (
-    "use an int layer L (= 'resid_pre.L'), 'resid_pre.L', 'resid_post.L', 'vision.J', 'embed', 'projector', "
-    "'final_norm' or 'logits'"
+    "use an int layer L (= 'resid_pre.L'), 'resid_pre.L', 'resid_post.L', 'attn_out.L', 'mlp_in.L', 'mlp_out.L', "
+    "'z.L', 'pattern.L', 'vision.J', 'embed', 'projector', 'final_norm' or 'logits'"
 )
 
 
@@ -208,12 +254,14 @@ def from_hook_name(hook: str) -> Site:
     Example:
         >>> from_hook_name("blocks.5.hook_resid_post"), from_hook_name("ln_final.hook_normalized")
         (Site('resid_post.5'), Site('final_norm'))
+        >>> from_hook_name("blocks.3.attn.hook_z"), from_hook_name("blocks.3.ln2.hook_normalized")
+        (Site('z.3'), Site('mlp_in.3'))
     """
     for pattern, kind in _HOOKS:
         m = pattern.match(str(hook))
         if m:
             return Site(kind, int(m.group(1)) if m.groups() else None)
-    known = ", ".join(k.hook.replace("{i}", "L") for k in KINDS.values())
+    known = ", ".join(h.replace("{i}", "L") for h in [k.hook for k in KINDS.values()] + list(ALIASES))
     raise SiteError(f"hook name {hook!r} names no vlens site; known hook names: {known}")
 
 
@@ -221,10 +269,10 @@ def names(n_layers: int, n_vision_layers: int = 0) -> list[str]:
     """Every site name of a model with these layer counts, in execution order.
 
     Example:
-        >>> names(2, 1)
-        ['embed', 'vision.0', 'projector', 'resid_pre.0', 'resid_post.0', 'resid_pre.1', 'resid_post.1', 'final_norm', 'logits']
+        >>> names(1, 1)
+        ['embed', 'vision.0', 'projector', 'resid_pre.0', 'pattern.0', 'z.0', 'attn_out.0', 'mlp_in.0', 'mlp_out.0', 'resid_post.0', 'final_norm', 'logits']
     """
     out = ["embed"] + [f"vision.{j}" for j in range(n_vision_layers)] + ["projector"]
     for L in range(n_layers):
-        out += [f"resid_pre.{L}", f"resid_post.{L}"]
+        out += [f"resid_pre.{L}", *(f"{k}.{L}" for k in IN_LAYER), f"resid_post.{L}"]
     return out + ["final_norm", "logits"]

@@ -55,14 +55,17 @@ SPECIAL_TOKENS = [
 ]
 _NAMED = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 
+#: Inside a Gemma 3 layer both blocks are normed before and after: what each block adds to the residual is its
+#: post-norm's output (`attn_out`, `mlp_out`); the MLP's input is the pre-feedforward norm's output.
+_POST_NORMS = dict(attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
 #: Module trees across transformers releases, newest first.
 LAYOUTS: dict[str, ModuleLayout] = {
-    "transformers>=5": ModuleLayout(vision_layers="model.vision_tower.encoder.layers"),
-    "transformers>=4.52": ModuleLayout(vision_layers="model.vision_tower.vision_model.encoder.layers"),
+    "transformers>=5": ModuleLayout(vision_layers="model.vision_tower.encoder.layers", **_POST_NORMS),
+    "transformers>=4.52": ModuleLayout(vision_layers="model.vision_tower.vision_model.encoder.layers", **_POST_NORMS),
     "transformers<4.52": ModuleLayout(
         lm_layers="language_model.model.layers", embed="language_model.model.embed_tokens",
         final_norm="language_model.model.norm", lm_head="language_model.lm_head",
-        vision_layers="vision_tower.vision_model.encoder.layers", projector="multi_modal_projector",
+        vision_layers="vision_tower.vision_model.encoder.layers", projector="multi_modal_projector", **_POST_NORMS,
     ),
 }
 
