@@ -13,7 +13,8 @@ execution order (read layer 3 before layer 5, as nnsight requires).
 
 `site` is an int layer L (the paper's hook point, `resid_pre.L` = HF
 `hidden_states[L]`) or any site name of `VLM.read` (`"resid_post.3"`,
-`"vision.1"`...). `tokens` is any token selection of `vlens.tokens.select` ('image', 'text',
+`"vision.1"`, `"mlp_out.3"`; `"z.3"` is edited as one vector per token, the
+heads concatenated). `tokens` is any token selection of `vlens.tokens.select` ('image', 'text',
 'answer', 'base', 'highres', 'newline', 'image+answer', int positions, a
 [batch, seq] bool mask, or a function of the layout such as
 `vlens.tokens.tile(0)`). `tokens=None` edits every position.
@@ -36,13 +37,13 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .errors import InputError
-from .sites import SiteLike
+from .sites import SiteLike, from_hook_name
 from .tokens import Batch, TokenLayout, TokenSelection, select
 
 if TYPE_CHECKING:
     from .model import VLM
 
-__all__ = ["ablate", "add", "check_vector", "clamp_latent", "project_out", "splice_sae"]
+__all__ = ["ablate", "add", "check_vector", "clamp_latent", "project_out", "splice_sae", "splice_transcoder"]
 
 
 # -- vectors ------------------------------------------------------------
@@ -92,7 +93,7 @@ def _edit(
     new_tokens: bool,
 ) -> Tensor | None:
     """Apply fn ([n, d] -> [n, d]) to the selected rows of the live activation, in place."""
-    h = vlm.read(site)
+    h = vlm.vectors(site)
     if tokens is None:
         h[...] = fn(h.reshape(-1, h.shape[-1])).reshape(h.shape)
         return h
@@ -138,7 +139,7 @@ def add(
         >>> round(float((h - h0)[b.layout.image].mean()), 4)
         3.0
     """
-    v = check_vector(vector, vlm.d_model)
+    v = check_vector(vector, vlm.width(site))
     if not math.isfinite(float(k)):
         raise InputError(f"k must be a finite number, got {k}")
 
@@ -178,7 +179,7 @@ def ablate(
         else:
             fn = lambda x: x.mean(0, keepdim=True).expand_as(x)  # noqa: E731
     else:
-        v = check_vector(value, vlm.d_model, "ablation value")
+        v = check_vector(value, vlm.width(site), "ablation value")
         fn = lambda x: v.to(x.device, x.dtype).expand_as(x).clone()  # noqa: E731
     _edit(vlm, site, batch, tokens, fn, new_tokens)
 
@@ -218,7 +219,7 @@ def project_out(
         >>> float((h[0] @ u).abs().max()) < 1e-3
         True
     """
-    q = _orthonormal(directions, vlm.d_model)
+    q = _orthonormal(directions, vlm.width(site))
 
     def fn(x: Tensor) -> Tensor:
         qq = q.to(x.device, x.dtype)
@@ -236,8 +237,8 @@ def _check_sae(sae: Any, d_model: int) -> None:
     W = getattr(sae, "W_dec", None)
     if W is not None and W.shape[-1] != d_model:
         raise InputError(
-            f"this SAE decodes to width {W.shape[-1]} but the site has d_model {d_model}: use an SAE trained on "
-            "this model's residual stream"
+            f"this SAE decodes to width {W.shape[-1]} but the site has width {d_model}: use an SAE trained on "
+            "this model at this site (z.L is heads × d_head wide, the others d_model)"
         )
 
 
@@ -278,7 +279,7 @@ def clamp_latent(
         >>> bool((f[b.layout.image][:, 5] > 5).all())
         True
     """
-    _check_sae(sae, vlm.d_model)
+    _check_sae(sae, vlm.width(site))
     latents = [latent] if isinstance(latent, int) else list(latent)
     values = torch.as_tensor([value] * len(latents) if isinstance(value, (int, float)) else list(value),
                              dtype=torch.float32)
@@ -327,7 +328,7 @@ def splice_sae(
         >>> f.shape[1]
         128
     """
-    _check_sae(sae, vlm.d_model)
+    _check_sae(sae, vlm.width(site))
     dev, dt = _sae_dtype(sae)
     out: list[Tensor] = []
 
@@ -348,3 +349,64 @@ def splice_sae(
     _edit(vlm, site, batch, tokens, fn, new_tokens)
     return out[0] if out else torch.zeros(0, sae.W_dec.shape[0])
 
+
+def splice_transcoder(
+    vlm: VLM,
+    transcoder: Any,
+    *,
+    batch: Batch | TokenLayout | None = None,
+    tokens: TokenSelection | None = "all",
+    error: bool = False,
+    edit: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Replace an MLP's output with a transcoder's prediction from its input; returns the latents [n, d_sae].
+
+    The transcoder reads `mlp_in.L` and writes `mlp_out.L` (its
+    `cfg.metadata.hook_name` / `hook_name_out`, e.g. Gemma Scope 2's
+    `blocks.L.hook_mlp_in` → `blocks.L.hook_mlp_out`; for Gemma 3 both are
+    after the MLP's norms, see `vlens.sites`). With `error=True` the MLP's
+    true output minus the prediction is added back, so only `edit` (a
+    function of the latents) changes anything.
+
+    Example:
+        >>> import vlens, torch; from PIL import Image
+        >>> from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
+        >>> from sae_lens.saes.sae import SAEMetadata
+        >>> vlm = vlens.tiny()
+        >>> meta = SAEMetadata(hook_name="blocks.1.hook_mlp_in", hook_name_out="blocks.1.hook_mlp_out")
+        >>> tc = Transcoder(TranscoderConfig(d_in=64, d_sae=32, d_out=64, apply_b_dec_to_input=False,
+        ...                                  metadata=meta))
+        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+        >>> with torch.no_grad(), vlm.trace(b):
+        ...     f = splice_transcoder(vlm, tc, batch=b, tokens="image").save()
+        >>> f.shape[1]
+        32
+    """
+    meta = transcoder.cfg.metadata
+    ins, outs = getattr(meta, "hook_name", None), getattr(meta, "hook_name_out", None)
+    if not ins or not outs:
+        raise InputError("this transcoder does not say where it reads and writes: set cfg.metadata.hook_name "
+                         "(e.g. 'blocks.3.hook_mlp_in') and cfg.metadata.hook_name_out ('blocks.3.hook_mlp_out')")
+    site_in, site_out = vlm.site(from_hook_name(ins)), vlm.site(from_hook_name(outs))
+    _check_sae(transcoder, vlm.width(site_out))
+    dev, dt = _sae_dtype(transcoder)
+    x = vlm.vectors(site_in)
+    mask = None if tokens is None else _mask_for(vlm, batch, tokens, x)
+    xs = (x.reshape(-1, x.shape[-1]) if mask is None else x[mask]).to(dev, dt)
+    f = transcoder.encode(xs)
+    recon = transcoder.forward(xs)  # with a skip transcoder's affine term
+    f2 = f if edit is None else edit(f)
+    new = recon if edit is None else recon - transcoder.decode(f) + transcoder.decode(f2)
+
+    def fn(y: Tensor) -> Tensor:
+        out = new + (y.to(dev, dt) - recon) if error else new
+        return out.to(y.device, y.dtype)
+
+    _edit(vlm, site_out, batch, tokens, fn, new_tokens=False)
+    return f2
+
+
+def _mask_for(vlm: VLM, batch: Batch | TokenLayout | None, tokens: TokenSelection, h: Tensor) -> Tensor:
+    if batch is None:
+        raise InputError("a token selection needs the batch: pass batch=<the Batch from vlm.prepare>, or tokens=None")
+    return select(batch, tokens, nonempty=True).to(h.device)

@@ -25,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import InputError
-from ..sites import SiteLike
+from ..sites import Site, SiteLike
 from ..tokens import Batch, TokenSelection, select
 
 if TYPE_CHECKING:
@@ -52,6 +52,9 @@ def read_layers(
         vlm: the model.
         batch: a `Batch` from `vlm.prepare`.
         sites: one site or several (an int L is `resid_pre.L`; any name of `vlm.sites`).
+            `z.L` gives the heads concatenated (`[rows, heads × d_head]`, as
+            SAE-Lens's hook_z SAEs read it); `pattern.L` gives the selected
+            tokens' query rows, `[rows, heads, seq]`.
         tokens: a token selection (`vlens.tokens.select`); default the image tokens.
         pool: None keeps one row per selected token, in row-major order
             (`h[mask]`); "mean" gives one row per batch row, the mean over its
@@ -86,8 +89,15 @@ def read_layers(
     saved: dict[Any, Tensor] = {}
     with torch.inference_mode(), vlm.trace(batch.to(vlm.device)) as tracer:
         for k in keys:
-            h = vlm.read(resolved[k])
-            v = h[mask] if pool is None else einops.einsum(h, weights.to(h.dtype), "b s d, b s -> b d")
+            h = _tokens_first(vlm, resolved[k])
+            v = h[mask] if pool is None else einops.einsum(h, weights.to(h.dtype), "b s ..., b s -> b ...")
             saved[k] = v.to("cpu", out_dtype).save()
         tracer.stop()
     return saved
+
+
+def _tokens_first(vlm: "VLM", site: Site) -> Tensor:
+    """The site's value with the token axes first: `[batch, seq, ...]` (a pattern's queries moved before its heads)."""
+    if site.kind == "pattern":
+        return vlm.read(site).transpose(1, 2)
+    return vlm.vectors(site)
