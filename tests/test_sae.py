@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from sae_lens import SAE
@@ -59,8 +60,9 @@ def test_schedules_match_sae_lens_to_rounding():
     ours = [cfg.lr_at(s) for s in range(1000)]
     assert ours == pytest.approx(theirs, rel=1e-13, abs=1e-20)
     assert ours != theirs  # hence vlens's own: resumed and fresh runs stay bit-identical without scheduler state
-    warm = CoefficientScheduler(50, 5.0)
-    assert [cfg.coefficient_at(s) for s in range(1000)] == pytest.approx([warm.step() for _ in range(1000)], rel=1e-13)
+    warm = CoefficientScheduler(50, 5.0)  # SAE-Lens's warm-up starts at λ/W (the paper's at 0)
+    sae_lens_warmup = cfg.replace(coefficient_warmup_from_zero=False)
+    assert [sae_lens_warmup.coefficient_at(s) for s in range(1000)] == pytest.approx([warm.step() for _ in range(1000)], rel=1e-13)
 
 
 def test_split_config_and_flat_compatibility(acts):
@@ -73,7 +75,7 @@ def test_split_config_and_flat_compatibility(acts):
         "adam_beta1", "adam_beta2", "grad_clip", "l1_coefficient", "coefficient_warmup_frac", "k",
         "aux_loss_coefficient", "l0_coefficient", "jumprelu_init_threshold", "jumprelu_bandwidth",
         "apply_b_dec_to_input", "decoder_init_norm", "normalize", "n_norm_batches", "dead_window_tokens", "seed",
-        "shuffle", "fused"]
+        "shuffle", "fused", "detach_decoder_norm", "coefficient_warmup_from_zero"]
     assert vs.TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert vs.TrainConfig() == vs.PRESETS["paper"]
     with pytest.raises(ValueError, match="unknown training option"):
@@ -88,7 +90,10 @@ def test_paper_preset_recipe():
     assert (cfg.lr, cfg.l1_coefficient, cfg.grad_clip, cfg.apply_b_dec_to_input) == (5e-5, 5.0, 1.0, False)
     assert cfg.lr_at(0) == cfg.lr_at(799) == 5e-5          # constant for 80%
     assert cfg.lr_at(900) == pytest.approx(2.5e-5)          # then linear to 0
-    assert cfg.coefficient_at(49) == 5.0 and cfg.coefficient_at(24) == pytest.approx(2.5)  # warm-up over 5%
+    # λ as the paper's code schedules it: np.arange(0, λ, λ/(0.05·E)) then λ (E = 1000 here)
+    paper_lambda = list(np.arange(0, 5.0, 5.0 / (0.05 * 1000))) + [5.0] * 1000
+    assert [cfg.coefficient_at(s) for s in range(1000)] == pytest.approx(paper_lambda[:1000], abs=1e-12)
+    assert cfg.detach_decoder_norm and cfg.coefficient_warmup_from_zero
     sae = vs.make_training_sae(cfg)
     norms = sae.W_dec.norm(dim=1)
     assert torch.allclose(norms, torch.full_like(norms, 0.1))

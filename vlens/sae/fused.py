@@ -3,7 +3,8 @@
 Two fused steps exist, each the exact loss of an SAE-Lens training class with gradients
 checked against autograd (`tests/test_sae.py`, `tests/test_sae_fused.py`):
 
-- `vlens.sae.standard.fused_standard_step`: the standard / paper SAE (ReLU, L1 × ||W_dec||);
+- `vlens.sae.standard.fused_standard_step`: the standard / paper SAE (ReLU, L1 × ||W_dec||,
+  the norms detached for the paper's SAE as its code has them);
 - `vlens.sae.topk.fused_topk_step`: TopK with its AuxK loss, sparse in the k firing latents.
 
 The TopK step is used only while k ≤ d_sae / 16: it replaces five of six dense products by
@@ -83,7 +84,8 @@ def fused_step(sae: Any, x: Float[Tensor, "batch d_in"], coefficient: float,
     W_enc, b_enc, W_dec, b_dec = sae.W_enc.data, sae.b_enc.data, sae.W_dec.data, sae.b_dec.data
     arch = c.architecture()
     if arch in ("vlens_paper", "standard"):
-        return fused_standard_step(W_enc, b_enc, W_dec, b_dec, x, coefficient, c.apply_b_dec_to_input, workspace)
+        return fused_standard_step(W_enc, b_enc, W_dec, b_dec, x, coefficient, c.apply_b_dec_to_input, workspace,
+                                   detach_decoder_norm=getattr(c, "detach_decoder_norm", False))
     if arch == "topk":
         return fused_topk_step(W_enc, b_enc, W_dec, b_dec, x, int(c.k), c.apply_b_dec_to_input,
                                c.rescale_acts_by_decoder_norm, dead, c.aux_loss_coefficient, workspace)

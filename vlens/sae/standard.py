@@ -1,12 +1,18 @@
 """The paper's SAE: ReLU, biases on both sides, decoder-norm-weighted L1 (a registered SAE-Lens training class).
 
-Loss, per batch of B tokens (exactly SAE-Lens's `StandardTrainingSAE` with `lp_norm=1`):
+Loss, per batch of B tokens, as the paper's code computes it (multimodal-saes,
+`sae/sae_trainer.py`, `anthropicSAELoss`):
 
-    L = (1/B) Σ_t ||x̂_t − x_t||²  +  λ (1/B) Σ_t Σ_i f_i(x_t) · ||W_dec,i||
+    L = (1/B) Σ_t ||x̂_t − x_t||²  +  λ (1/B) Σ_t Σ_i f_i(x_t) · sg(||W_dec,i||)
 
-i.e. the paper's "Σ squared error + λ Σ_i |f_i|·||W_dec,i||" averaged over tokens
-(f ≥ 0 after the ReLU, so |f_i| = f_i). What `PaperTrainingSAE` changes from
-SAE-Lens's standard training SAE is only what the paper does differently:
+(f ≥ 0 after the ReLU, so |f_i| = f_i). `sg` is stop-gradient: the paper reads the norms
+from `fc2.weight.data`, so they are constants for the gradient and no gradient of the
+sparsity term reaches the decoder. SAE-Lens's `StandardTrainingSAE` has the same value but
+backpropagates through the norms (its penalty pulls every firing latent's decoder row
+shorter); `detach_decoder_norm=False` selects that form (the `"standard"` preset, and
+`vlens_paper` checkpoints written before vlens 0.2 recorded the loss). What else
+`PaperTrainingSAE` changes from SAE-Lens's standard training SAE is only what the paper
+does differently:
 
 - the encoder does not subtract `b_dec` from its input (`apply_b_dec_to_input=False`):
   f = ReLU(x W_enc + b_enc), x̂ = f W_dec + b_dec;
@@ -17,9 +23,10 @@ It trains, saves and loads through SAE-Lens (`architecture "vlens_paper"`, regis
 with `register_sae_training_class`); its inference form is SAE-Lens's plain
 `"standard"` architecture, so exported SAEs need no vlens to load.
 
-`fused_standard_step` is the same loss with hand-written gradients that use the
-sparsity of f (gather / `embedding_bag` instead of dense matmuls once few latents
-fire); tests check it against autograd on `StandardTrainingSAE`.
+`fused_standard_step` is the same loss (either form) with hand-written gradients that
+use the sparsity of f (gather / `embedding_bag` instead of dense matmuls once few latents
+fire); tests check it against autograd, on `StandardTrainingSAE` and on the paper's loss
+written out independently (`tests/test_sae_paper_loss.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY, register_sae_training_class
 from sae_lens.saes import StandardSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig
-from sae_lens.saes.sae import SAEConfig
+from sae_lens.saes.sae import SAEConfig, TrainStepInput
 from torch import Tensor
 from typing_extensions import override
 
@@ -44,12 +51,13 @@ class PaperTrainingSAEConfig(StandardTrainingSAEConfig):
 
     Example:
         >>> cfg = PaperTrainingSAEConfig(d_in=64, d_sae=512)
-        >>> cfg.l1_coefficient, cfg.apply_b_dec_to_input, cfg.decoder_init_norm
-        (5.0, False, 0.1)
+        >>> cfg.l1_coefficient, cfg.apply_b_dec_to_input, cfg.decoder_init_norm, cfg.detach_decoder_norm
+        (5.0, False, 0.1, True)
     """
 
     l1_coefficient: float = 5.0
     apply_b_dec_to_input: bool = False
+    detach_decoder_norm: bool = True  # the paper's code; False: SAE-Lens's gradient through the norms
 
     @override
     @classmethod
@@ -84,6 +92,15 @@ class PaperTrainingSAE(StandardTrainingSAE):
             self.W_enc.data = w.T.clone().contiguous()
             self.b_dec.data.zero_()
             self.b_enc.data.zero_()
+
+    @override
+    def calculate_aux_loss(self, step_input: TrainStepInput, feature_acts: Tensor, hidden_pre: Tensor,
+                           sae_out: Tensor) -> dict[str, Tensor]:
+        """λ · mean_t Σ_i f_ti · ||W_dec,i||, the norms detached unless `cfg.detach_decoder_norm` is False."""
+        if not self.cfg.detach_decoder_norm:
+            return super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out)
+        weighted = feature_acts * self.W_dec.detach().norm(dim=1)
+        return {"l1_loss": (step_input.coefficients["l1"] * weighted.abs().sum(dim=-1)).mean()}
 
 
 def register() -> None:
@@ -149,12 +166,15 @@ def fused_standard_step(
     l1_coefficient: float,
     apply_b_dec_to_input: bool,
     workspace: dict | None = None,
+    detach_decoder_norm: bool = False,
 ) -> tuple[StepStats, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Loss and gradients of the standard SAE on one batch, without autograd.
 
     Returns `(stats, (dW_enc, db_enc, dW_dec, db_dec))` for
-    L = Σ||x̂ − x||²/B + λ Σ f·||W_dec||/B, the loss of SAE-Lens's
-    `StandardTrainingSAE.training_forward_pass` (`lp_norm=1`). `workspace`: a dict kept
+    L = Σ||x̂ − x||²/B + λ Σ f·||W_dec||/B: with `detach_decoder_norm` the paper's code
+    (the norms constants for the gradient), else the loss of SAE-Lens's
+    `StandardTrainingSAE.training_forward_pass` (`lp_norm=1`), whose gradient on W_dec
+    has the extra term λ/B · (Σ_t f_ti) · W_dec,i/||W_dec,i||. `workspace`: a dict kept
     across steps for the [batch, d_sae] temporaries (`workspace_buffer`); same results.
 
     Example:
@@ -216,8 +236,8 @@ def fused_standard_step(
         db_enc = g_pre.sum(0)
         l1_sum = (f_sum * dec_norm).sum()
         fired = active.any(0)
-    # L1 term's gradient on W_dec: λ/B · (Σ_t f_ti) · W_dec,i / ||W_dec,i||
-    dW_dec = dW_dec + (l1_coefficient * inv_b) * (f_sum / dec_norm.clamp_min(1e-12)).unsqueeze(1) * W_dec
+    if not detach_decoder_norm:  # L1 term's gradient on W_dec: λ/B · (Σ_t f_ti) · W_dec,i / ||W_dec,i||
+        dW_dec = dW_dec + (l1_coefficient * inv_b) * (f_sum / dec_norm.clamp_min(1e-12)).unsqueeze(1) * W_dec
     db_dec = g_xhat.sum(0)
     if apply_b_dec_to_input:
         db_dec = db_dec - db_enc @ W_enc.T

@@ -16,14 +16,17 @@
 
 Presets (`PRESETS`, override any field by keyword):
 
-- `"paper"`: the paper's multimodal SAE. ReLU, biases both sides (`PaperTrainingSAE`);
-  decoder rows Gaussian with norm 0.1, encoder = decoderᵀ, zero biases; loss Σ squared
-  error + λ Σ f_i ||W_dec,i|| with λ = 5 warmed up linearly over the first 5% of steps;
+- `"paper"`: the paper's multimodal SAE, as its code trains it. ReLU, biases both sides
+  (`PaperTrainingSAE`); decoder rows Gaussian with norm 0.1, encoder = decoderᵀ, zero
+  biases; loss Σ squared error + λ Σ f_i ||W_dec,i|| with the norms detached (no gradient
+  of the penalty reaches the decoder) and λ = 5 warmed up linearly from 0 over the first
+  5% of steps;
   Adam(β 0.9, 0.999), lr 5e-5 constant for 80% of steps then linear decay to 0; gradient
   norm clipped at 1; activations scaled by one constant so their mean norm is √d_model
   (folded into the weights at the end). Trained with a fused sparse step (no autograd).
 - `"standard"`: SAE-Lens's `StandardTrainingSAE` (b_dec subtracted from the input,
-  Kaiming-uniform init), λ = 1, lr 3e-4, same schedule shape.
+  Kaiming-uniform init, the penalty's gradient through the decoder norms), λ = 1,
+  lr 3e-4, same schedule shape. Schedules advance per optimiser step (`config` says why).
 - `"topk"`, `"batchtopk"`, `"jumprelu"`: SAE-Lens's training classes, lr 3e-4 with the
   same schedule shape, normalised activations; BatchTopK and JumpReLU end as
   SAE-Lens `jumprelu` inference SAEs, TopK as `topk`.

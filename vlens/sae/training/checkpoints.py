@@ -38,7 +38,7 @@ from sae_lens.saes.sae import TrainingSAE
 
 from ..._durable import file_crc32, fsync_dir, fsync_file, json_checksum
 from ...errors import InputError
-from .config import TrainConfig
+from .config import LEGACY_LOSS, TrainConfig
 
 PREFIX = "step_"
 _STEP = re.compile(r"^step_\d{9}$")
@@ -216,7 +216,8 @@ def load_checkpoint(path: Path, cfg: TrainConfig, sae: TrainingSAE, opt: torch.o
     if problem is not None:
         raise _Damaged(f"checkpoint {path} is damaged: {problem}")
     meta = json.loads((path / "trainer.json").read_text())
-    diffs = config_difference(meta["config"], cfg.to_dict())
+    saved = _adopt_legacy_loss(path, meta["config"], cfg, sae)
+    diffs = config_difference(saved, cfg.to_dict())
     if diffs:
         raise InputError(
             f"refusing to resume from {path}: it was trained with a different configuration:\n  "
@@ -240,6 +241,32 @@ def load_checkpoint(path: Path, cfg: TrainConfig, sae: TrainingSAE, opt: torch.o
         raise _Damaged(f"checkpoint {path} is damaged: {type(e).__name__}: {str(e)[:300]}") from e
     return TrainState(step=meta["step"], tokens=meta["tokens"], scale=meta["scale"], mix=meta["mix"],
                       since_fired=tensors["since_fired"].clone() if "since_fired" in tensors else None)
+
+
+def _adopt_legacy_loss(path: Path, saved: dict[str, Any], cfg: TrainConfig, sae: TrainingSAE) -> dict[str, Any]:
+    """A checkpoint written before the loss fields existed resumes with the loss it was trained with.
+
+    Its config gets `LEGACY_LOSS` (SAE-Lens's gradient through the decoder norms, λ warmed
+    up from λ/W: what every such checkpoint trained with); when that is the only difference
+    from `cfg`, `cfg` and `sae.cfg` take those values (with a warning), so the run goes on
+    with its own loss rather than switching halfway. Returns the filled-in saved config.
+    """
+    legacy = {k: v for k, v in LEGACY_LOSS.items() if k not in saved}
+    if not legacy:
+        return saved
+    saved = {**saved, **legacy}
+    change = {k: v for k, v in legacy.items() if getattr(cfg, k) != v}
+    if change and not config_difference(saved, {**cfg.to_dict(), **change}):
+        for k, v in change.items():
+            setattr(cfg, k, v)
+            if hasattr(sae.cfg, k):
+                setattr(sae.cfg, k, v)
+        warnings.warn(f"checkpoint {path} was written before vlens recorded which loss trained it: it resumes with "
+                      f"the loss it was trained with ({', '.join(f'{k}={v}' for k, v in change.items())}: "
+                      "SAE-Lens's penalty gradient through the decoder norms, lambda warmed up from lambda/W), not the "
+                      "paper preset's current one. Pass resume=False (or another checkpoint_dir) to train with the "
+                      "paper's code loss from the start", stacklevel=4)
+    return saved
 
 
 def resume(directory: Path, cfg: TrainConfig, sae: TrainingSAE, opt: torch.optim.Optimizer) -> TrainState | None:

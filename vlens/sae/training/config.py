@@ -15,6 +15,14 @@ their values differ from the closed forms below in the last bits at a fraction o
 steps (measured: 196 of 1000 lr values, up to 3.6e-15 relative; 13 of 1000 coefficient
 values). Closed forms of the step number also make a resumed run bit-identical without
 saving scheduler state (`tests/test_sae.py::test_schedules_match_sae_lens_to_rounding`).
+
+Both schedules advance once per optimiser step. The paper's code advances them once per
+data chunk (an "epoch": 200 conversations harvested, shuffled into the buffer, then as
+many optimiser steps as half the buffer holds, a number that varies from chunk to chunk);
+vlens's data have no chunks, so its schedules are the same closed forms in the step
+number, which is what the chunk-wise steps approximate (the same shape: λ linear from 0
+over the first 5%, lr constant for 80% then linear to 0). The paper's λ warm-up starts at
+0 (`coefficient_warmup_from_zero`, the paper preset) where SAE-Lens's starts at λ/W.
 """
 
 from __future__ import annotations
@@ -50,6 +58,10 @@ class ArchitectureConfig:
     jumprelu_init_threshold: float = 0.01
     apply_b_dec_to_input: bool = False
     decoder_init_norm: float = 0.1
+    #: `vlens_paper` only: the decoder norms that weight the L1 penalty are constants for the
+    #: gradient, as the paper's code reads them (`fc2.weight.data`); False is SAE-Lens's form
+    #: (the penalty's gradient reaches W_dec through its norms). See `vlens.sae.standard`.
+    detach_decoder_norm: bool = True
 
 
 @dataclass
@@ -72,6 +84,7 @@ class TrainerConfig:
     grad_clip: float = 1.0
     l1_coefficient: float = 5.0
     coefficient_warmup_frac: float = 0.05
+    coefficient_warmup_from_zero: bool = True
     aux_loss_coefficient: float = 1.0 / 32
     l0_coefficient: float = 1.0
     jumprelu_bandwidth: float = 0.05
@@ -102,7 +115,13 @@ FIELDS = (
     "adam_beta1", "adam_beta2", "grad_clip", "l1_coefficient", "coefficient_warmup_frac", "k", "aux_loss_coefficient",
     "l0_coefficient", "jumprelu_init_threshold", "jumprelu_bandwidth", "apply_b_dec_to_input", "decoder_init_norm",
     "normalize", "n_norm_batches", "dead_window_tokens", "seed", "shuffle", "fused",
+    # added in vlens 0.2 (issue 23): which loss trained the SAE. A checkpoint without them was
+    # trained with `LEGACY_LOSS` (`vlens.sae.training.checkpoints` resumes it with that loss).
+    "detach_decoder_norm", "coefficient_warmup_from_zero",
 )
+#: The loss fields' values of checkpoints written before they existed (SAE-Lens's penalty
+#: gradient through the decoder norms, λ warmed up from λ/W).
+LEGACY_LOSS = {"detach_decoder_norm": False, "coefficient_warmup_from_zero": False}
 if set(FIELDS) != set(_ARCH_FIELDS) | set(_TRAINER_FIELDS):  # pragma: no cover - a field added to one list only
     raise RuntimeError("vlens bug: FIELDS and the two config dataclasses disagree")
 
@@ -124,7 +143,7 @@ class TrainConfig:
     Example:
         >>> cfg = TrainConfig.preset("paper", d_in=64, d_sae=512, total_steps=1000)
         >>> cfg.lr, cfg.l1_coefficient, cfg.lr_at(0), round(cfg.lr_at(999), 12), cfg.coefficient_at(0)
-        (5e-05, 5.0, 5e-05, 2.5e-07, 0.1)
+        (5e-05, 5.0, 5e-05, 2.5e-07, 0.0)
         >>> cfg.sae.d_sae, cfg.trainer.total_steps
         (512, 1000)
     """
@@ -174,15 +193,50 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, flat: dict[str, Any]) -> "TrainConfig":
-        """Inverse of `to_dict` (unknown keys refused)."""
+        """Inverse of `to_dict` (unknown keys refused; a dict without the loss fields, written
+        before they existed, gets `LEGACY_LOSS`, the loss it was trained with)."""
         _check_names(flat)
+        flat = {**{k: v for k, v in LEGACY_LOSS.items() if k not in flat}, **flat}
         return TrainConfig(sae=ArchitectureConfig(**{k: v for k, v in flat.items() if k in _ARCH_FIELDS}),
                            trainer=TrainerConfig(**{k: v for k, v in flat.items() if k in _TRAINER_FIELDS}))
 
+    @property
+    def loss(self) -> str:
+        """Which loss trains the SAE, in words (recorded in exports: `vlens_training["loss"]`).
+
+        Example:
+            >>> TrainConfig.preset("paper").loss
+            'paper code: L1 weighted by detached decoder norms, lambda warmed up from 0'
+            >>> TrainConfig.preset("standard").loss
+            'SAE-Lens standard: L1 weighted by decoder norms (gradient through them), lambda warmed up from lambda/W'
+        """
+        a, t = self.sae, self.trainer
+        warm = "lambda warmed up from 0" if t.coefficient_warmup_from_zero else "lambda warmed up from lambda/W"
+        if a.architecture == "vlens_paper" and a.detach_decoder_norm:
+            return f"paper code: L1 weighted by detached decoder norms, {warm}"
+        if a.architecture in ("vlens_paper", "standard"):
+            return f"SAE-Lens standard: L1 weighted by decoder norms (gradient through them), {warm}"
+        return f"SAE-Lens {a.architecture}"
+
     def coefficient_at(self, step: int) -> float:
-        """Sparsity coefficient (λ for L1, or the L0 coefficient of JumpReLU) at `step`, warmed up linearly from λ/W."""
+        """Sparsity coefficient (λ for L1, or the L0 coefficient of JumpReLU) at optimiser step `step`.
+
+        Warmed up linearly over W = `coefficient_warmup_frac` · total_steps steps: from 0
+        (λ·step/W, the paper's `np.arange(0, λ, λ/W)`) with `coefficient_warmup_from_zero`,
+        else from λ/W (λ·(step+1)/W with W rounded, SAE-Lens's `CoefficientScheduler`).
+
+        Example:
+            >>> cfg = TrainConfig.preset("paper", total_steps=100)
+            >>> [cfg.coefficient_at(s) for s in (0, 1, 4, 5)]
+            [0.0, 1.0, 4.0, 5.0]
+            >>> cfg.replace(coefficient_warmup_from_zero=False).coefficient_at(0)
+            1.0
+        """
         t = self.trainer
         final = t.l0_coefficient if self.sae.architecture == "jumprelu" else t.l1_coefficient
+        if t.coefficient_warmup_from_zero:
+            warm_steps = t.coefficient_warmup_frac * t.total_steps
+            return final * min(step / warm_steps, 1.0) if warm_steps > 0 else final
         warm = int(round(t.coefficient_warmup_frac * t.total_steps))
         if warm > 0 and step < warm:
             return final * (step + 1) / warm
@@ -224,6 +278,9 @@ class TrainConfig:
             ("dead_window_tokens", count(t.dead_window_tokens, 1), ">= 1"),
             ("decoder_init_norm", real(a.decoder_init_norm, 0.0, open_low=True), "> 0"),
         ]
+        if a.detach_decoder_norm and a.architecture != "vlens_paper":
+            rules.append(("detach_decoder_norm", False, "only the vlens_paper architecture detaches the decoder norms "
+                          "in its penalty (the paper's code); use architecture='vlens_paper' or False"))
         if a.architecture == "jumprelu":
             rules += [("jumprelu_init_threshold", real(a.jumprelu_init_threshold, 0.0, open_low=True), "> 0"),
                       ("jumprelu_bandwidth", real(t.jumprelu_bandwidth, 0.0, open_low=True), "> 0")]
@@ -245,15 +302,19 @@ def _preset(arch: dict[str, Any], trainer: dict[str, Any]) -> TrainConfig:
     return TrainConfig(sae=ArchitectureConfig(**arch), trainer=TrainerConfig(**trainer))
 
 
+_SAE_LENS = (dict(detach_decoder_norm=False), dict(coefficient_warmup_from_zero=False))  # SAE-Lens's loss forms
+
 PRESETS: dict[str, TrainConfig] = {
     "paper": _preset({}, {}),
-    "standard": _preset(dict(architecture="standard", apply_b_dec_to_input=True),
-                        dict(lr=3e-4, l1_coefficient=1.0, coefficient_warmup_frac=0.0, normalize=False)),
-    "topk": _preset(dict(architecture="topk", k=32, apply_b_dec_to_input=True),
-                    dict(lr=3e-4, coefficient_warmup_frac=0.0)),
-    "batchtopk": _preset(dict(architecture="batchtopk", k=32, apply_b_dec_to_input=True),
-                         dict(lr=3e-4, coefficient_warmup_frac=0.0)),
-    "jumprelu": _preset(dict(architecture="jumprelu", apply_b_dec_to_input=True), dict(lr=3e-4, l0_coefficient=1.0)),
+    "standard": _preset(dict(architecture="standard", apply_b_dec_to_input=True, **_SAE_LENS[0]),
+                        dict(lr=3e-4, l1_coefficient=1.0, coefficient_warmup_frac=0.0, normalize=False,
+                             **_SAE_LENS[1])),
+    "topk": _preset(dict(architecture="topk", k=32, apply_b_dec_to_input=True, **_SAE_LENS[0]),
+                    dict(lr=3e-4, coefficient_warmup_frac=0.0, **_SAE_LENS[1])),
+    "batchtopk": _preset(dict(architecture="batchtopk", k=32, apply_b_dec_to_input=True, **_SAE_LENS[0]),
+                         dict(lr=3e-4, coefficient_warmup_frac=0.0, **_SAE_LENS[1])),
+    "jumprelu": _preset(dict(architecture="jumprelu", apply_b_dec_to_input=True, **_SAE_LENS[0]),
+                        dict(lr=3e-4, l0_coefficient=1.0, **_SAE_LENS[1])),
 }
 """The presets of `vlens.sae.train` (see `vlens.sae.training`)."""
 

@@ -16,8 +16,8 @@ What it keeps, and why:
   split across ranks under DDP; the image/text token mix and the per-latent modality
   statistics are counted on the way; errors name the batch and the source rows;
 - the fused sparse steps (`vlens.sae.fused` picks them): the standard / paper SAE
-  (`vlens.sae.standard`, the same loss as SAE-Lens's `StandardTrainingSAE`, faster once few
-  latents fire; its numerics are not to change) and TopK while k ≤ d_sae/16 (`vlens.sae.topk`,
+  (`vlens.sae.standard`: the paper's code loss, decoder norms detached in the penalty, or
+  SAE-Lens's `StandardTrainingSAE` loss; faster once few latents fire) and TopK while k ≤ d_sae/16 (`vlens.sae.topk`,
   SAE-Lens's `TopKTrainingSAE` loss with AuxK, no dense latent matrix in the backward), both
   with gradients checked against autograd in the tests;
 - the scale estimate (`_estimate_scale`): SAE-Lens's `ActivationScaler.estimate_scaling_factor`
@@ -446,7 +446,7 @@ def _finish(sae: TrainingSAE, cfg: TrainConfig, state: TrainState, source: Any, 
     mix = dict(state.mix)
     mix["image_fraction"] = state.mix["image"] / n_mod if n_mod else None
     inf_cfg["metadata"]["vlens_training"] = {
-        "config": cfg.to_dict(), "tokens": state.tokens, "steps": state.step, "activation_scale": state.scale,
+        "config": cfg.to_dict(), "loss": cfg.loss, "tokens": state.tokens, "steps": state.step, "activation_scale": state.scale,
         "mix": mix, "final_metrics": metrics, "seconds": round(elapsed, 3),
     }
     inf = SAE.from_dict(inf_cfg)
