@@ -15,8 +15,10 @@ Random weights, the real tokenizer and processor (offline: `vlens.load(..., weig
   plain nnsight-free `model.generate` of the same batch and number of new tokens, greedy (goal: <= 1.15).
 - `peak_rss_mb`: peak resident memory of this process.
 
-The machine must be idle: the JSON records the load average before and after, and `reliable` is false when it
-was busy (the ratios are then printed but not results). `--device cuda` runs the same on a GPU.
+The machine must be idle: the JSON records the load average before and after and the CPU other processes
+used while it ran (`other_cores`, `benchmarks/_idle.py`); `reliable` is false when they used more than 0.3 of
+a core (the ratios are then printed but not results). The load average is not judged: it counts this
+benchmark's own threads. `--device cuda` runs the same on a GPU.
 
 Usage: `python benchmarks/real_width.py [--layers 2 --vision-layers 2 --images 2 --reps 3 --device cpu]`.
 The last line printed is one JSON object.
@@ -37,6 +39,9 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _idle import OtherLoad  # noqa: E402
 
 import vlens  # noqa: E402
 from vlens.data import Sample  # noqa: E402
@@ -73,6 +78,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     load_before = os.getloadavg()
+    other = OtherLoad()
+    other.start()
     dtype = getattr(torch, a.dtype)
     vlm = vlens.load(LLAVA_NEXT_MISTRAL, weights="random", n_layers=a.layers, vision_layers=a.vision_layers,
                      device=a.device, dtype=dtype)
@@ -132,8 +139,9 @@ def main() -> None:
     disk = sum(p.stat().st_size for p in every.glob("shard-*.safetensors"))
     n_tok = len(store)
     load_after = os.getloadavg()
-    # Idle: nothing but this process. Its own threads raise the load average to about `threads` while it runs.
-    busy = a.device == "cpu" and (load_before[0] > 1.0 or load_after[0] > a.threads + 0.7)
+    # Idle: other processes' CPU only (this process's own threads raise the load average to about `threads`).
+    idle = other.stop()
+    busy = a.device == "cpu" and not other.reliable(idle)
     result = {
         "benchmark": "real_width",
         "model": LLAVA_NEXT_MISTRAL + " (random weights)",
@@ -151,7 +159,7 @@ def main() -> None:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": a.threads,
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after],
-        "reliable": not busy,
+        "other_cores": idle["other_cores"], "reliable": not busy,
     }
     for k, v in med.items():
         print(f"{k:9} median {v:.3f} s over {a.reps} interleaved repeats", file=sys.stderr)
