@@ -144,7 +144,9 @@ def add(
         raise InputError(f"k must be a finite number, got {k}")
 
     def fn(x: Tensor) -> Tensor:
-        return x + float(k) * v.to(x.device, x.dtype)
+        # in float32, rounded once to the model's dtype: the paper's fp16 round trip
+        # (`(h.float() + k·v).half()`, multimodal-saes eval_efficacy.py / steering_rollouts.py)
+        return (x.float() + float(k) * v.to(x.device, torch.float32)).to(x.dtype)
 
     _edit(vlm, site, batch, tokens, fn, new_tokens)
 

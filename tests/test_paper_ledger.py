@@ -1,0 +1,98 @@
+"""Rows of docs/reproduction.md's ledger, each against the paper's code written out here (multimodal-saes).
+
+References are plain transformers calls with forward hooks (as the paper's baukit `Trace` edits
+a layer's output), never vlens itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import vlens
+from vlens.activations import harvest
+from vlens.data import Sample
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return vlens.load("toy")
+
+
+def images(n: int) -> list[Image.Image]:
+    g = torch.Generator().manual_seed(0)
+    return [Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+
+
+def hf_inputs(vlm, text: str, image: Image.Image) -> dict:
+    return dict(vlm.processor(text=text, images=image, return_tensors="pt"))
+
+
+def test_probe_features_mean_every_position_of_the_bare_image_prompt(vlm, tmp_path):
+    """compute_image_activations.py: `processor('<image>', image)`, `torch.mean(layers[L].input[0], dim=0)`:
+    the mean over every position of the bare prompt (BOS and image tokens), no chat template."""
+    ims = images(2)
+    store = harvest(vlm, [Sample(im) for im in ims], [2], tokens="all", pool="mean", prompt="<image>",
+                    template=False, out=tmp_path / "s", progress=False)
+    ours = store.activations(2).float()
+    with torch.no_grad():
+        want = torch.stack([vlm._module(**hf_inputs(vlm, "<image>", im), output_hidden_states=True)
+                            .hidden_states[2][0].float().mean(0) for im in ims])
+    ids = vlm.processor(text="<image>", images=ims[0], return_tensors="pt")["input_ids"][0]
+    assert int(ids[0]) == vlm.tokenizer.bos_token_id  # BOS is part of the paper's mean
+    assert torch.allclose(ours, want, atol=2e-2 * want.abs().max()), (ours - want).abs().max()  # stored in bf16
+
+
+def paper_steered_generate(vlm, inputs: dict, vec: torch.Tensor, layer: int, k: float, n_pos: int, new: int):
+    """steering_rollouts.py: edit the output of layers[layer-1] at positions [:n_pos] (`meow[:1183] += k*vec`, in
+    float, back to the model's dtype) in the prefill only, then greedy decoding from the KV cache."""
+    module = vlm._module
+    layers = module.model.language_model.layers
+
+    def hook(mod, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        if h.shape[1] > 1:  # the prefill; decode steps see one new token
+            edited = h.float()
+            edited[0, :n_pos] += k * vec
+            h.copy_(edited.to(h.dtype))
+        return output
+
+    handle = layers[layer - 1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            out = module.generate(**inputs, max_new_tokens=new, do_sample=False)
+    finally:
+        handle.remove()
+    return out[0, inputs["input_ids"].shape[1]:]
+
+
+def test_steering_positions_prefill_only_greedy_kv_cache(vlm):
+    """The paper's `[:1183]` slice is reachable as `tokens=range(n)`; vlens's default edits the image tokens."""
+    im = images(1)[0]
+    batch = vlm.prepare([vlens.prompts.QUESTION], [im])
+    layer, k = 3, 6.0
+    vec = torch.randn(vlm.d_model, generator=torch.Generator().manual_seed(1))
+    n_pos = int(batch.layout.images[0].end) + 2  # as 1183 = 5 prefix + 1176 image tokens + 2
+    inputs = dict(batch.inputs)
+    want = paper_steered_generate(vlm, inputs, vec, layer, k, n_pos, 6)
+    _, ids = vlens.steered_generate(vlm, batch, vec, layer, k, tokens=range(n_pos), max_new_tokens=6,
+                                    return_ids=True)
+    ours = ids[0, inputs["input_ids"].shape[1]:]
+    assert ours[: len(want)].tolist() == want.tolist() and len(want) >= 2
+    plain = paper_steered_generate(vlm, inputs, vec, layer, 0.0, n_pos, 6)
+    assert plain.tolist() != want.tolist()  # the edit changes the answer: the comparison means something
+
+
+def test_steering_edit_is_the_papers_fp16_round_trip(tmp_path):
+    """eval_efficacy.py `intervene`: `(h.float() + k*vec).half()`, one rounding to fp16."""
+    vlm = vlens.load("toy", dtype=torch.float16)
+    batch = vlm.prepare([vlens.prompts.QUESTION], images(1))
+    vec = torch.randn(vlm.d_model, generator=torch.Generator().manual_seed(2)) / 3
+    k = 2.7
+    with torch.no_grad(), vlm.trace(batch):
+        h0 = vlm.resid_pre(2).clone().save()
+        vlens.interventions.add(vlm, 2, vec, k=k, batch=batch, tokens="all")
+        h1 = vlm.resid_pre(2).save()
+    assert h1.dtype == torch.float16
+    assert torch.equal(h1, (h0.float() + k * vec).half())
