@@ -190,3 +190,13 @@ def test_old_paper_checkpoint_resumes_with_its_own_loss(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         vs.train(x, "paper", checkpoint_dir=tmp_path / "new", **{**kw, "steps": 4})
+
+
+def test_activation_scale_is_sqrt_d_over_the_mean_norm():
+    """sae_trainer.py scales inputs by 64 / mean norm (64 = √4096); vlens's factor is √d_in / mean norm
+    (here over every row: n_norm_batches · batch_size covers the data)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 16, generator=g) * torch.rand(512, 1, generator=g) * 7.0
+    sae = vs.train(x, "paper", d_sae=32, steps=1, batch_size=64, n_norm_batches=8, progress=False, stats_tokens=0)
+    want = 16 ** 0.5 / float(x.double().norm(dim=1).mean())
+    assert sae.cfg.metadata.vlens_training["activation_scale"] == pytest.approx(want, rel=1e-5)

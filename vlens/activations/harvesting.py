@@ -118,7 +118,8 @@ def harvest(
     - int positions (the same in every row), or a function `layout -> [batch, seq] bool mask`.
 
     `pool="mean"` stores one row per sample (the mean over its selected tokens:
-    the paper's probe features with `tokens="image"`); `pool=None` stores one
+    the paper's probe features with `prompt="<image>", template=False, tokens="all"`,
+    every position of the bare prompt, BOS included); `pool=None` stores one
     row per token (SAE training data: `tokens="image+answer", captions=True`,
     plus `text_only=True` for a second pass over the captions alone, after
     `text_prompt`, without image or chat template).
