@@ -120,7 +120,7 @@ def test_a_store_holds_residual_sites_of_one_kind(vlm, data, tmp_path):
     assert index["hook_names"] == {"1": "blocks.1.hook_resid_post", "3": "blocks.3.hook_resid_post"}
     with pytest.raises(InputError, match="mix the site kinds"):
         harvest(vlm, data, layers=[1, "resid_post.2"], out=tmp_path / "m", progress=False)
-    with pytest.raises(InputError, match="residual-stream sites.*read_layers"):
+    with pytest.raises(InputError, match="one vector per token.*read_layers"):
         harvest(vlm, data, layers=["embed"], out=tmp_path / "m", progress=False)
 
 

@@ -142,7 +142,7 @@ def test_shuffle_buffer_is_seeded_and_bounded():
 @pytest.mark.parametrize("saes, kw, error, match", [
     ({"resid_mid.3": "paper"}, {}, SiteError, r"resid_mid\.3"),
     ({99: "paper"}, {}, SiteError, r"99"),
-    ({"vision.0": "paper"}, {}, InputError, r"residual-stream sites"),
+    ({"vision.0": "paper"}, {}, InputError, r"one vector per token"),
     ({1: "nope"}, {}, InputError, r"SAE 'resid_pre\.1': unknown preset 'nope'"),
     ({1: {"preset": "topk", "k": 500}}, {}, InputError, r"k=500"),
     ({1: {"preset": "paper", "lr_typo": 1.0}}, {}, InputError, r"lr_typo"),

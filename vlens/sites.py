@@ -54,7 +54,7 @@ from typing import Union
 
 from .errors import SiteError
 
-__all__ = ["Site", "SiteLike", "ModuleLayout", "KINDS", "ALIASES", "IN_LAYER", "LAYER_FIELDS", "parse", "resolve", "hook_name", "from_hook_name", "names"]
+__all__ = ["Site", "SiteLike", "ModuleLayout", "KINDS", "ALIASES", "IN_LAYER", "VECTOR_KINDS", "LAYER_FIELDS", "parse", "resolve", "hook_name", "from_hook_name", "names"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,8 @@ KINDS: dict[str, _Kind] = {
 _NAME = re.compile(r"^([a-z_]+)(?:\.(-?\d+))?$")
 #: Other hook names of the same sites (TransformerLens's name of the MLP's normalised input).
 ALIASES: dict[str, str] = {"blocks.{i}.ln2.hook_normalized": "mlp_in"}
+#: Site kinds with one vector of a fixed width per token in every LM layer: what harvests store and SAEs train on.
+VECTOR_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_in", "mlp_out", "z")
 #: Sites inside each LM layer, in the order a layer computes them (between `resid_pre.L` and `resid_post.L`).
 IN_LAYER = ("pattern", "z", "attn_out", "mlp_in", "mlp_out")
 _HOOKS = [(re.compile("^" + re.escape(h).replace(r"\{i\}", r"(\d+)") + "$"), name)

@@ -46,7 +46,7 @@ from ..errors import BadImageError, HarvestError, InputError
 from ..model import as_dtype
 from ..prepare import load_image
 from ..prompts import QUESTION
-from ..sites import Site, SiteLike
+from ..sites import VECTOR_KINDS, Site, SiteLike
 from ..tokens import TokenLayout, TokenSelection, check_selection, select
 from .read import POOLS, read_layers
 from .shards import FORMAT, INDEX, main_pass_list
@@ -58,8 +58,9 @@ if TYPE_CHECKING:
 
 __all__ = ["harvest", "KINDS", "main"]
 
-#: The site kinds a store holds (one per store): the residual stream entering (`resid_pre`) or leaving a layer.
-KINDS = ("resid_pre", "resid_post")
+#: The site kinds a store holds (one per store): the residual stream entering (`resid_pre`) or leaving a layer, what
+#: the attention and MLP blocks add to it, the MLP's input, or the heads' outputs (`z`, heads concatenated).
+KINDS = VECTOR_KINDS
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ def _resolve_layers(vlm: VLM, layers: Any) -> tuple[str, list[int]]:
     resolved = [vlm.site(x) for x in items]  # SiteError for unknown names and layers out of range
     other = [s.name for s in resolved if s.kind not in KINDS]
     if other:
-        raise InputError(f"harvest stores residual-stream sites ('resid_pre.L' or 'resid_post.L'), not {other}: "
+        raise InputError(f"harvest stores one vector per token ({', '.join(k + '.L' for k in KINDS)}), not {other}: "
                          "read other sites with vlens.activations.read_layers")
     kinds = sorted({s.kind for s in resolved})
     if len(kinds) > 1:
@@ -249,7 +250,7 @@ def _harvest_run(vlm: VLM, data: Sequence[Any], plan: _Plan, out: Any, overwrite
     config = {
         "model": vlm.name,
         "model_fingerprint": _fingerprint(vlm),
-        "d_model": int(vlm.d_model),
+        "d_model": int(vlm.width(Site(plan.kind, 0))),
         "layers": plan.layers,
         "site": plan.kind,
         "tokens": _describe(plan.tokens),

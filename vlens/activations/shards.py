@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .._durable import json_checksum
 from ..errors import StoreError
+from ..sites import VECTOR_KINDS
 
 __all__ = ["FORMAT", "INDEX", "OWN_NAMES", "index_problem", "main_pass_list", "open_shards", "read_index"]
 
@@ -33,7 +34,6 @@ INDEX = "index.json"
 
 #: Names of the files and folders a harvest writes into a store directory (nothing else is ever deleted there).
 OWN_NAMES = re.compile(r"^(index\.json(\.tmp)?|shard-\d{5,}\.safetensors(\.tmp)?|rank-\d{3})$")
-_KINDS = ("resid_pre", "resid_post")
 DAMAGED_HINT = ("call vlens.harvest again with the same arguments: it keeps the intact shards before it and "
                  "recomputes the rest (or pass overwrite=True to start over)")
 
@@ -113,7 +113,7 @@ def index_problem(index: Any) -> str | None:
     layers = c.get("layers")
     if not isinstance(layers, list) or not layers or not all(is_int(L) for L in layers):
         return f"config layers {layers!r} is not a list of layers"
-    checks = [(c.get("site") in _KINDS, "site"), (is_int(c.get("d_model"), 1), "d_model"),
+    checks = [(c.get("site") in VECTOR_KINDS, "site"), (is_int(c.get("d_model"), 1), "d_model"),
               (c.get("dtype") in _ST_DTYPES, "dtype"), (c.get("pool") in (None, "mean"), "pool"),
               (isinstance(c.get("tokens"), str), "tokens"),
               (isinstance(index.get("hook_names"), dict) and all(str(L) in index["hook_names"] for L in layers),

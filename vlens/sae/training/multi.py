@@ -310,8 +310,8 @@ def _runs(vlm: "VLM", saes: Any, dtype: torch.dtype, buffer: int | None, steps: 
         except SiteError as e:
             raise SiteError(f"SAE {name or site!r}: {e}") from None
         if s.kind not in KINDS:
-            raise InputError(f"SAE {name or site!r}: train_many trains on residual-stream sites ('resid_pre.L', "
-                             f"an int L, or 'resid_post.L'), not {s.name!r}")
+            raise InputError(f"SAE {name or site!r}: train_many trains on one vector per token "
+                             f"({', '.join(k + '.L' for k in KINDS)}; an int L is resid_pre.L), not {s.name!r}")
         specs.append((name, s, preset, extra))
     counts: dict[Site, int] = {}
     runs: list[_Run] = []
@@ -331,7 +331,7 @@ def _runs(vlm: "VLM", saes: Any, dtype: torch.dtype, buffer: int | None, steps: 
         if length == (None, None):  # the spec's own length wins over the run's
             length = (steps, n_tokens)
         try:
-            cfg = _resolve_config(_Width(int(vlm.d_model)), preset, d_sae, expansion, *length, None, ov)
+            cfg = _resolve_config(_Width(vlm.width(s)), preset, d_sae, expansion, *length, None, ov)
         except InputError as e:
             raise InputError(f"SAE {name!r}: {e}") from None
         bs = cfg.trainer.batch_size
