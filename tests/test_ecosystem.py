@@ -215,7 +215,7 @@ def test_defect_6_consumers_read_the_saes_own_site(vlm, samples, tmp_path):
     with pytest.raises(InputError, match="trained on resid_post.1"):
         vs.loss_recovered(vlm, sae, 1, samples, progress=False)  # the int 1 is resid_pre.1
     with pytest.raises(InputError, match="trained on resid_post.1"):
-        vs.dashboard(sae, vlm, samples, 1, tmp_path / "d0", latents=[0], progress=False)
+        vs.dashboard(sae, vlm, samples, tmp_path / "d0", layer=1, latents=[0], progress=False)
     from vlens.sae.io import site_of
 
     assert site_of(sae, vlm) == vlm.site("resid_post.1")
@@ -227,7 +227,7 @@ def test_defect_6_consumers_read_the_saes_own_site(vlm, samples, tmp_path):
     torch.testing.assert_close(recs[0]["acts"].float(), sae.encode(x1).half().float())
     r = vs.loss_recovered(vlm, sae, None, samples, progress=False)
     assert math.isfinite(r["overall"]["loss_recovered"])
-    page = vs.dashboard(sae, vlm, samples, None, tmp_path / "d", latents=[0], progress=False)
+    page = vs.dashboard(sae, vlm, samples, tmp_path / "d", latents=[0], progress=False)
     assert "blocks.1.hook_resid_post" in page.read_text()
     bare = StandardSAE(StandardSAEConfig(d_in=vlm.d_model, d_sae=8))
     with pytest.raises(InputError, match="does not say where it reads"):
@@ -371,7 +371,7 @@ def test_feature_logits_are_decoder_rows_through_final_norm_and_unembedding(vlm,
         assert [d["token"] for d in out[j]["top"]] == [vlm.tokenizer.decode([int(i)]) for i in top.indices]
         assert [d["value"] for d in out[j]["bottom"]] == pytest.approx(ref[j].topk(4, largest=False).values.tolist(),
                                                                         rel=1e-5)
-    page = vs.dashboard(sae, vlm, samples, None, tmp_path, latents=[3], progress=False)
+    page = vs.dashboard(sae, vlm, samples, tmp_path, latents=[3], progress=False)
     html = (tmp_path / "latent_3.html").read_text()
     assert page.exists() and "Logit attribution" in html and out[0]["top"][0]["token"] in html
 

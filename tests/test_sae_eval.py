@@ -113,7 +113,7 @@ def test_dashboard_pages(vlm, samples, tmp_path):
     x, mod = _harvest(vlm, samples, 2)
     sae = vs.train((x, mod), "paper", d_sae=32, steps=10, batch_size=64, progress=False)
     alive = sae.modality.alive.nonzero().flatten()[:3].tolist()
-    index = vs.dashboard(sae, vlm, samples, 2, tmp_path, latents=alive, top_k=3, progress=False)
+    index = vs.dashboard(sae, vlm, samples, tmp_path, layer=2, latents=alive, top_k=3, progress=False)
     text = index.read_text()
     for i in alive:
         assert f"latent_{i}.html" in text
@@ -132,13 +132,13 @@ def test_dashboard_attribution_maps(vlm, samples, tmp_path):
     sae = vs.train((x, mod), "paper", d_sae=32, steps=10, batch_size=64, progress=False,
                    hook_name=vlm.hook_name("resid_pre.2"))
     alive = sae.modality.alive.nonzero().flatten()[:2].tolist()
-    vs.dashboard(sae, vlm, samples, None, tmp_path, latents=alive, top_k=3, attribution="resid_pre.0", progress=False)
+    vs.dashboard(sae, vlm, samples, tmp_path, latents=alive, top_k=3, attribution="resid_pre.0", progress=False)
     for i in alive:
         page = (tmp_path / f"latent_{i}.html").read_text()
         assert page.count('class="attr"') == page.count("<figcaption>max") > 0
         assert "gradient × activation at <code>resid_pre.0</code>" in page
     with pytest.raises(InputError, match="must come before"):
-        vs.dashboard(sae, vlm, samples, None, tmp_path, latents=alive, attribution="resid_post.2", progress=False)
+        vs.dashboard(sae, vlm, samples, tmp_path, latents=alive, attribution="resid_post.2", progress=False)
 
 
 def test_sae_inside_a_trace(vlm, samples):

@@ -1,5 +1,10 @@
-"""The `vlens` command line, one module: `demo`, `toy train|eval|samples`, `harvest`, `train-sae`, `train-saes`,
-`export`, `explore`.
+"""The `vlens` command line, one module: `demo`, `toy train|eval|samples`, `harvest`, `probe`, `train-sae`,
+`train-saes`, `export`, `dashboard`, `explore`.
+
+Every command that runs a model takes the same model options: `--model toy |
+tiny:FAMILY | HUB_ID | DIR`, `--weights random` with `--d-model`, `--n-layers`,
+`--vision-d-model`, `--vision-layers` and `--seed`, then `--device` and
+`--dtype`.
 
 Each command is a thin shell over a library function. Its flags come from the
 function's signature or config dataclass (so a default is written once, in
@@ -21,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import typer
 
+from ._modelopts import ModelChoice, model_options
 from .errors import InputError, VlensError
 
 __all__ = ["app", "main"]
@@ -142,22 +148,14 @@ def _device(device: str | None, env: Any) -> str | None:
 def _demo_command() -> Callable:
     from .demo import DemoConfig, run
 
-    @_with_options(_config_options(DemoConfig))
+    @_with_options(_config_options(DemoConfig), model_options())
     def demo(
         out: Path = typer.Option(Path(_default(run, "out")), help="output directory (report, stores, SAEs, dashboards)"),
-        model: str = typer.Option(_default(run, "model"), help="'toy', a hub id or a model directory"),
-        device: Optional[str] = typer.Option(None, help="e.g. cuda"),
         fast: bool = typer.Option(False, "--fast", help="CI-sized run (about 2 minutes on 2 CPU cores)"),
         data: Optional[str] = typer.Option(None, help="image-class data for a real model: folder or HF dataset id"),
         captions: Optional[Path] = typer.Option(None, help="ShareGPT4V-style caption JSON for a real model"),
         image_root: Optional[Path] = typer.Option(None, help="image root of --captions"),
-        weights: Optional[str] = typer.Option(None, help="random: a known checkpoint's architecture, offline"),
-        seed: int = typer.Option(0, help="seed of --weights random"),
-        d_model: Optional[int] = typer.Option(None, help="--weights random: residual width (default: the real one)"),
-        n_layers: Optional[int] = typer.Option(None, help="--weights random: language-model layers"),
-        vision_d_model: Optional[int] = typer.Option(None, help="--weights random: vision-tower width"),
-        vision_layers: Optional[int] = typer.Option(None, help="--weights random: vision-tower layers"),
-        **sizes: Any,
+        **options: Any,
     ) -> None:
         """Run every experiment of the paper on the toy model (or a real one) and write an HTML report.
 
@@ -165,21 +163,14 @@ def _demo_command() -> Callable:
         caps.json`. Its real architecture, tokenizer and processor with random weights, offline on a CPU:
         add `--weights random --d-model 64 --n-layers 2 --vision-d-model 32 --vision-layers 1`.
         """
-        if model != "toy" and (data is None or captions is None):
+        m = ModelChoice.pop(options)
+        if m.model != "toy" and (data is None or captions is None):
             raise InputError("a model other than the toy needs --data (an image folder or HF dataset id) and "
                              "--captions (a ShareGPT4V-style JSON), with --image-root if its paths are relative")
-        shape = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, vision_d_model=vision_d_model,
-                                       vision_layers=vision_layers).items() if v is not None}
-        if shape and weights is None:
-            raise InputError("--d-model / --n-layers / --vision-d-model / --vision-layers shape --weights random")
         base = DemoConfig.fast() if fast else DemoConfig()
-        cfg = dataclasses.replace(base, **_given(DemoConfig, sizes))
-        vlm: Any = model
-        if weights is not None:
-            from .loading import load
-
-            vlm = load(model, weights=weights, seed=seed, device=device, **shape)
-        run(out, model=vlm, device=device, data=data, captions=None if captions is None else str(captions),
+        cfg = dataclasses.replace(base, **_given(DemoConfig, options))
+        vlm: Any = m.model if m.model == "toy" and m.dtype is None else m.load()
+        run(out, model=vlm, device=m.device, data=data, captions=None if captions is None else str(captions),
             image_root=None if image_root is None else str(image_root), config=cfg)
 
     return demo
@@ -253,10 +244,10 @@ def toy_samples(
 def _harvest_command() -> Callable:
     from .activations.harvesting import harvest
 
+    @_with_options(model_options())
     def run_harvest(
         layers: str = typer.Option(..., help="comma-separated LM layers, e.g. 1,2,3 (negative counts from the end)"),
         out: Path = typer.Option(..., help="the store directory"),
-        model: str = typer.Option("toy", help="'toy', a hub id or a model directory"),
         data: str = typer.Option("toy", help="'toy' (the toy image set) or an image folder (class/xxx.jpg)"),
         n: int = typer.Option(200, help="number of toy samples"),
         site: str = typer.Option("resid_pre", help="resid_pre (entering layer L) or resid_post (leaving it)"),
@@ -266,17 +257,17 @@ def _harvest_command() -> Callable:
         text_only: bool = typer.Option(False, "--text-only", help="also run a text-only pass over the captions"),
         prompt: str = typer.Option(_default(harvest, "prompt"), help="the prompt, with <image>"),
         batch_size: int = typer.Option(_default(harvest, "batch_size"), help="samples per forward"),
-        dtype: Optional[str] = typer.Option(None, help="storage dtype, e.g. bfloat16 (default: the model's)"),
+        store_dtype: Optional[str] = typer.Option(None, help="storage dtype, e.g. bfloat16 (default: the model's)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace a store of another configuration"),
-        device: Optional[str] = typer.Option(None, help="e.g. cuda (under torchrun each rank takes cuda:LOCAL_RANK)"),
+        **options: Any,
     ) -> None:
         """Harvest residual activations of a data set to an on-disk store (resumable)."""
         from . import distributed
-        from .loading import facts, load
         from .model import as_dtype
         from .tokens import check_selection
 
         # Everything checkable is checked before the model loads.
+        m = ModelChoice.pop(options)
         _positive("n", n)
         _positive("batch-size", batch_size)
         if site not in ("resid_pre", "resid_post"):
@@ -284,15 +275,15 @@ def _harvest_command() -> Callable:
         if pool not in (None, "mean"):
             raise InputError(f"--pool is mean (or absent), not {pool!r}")
         check_selection(tokens)
-        as_dtype(dtype)
+        as_dtype(store_dtype)
         if not str(out).strip():
             raise InputError("--out must name a directory")
-        layer_ids = _layers(layers, facts(model).n_layers)
+        layer_ids = _layers(layers, m.facts().n_layers)
         dataset = _data(data, n)
         env = distributed.init()  # joins torchrun's process group; a no-op on one process
-        vlm = load(model, device=_device(device, env))
+        vlm = m.load(words=dataset, device=_device(m.device, env))
         store = harvest(vlm, dataset, [f"{site}.{L}" for L in layer_ids], tokens=tokens, pool=pool,
-                        batch_size=batch_size, dtype=dtype, out=out, prompt=prompt, captions=captions,
+                        batch_size=batch_size, dtype=store_dtype, out=out, prompt=prompt, captions=captions,
                         text_only=text_only, overwrite=overwrite, progress=env.is_main)
         if env.is_main:
             print(store)
@@ -344,6 +335,7 @@ def _train_sae_command() -> Callable:
         if env.is_main:
             path = export(sae, out, model_name=source.config.get("model"), hook_name=source.hook_name(layer))
             print(f"SAE exported to {path}")
+            _print_quality(sae, source, layer)
         distributed.cleanup()
 
     return train_sae
@@ -352,13 +344,86 @@ def _train_sae_command() -> Callable:
 app.command("train-sae")(_train_sae_command())
 
 
+def _print_quality(sae: Any, source: Any, layer: int, n_tokens: int = 65536) -> None:
+    """The SAE's explained variance, L0 and dead latents on (up to `n_tokens` of) its store, per modality."""
+    from .sae.evals import evaluate
+
+    r = evaluate(sae, source, layer=layer, n_tokens=min(n_tokens, len(source)))
+    for group in ("overall", "image", "text"):
+        g = r[group]
+        if g["n_tokens"]:
+            print(f"{group}: explained variance {g['explained_variance']:.3f}, L0 {g['l0']:.1f}, "
+                  f"dead latents {int(g['dead'])} of {sae.cfg.d_sae} ({int(g['n_tokens'])} tokens of the store)")
+
+
+@app.command("probe")
+def probe(
+    store: Path = typer.Option(..., help="a pooled harvest of a labelled data set (vlens harvest ... --pool mean)"),
+    layers: Optional[str] = typer.Option(None, help="comma-separated layers of the store (default: all)"),
+    kind: str = typer.Option("softmax", help="softmax (multiclass) or ovr (one-vs-rest)"),
+    test_size: float = typer.Option(0.2, help="held-out share of each class"),
+    figure: Optional[Path] = typer.Option(None, help="write the accuracy-by-layer figure here (.html)"),
+) -> None:
+    """Fit a linear probe per layer on a pooled harvest store and print each layer's held-out accuracy."""
+    from .activations import ActivationStore
+    from .probes import sweep
+
+    if kind not in ("softmax", "ovr"):
+        raise InputError(f"--kind is softmax or ovr, not {kind!r}")
+    if not 0 < test_size < 1:
+        raise InputError(f"--test-size is a share between 0 and 1, not {test_size}")
+    source = ActivationStore(store)
+    chosen = None if layers is None else [int(x) for x in layers.split(",") if x.strip()]
+    result = sweep(source, chosen, kind, test_size=test_size)
+    n_classes = len(result.probes[result.layers[0]].classes)
+    print(f"{kind} probe on {n_classes} classes (chance {1 / n_classes:.3f}), {source.path}")
+    for L, acc in result.accuracy.items():
+        print(f"layer {L}: held-out accuracy {acc:.3f}")
+    if figure is not None:
+        result.figure().write_html(figure, include_plotlyjs="cdn")
+        print(f"figure: {figure}")
+
+
+def _dashboard_command() -> Callable:
+    from .sae.dashboards import dashboard
+
+    @_with_options(model_options())
+    def run_dashboard(
+        sae: Path = typer.Option(..., help="an SAE directory (vlens train-sae / vlens export / vlens.sae.export)"),
+        out: Path = typer.Option(..., help="output folder: index.html and one page per latent"),
+        data: str = typer.Option("toy", help="'toy' (the toy image set) or an image folder (class/xxx.jpg)"),
+        n: int = typer.Option(64, help="samples to look for top activations in"),
+        n_latents: int = typer.Option(_default(dashboard, "n_latents"), help="pages for the most frequent latents"),
+        top_k: int = typer.Option(_default(dashboard, "top_k"), help="top images and contexts per latent"),
+        **options: Any,
+    ) -> None:
+        """Write SAE latent dashboards (top images with their patches, top text, logits) as HTML pages."""
+        from .sae.io import load as load_sae
+
+        for name, v in (("n", n), ("n-latents", n_latents), ("top-k", top_k)):
+            _positive(name, v)
+        m = ModelChoice.pop(options)
+        if not sae.exists():
+            raise InputError(f"no SAE at {sae}: pass a directory written by vlens train-sae or vlens export")
+        loaded = load_sae(sae)
+        dataset = _data(data, n)
+        samples = [dataset[i] for i in range(min(n, len(dataset)))]
+        index = dashboard(loaded, m.load(words=dataset), samples, out, n_latents=n_latents, top_k=top_k)
+        print(f"dashboards: {index}")
+
+    return run_dashboard
+
+
+app.command("dashboard")(_dashboard_command())
+
+
 def _train_saes_command() -> Callable:
     from .sae.training import PRESETS, train_many
 
+    @_with_options(model_options())
     def train_saes(
         sites: str = typer.Option(..., help="comma-separated sites, one SAE each, e.g. resid_pre.2,resid_post.4"),
         out: Path = typer.Option(..., help="export directory: one SAE-Lens folder per SAE, named after its site"),
-        model: str = typer.Option("toy", help="'toy', a hub id or a model directory"),
         data: str = typer.Option("toy", help="'toy' (the toy image set) or an image folder (class/xxx.jpg)"),
         n: int = typer.Option(200, help="number of toy samples"),
         preset: str = typer.Option("paper", help=f"one of {', '.join(sorted(PRESETS))}, for every SAE"),
@@ -371,10 +436,9 @@ def _train_saes_command() -> Callable:
         forward_batch_size: int = typer.Option(_default(train_many, "forward_batch_size"), help="samples per forward"),
         buffer: Optional[int] = typer.Option(None, help="shuffle-buffer rows per SAE (default: 8 batches)"),
         checkpoint_dir: Optional[Path] = typer.Option(None, help="periodic checkpoints; rerun to resume"),
-        device: Optional[str] = typer.Option(None, help="e.g. cuda"),
+        **options: Any,
     ) -> None:
         """Train one SAE per site from a single streaming pass of the model (nothing written but checkpoints)."""
-        from .loading import facts, load
         from .sae.io import export
         from .sites import parse, resolve
         from .tokens import check_selection
@@ -386,7 +450,8 @@ def _train_saes_command() -> Callable:
                         ("batch-size", batch_size)):
             _positive(name, v)
         check_selection(tokens)
-        f = facts(model)
+        m = ModelChoice.pop(options)
+        f = m.facts()
         names = [x.strip() for x in sites.split(",") if x.strip()]
         if not names:
             raise InputError("--sites must name at least one site, e.g. resid_pre.2,resid_post.4")
@@ -394,11 +459,12 @@ def _train_saes_command() -> Callable:
             if parse(x).kind not in ("resid_pre", "resid_post"):
                 raise InputError(f"--sites takes resid_pre.L and resid_post.L sites, not {x!r}")
             resolve(x, f.n_layers)
-        vlm = load(model, device=device)
+        dataset = _data(data, n)
+        vlm = m.load(words=dataset)
         spec = {"preset": preset, "expansion": expansion, **({"batch_size": batch_size} if batch_size else {})}
-        saes = train_many(vlm, _data(data, n), {x: dict(spec) for x in names},
+        saes = train_many(vlm, dataset, {x: dict(spec) for x in names},
                           tokens=tokens, captions=captions, text_only=text_only, forward_batch_size=forward_batch_size,
-                          buffer=buffer, n_tokens=n_tokens, checkpoint_dir=checkpoint_dir, device=device or "cpu")
+                          buffer=buffer, n_tokens=n_tokens, checkpoint_dir=checkpoint_dir, device=m.device or "cpu")
         for name, sae in saes.items():
             path = export(sae, Path(out) / name, model_name=vlm.name, hook_name=sae.cfg.metadata.hook_name)
             print(f"{name}: exported to {path}")
@@ -453,24 +519,29 @@ app.command("export")(_export_command())
 def _explore_command() -> Callable:
     from .explorer import explore
 
+    @_with_options(model_options())
     def run_explore(
-        model: str = typer.Option("toy", help="'toy', 'tiny:FAMILY' (a random tiny build of llava-next, llava, "
-                                              "llava-onevision, qwen2.5-vl, qwen3-vl, gemma3), a hub id or a directory"),
         host: str = typer.Option(_default(explore, "host"), help="address to listen on (default: this machine only)"),
         port: int = typer.Option(_default(explore, "port"), help="port to listen on (0: any free port)"),
         sae: Optional[Path] = typer.Option(None, help="an SAE directory (SAE-Lens format): SAE vector, map and latents"),
         n_train: int = typer.Option(_default(explore, "n_train"), help="toy images for class means and probes"),
         n_pool: int = typer.Option(_default(explore, "n_pool"), help="toy images to pick from and browse latents on"),
         open_browser: bool = typer.Option(False, "--open", help="open the page in the default browser"),
+        **options: Any,
     ) -> None:
         """Serve a local page to steer the model and look at its image tokens; prints its URL, Ctrl-C stops it.
 
         Needs vlens's `explore` extra (fastapi, uvicorn, python-multipart).
         """
+        from .toy.data import all_words
+
         _positive("n-train", n_train)
         _positive("n-pool", n_pool)
+        m = ModelChoice.pop(options)
         if sae is not None and not sae.exists():
             raise InputError(f"no SAE at {sae}: pass a directory written by vlens.sae.export (or vlens train-sae)")
+        plain = not (m.sizes or m.weights or m.device or m.dtype or m.seed)  # the explorer builds it (its snippets)
+        model = m.model if plain else m.load(words=all_words())
         explore(model, sae=None if sae is None else str(sae), host=host, port=port, open_browser=open_browser,
                 n_train=n_train, n_pool=n_pool)
 

@@ -232,8 +232,8 @@ def run(
     x = tokens.activations(mid)[: min(512, len(tokens))].float()
     same = torch.equal(plain.encode(x), sae.encode(x))
     print(f"exported to {export_dir}; plain SAE-Lens reload encodes identically: {same}")
-    dash = vsae.dashboard(sae, vlm, list(heldout)[: max(16, cfg.steer_images)], mid, out / "dashboards",
-                          n_latents=cfg.n_dashboards, prompt=cap_prompt,
+    dash = vsae.dashboard(sae, vlm, list(heldout)[: max(16, cfg.steer_images)], out / "dashboards",
+                          layer=mid, n_latents=cfg.n_dashboards, prompt=cap_prompt,
                           attribution=0 if mid > 0 else None)
     report.section("Export and dashboards",
                    f"<code>{export_dir}</code> loads with <code>sae_lens.SAE.load_from_disk</code> "

@@ -27,6 +27,7 @@ __all__ = [
     "HarvestError",
     "StoreError",
     "NonFiniteActivations",
+    "CheckpointNotFoundError",
 ]
 
 
@@ -71,3 +72,7 @@ class StoreError(VlensError, ValueError):
 
 class NonFiniteActivations(VlensError, ValueError):
     """Training or evaluation data that holds NaN/inf values."""
+
+
+class CheckpointNotFoundError(VlensError, OSError):
+    """A checkpoint whose files are neither on this machine nor reachable (offline, or a wrong id)."""

@@ -17,18 +17,37 @@ from typing import Any
 import torch
 
 from . import families
-from .errors import InputError, UnsupportedModelError
+from .errors import CheckpointNotFoundError, InputError, UnsupportedModelError
 from .model import VLM, as_dtype
 
-__all__ = ["load", "tiny", "meta", "ModelFacts", "facts"]
+__all__ = ["load", "tiny", "meta", "ModelFacts", "facts", "TINY_PREFIX"]
+
+#: `load("tiny:FAMILY")` is `tiny(family=FAMILY)`: how a command line names a tiny build.
+TINY_PREFIX = "tiny:"
+
+
+def _offline(name: str, error: OSError) -> CheckpointNotFoundError:
+    """The one-line error for a checkpoint that is neither cached nor downloadable."""
+    from .families.checkpoints import KNOWN
+
+    random = (f"or build its architecture with random weights, offline: load({name!r}, weights='random') "
+              "(`--weights random` on the command line; needs the `real` extra: pip install 'vlens[real]')"
+              if name in KNOWN else "or use a known checkpoint with weights='random', or 'toy', or 'tiny:FAMILY'")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckpointNotFoundError(
+        f"cannot load {name!r}: its files are not on this machine and cannot be downloaded ({first}). "
+        f"Download it where there is a network (huggingface-cli download {name}), {random}"
+    )
 
 
 def tiny(family: str = "llava-next", seed: int = 0, *, backbone: str | None = None, **sizes: Any) -> VLM:
     """A random tiny VLM of a family wrapped as a `VLM`, offline, in well under a second.
 
     `sizes` go to the family's tiny build (for LLaVA-Next: `d_model`,
-    `n_layers`, `vision_layers`, `image_size`, `patch_size`, `words`...; see
-    `vlens.families.llava_next.tiny_config`). `backbone` picks the language
+    `n_layers`, `vision_layers`, `image_size`, `patch_size`...; see
+    `vlens.families.llava_next.tiny_config`). The tokenizer knows the
+    prompts' words plus `words`: a list of words or texts, or a data set,
+    whose class names and captions it learns (`vlens.data.vocabulary`). `backbone` picks the language
     model ('mistral' or 'llama').
 
     Example:
@@ -36,10 +55,21 @@ def tiny(family: str = "llava-next", seed: int = 0, *, backbone: str | None = No
         >>> vlm.n_layers, vlm.d_model, vlm.family.name
         (3, 64, 'llava-next')
     """
+    return _tiny(family, seed, backbone=backbone, **sizes)
+
+
+def _tiny(family: str, seed: int, *, backbone: str | None = None, device: Any = None, dtype: Any = None,
+          **sizes: Any) -> VLM:
     fam = families.get(family)
     if backbone is not None:
         sizes["backbone"] = backbone
+    if "words" in sizes:  # a data set, captions, or words: each text is split the way the tokenizer splits
+        from .data import vocabulary
+
+        sizes["words"] = vocabulary(sizes["words"])
     model, processor = fam.tiny(seed=seed, **sizes)
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
     return VLM.wrap(model, processor, name=f"tiny-{family}" + (f"-{backbone}" if backbone else ""))
 
 
@@ -114,6 +144,10 @@ def load(
             f"load takes 'toy', a hub id, a directory, or a (model, processor) pair; got {type(name_or_path).__name__}"
         )
     name = str(name_or_path)
+    if name.startswith(TINY_PREFIX):
+        if weights is not None or lazy or meta:
+            raise InputError(f"{name!r} is a random tiny build already: drop weights=, lazy= and meta=")
+        return _tiny(name[len(TINY_PREFIX):], seed, device=device, dtype=torch_dtype, **kwargs)
     if weights is not None:
         from .families.checkpoints import build
 
@@ -129,18 +163,21 @@ def load(
     family = families.get(facts(name).family)  # a missing directory or an unknown family is refused before weights
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    config = AutoConfig.from_pretrained(name)
-    if lazy:
-        return VLM(name, name=name, dtype=torch_dtype, **kwargs)
-    if meta:
-        with torch.device("meta"):
-            model = AutoModelForImageTextToText.from_config(config)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(
-            name, dtype=torch_dtype or "auto", device_map=device, **kwargs
-        )
+    try:
+        config = AutoConfig.from_pretrained(name)
+        if lazy:
+            return VLM(name, name=name, dtype=torch_dtype, **kwargs)
+        if meta:
+            with torch.device("meta"):
+                model = AutoModelForImageTextToText.from_config(config)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(
+                name, dtype=torch_dtype or "auto", device_map=device, **kwargs
+            )
+        processor = family.load_processor(name)
+    except OSError as e:
+        raise _offline(name, e) from None
     model.eval()
-    processor = family.load_processor(name)
     if not hasattr(processor, "tokenizer"):
         raise UnsupportedModelError(f"{name} has no multimodal processor (got {type(processor).__name__})")
     return VLM.wrap(model, processor, name=name)
@@ -156,18 +193,24 @@ class ModelFacts:
     d_model: int
 
 
-def facts(name_or_path: str | os.PathLike) -> ModelFacts:
-    """The family, layer count and width of 'toy', a known checkpoint, a hub id or a directory, from its config only.
+def facts(name_or_path: str | os.PathLike, **sizes: Any) -> ModelFacts:
+    """The family, layer count and width of 'toy', 'tiny:FAMILY', a known checkpoint, a hub id or a directory.
+
+    Read from the config alone (no weights). `sizes` are the size keywords of
+    a tiny build or of `load(..., weights="random")` (`d_model`, `n_layers`...).
 
     Example:
         >>> facts("toy")
         ModelFacts(name='toy', family='llava-next', n_layers=6, d_model=64)
-        >>> facts("llava-hf/llava-v1.6-mistral-7b-hf").n_layers
-        32
+        >>> facts("llava-hf/llava-v1.6-mistral-7b-hf").n_layers, facts("tiny:gemma3", n_layers=3).n_layers
+        (32, 3)
     """
     from .families.checkpoints import KNOWN, known_config
 
     name = str(name_or_path)
+    if name.startswith(TINY_PREFIX):
+        vlm = _tiny(name[len(TINY_PREFIX):], 0, **sizes)  # a tiny build costs less than reading a config
+        return ModelFacts(name, vlm.family.name, vlm.n_layers, vlm.d_model)
     if name == "toy":
         from transformers import AutoConfig
 
@@ -175,13 +218,16 @@ def facts(name_or_path: str | os.PathLike) -> ModelFacts:
 
         config = AutoConfig.from_pretrained(CHECKPOINT_DIR)
     elif name in KNOWN:
-        config = known_config(name)
+        config = known_config(name, **sizes)
     else:
         from transformers import AutoConfig
 
         if not os.path.isdir(os.path.expanduser(name)) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
             raise InputError(f"no model directory at {name}: check the path (a hub id looks like 'org/name')")
-        config = AutoConfig.from_pretrained(name)
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except OSError as e:
+            raise _offline(name, e) from None
     fam = families.of_config(config)
     text = fam.text_config(config)
     return ModelFacts(name, fam.name, int(text.num_hidden_layers), int(text.hidden_size))

@@ -14,11 +14,11 @@ generator all return a `Dataset`.
 from ..errors import BadImageError
 from ..prepare import load_image
 from .loaders import IMAGE_EXTENSIONS, HFDataset, from_hf, hf_captions, image_folder, imagenet_class_names, sharegpt4v
-from .records import Dataset, ListDataset, Sample
+from .records import Dataset, ListDataset, Sample, vocabulary
 
 __all__ = [
     "Sample", "Dataset", "ListDataset", "BadImageError", "load_image", "IMAGE_EXTENSIONS", "HFDataset", "from_hf",
-    "hf_captions", "image_folder", "imagenet_class_names", "sharegpt4v", "toy",
+    "hf_captions", "image_folder", "imagenet_class_names", "sharegpt4v", "toy", "vocabulary",
 ]
 
 

@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-__all__ = ["Sample", "Dataset", "ListDataset"]
+__all__ = ["Sample", "Dataset", "ListDataset", "vocabulary"]
 
 
 @dataclass
@@ -77,3 +77,24 @@ class ListDataset(Dataset):
 
     def _get(self, i: int) -> Sample:
         return self.samples[i]
+
+
+def vocabulary(data: Iterable[Any]) -> list[str]:
+    """The words of a data set, for a tiny build's word-level tokenizer (`vlens.tiny(words=data)`).
+
+    `data` is a data set of `Sample`s (its `class_names` and every caption
+    count) or plain strings; words are lower-cased, in first-seen order.
+
+    Example:
+        >>> ds = ListDataset([Sample(caption="A circle coloured red.")], class_names=["red circle"])
+        >>> vocabulary(ds)
+        ['red', 'circle', 'a', 'coloured', '.']
+    """
+    from ..families.wordlevel import split_words
+
+    texts = [str(name) for name in (getattr(data, "class_names", None) or [])]
+    for item in data:
+        text = item if isinstance(item, str) else getattr(item, "caption", None)
+        if text:
+            texts.append(str(text))
+    return list(dict.fromkeys(w.lower() for t in texts for w in split_words(t)))

@@ -430,6 +430,6 @@ class Session:
             raise InputError(f"latent {latent} is out of range 0..{self.sae.cfg.d_sae - 1}")
         with self.lock:
             self.stage = f"latent {latent}: top images over {len(self.pool)} pool images"
-            dashboard(self.sae, self.vlm, self.pool, None, out, latents=[latent], progress=False)
+            dashboard(self.sae, self.vlm, self.pool, out, latents=[latent], progress=False)
             self.stage = "idle"
         return out

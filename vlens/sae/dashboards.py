@@ -99,9 +99,9 @@ def dashboard(
     sae: SAE,
     vlm: VLM,
     samples: Sequence[Any],
-    layer: SiteLike | None,
     out: str | Path,
     *,
+    layer: SiteLike | None = None,
     latents: Sequence[int] | None = None,
     n_latents: int = 32,
     top_k: int = 8,
@@ -130,7 +130,7 @@ def dashboard(
         >>> vlm = vlens.tiny(words=["a", "red", "square"])
         >>> sae = vs.train(torch.randn(512, vlm.d_model), "paper", d_sae=16, steps=2, batch_size=256, progress=False)
         >>> ds = [Sample(Image.new("RGB", (32, 32), "red"), caption="a red square")]
-        >>> dashboard(sae, vlm, ds, 2, tempfile.mkdtemp(), latents=[0, 1], progress=False).name
+        >>> dashboard(sae, vlm, ds, tempfile.mkdtemp(), layer=2, latents=[0, 1], progress=False).name
         'index.html'
     """
     out = Path(out)

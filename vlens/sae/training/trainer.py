@@ -183,7 +183,7 @@ def train(
         checkpoint_dir: where periodic checkpoints go (every `checkpoint_every` steps, default
             10 per run, and on Ctrl-C); with `resume=True` a run restarts from the latest one,
             bit-identically for indexable sources. A checkpoint of another configuration is refused.
-        model_name / hook_name: recorded in SAE-Lens metadata (`vlm.name`, `vlm.hook_name(site)`).
+        model_name / hook_name: recorded in SAE-Lens metadata (`vlm.name`, `vlm.hook_name(site)`); a store gives both.
         stats_tokens: tokens used at the end for the per-latent modality statistics.
         callback: called as `callback(step, metrics)` after every logged step.
         **overrides: any field of `ArchitectureConfig` / `TrainerConfig` (lr, l1_coefficient, k, batch_size, seed, ...).
@@ -207,6 +207,8 @@ def train(
             hook_name = data.hook_name(layer if layer is not None else list(data.layers)[0])
         except Exception:  # noqa: BLE001 - metadata only
             hook_name = None
+    if model_name is None and isinstance(getattr(data, "config", None), dict):
+        model_name = data.config.get("model")  # a harvest store records its model
     cfg = _resolve_config(source, preset, d_sae, expansion, steps, n_tokens, epochs, overrides)
     arch, t = cfg.sae, cfg.trainer
     for name, v in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
