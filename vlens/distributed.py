@@ -31,7 +31,8 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Several processes, or a process group joined (torchrun with one process takes the same paths)."""
+        return self.world_size > 1 or (dist.is_available() and dist.is_initialized())
 
 
 def info() -> DistInfo:
@@ -51,6 +52,9 @@ def info() -> DistInfo:
 def init(backend: str | None = None) -> DistInfo:
     """Join the process group torchrun set up; on a single process, do nothing.
 
+    Under torchrun (WORLD_SIZE and MASTER_ADDR set) the group is joined even
+    with one process, so `torchrun --nproc-per-node 1` runs the distributed
+    paths (sub-stores, DistributedDataParallel) on one device.
     The backend defaults to NCCL when CUDA is available and gloo otherwise;
     on CUDA each process takes the GPU of its LOCAL_RANK.
 
@@ -59,7 +63,8 @@ def init(backend: str | None = None) -> DistInfo:
         0
     """
     env = info()
-    if env.world_size > 1 and not dist.is_initialized():
+    launched = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    if (env.world_size > 1 or launched) and not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
