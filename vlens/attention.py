@@ -40,7 +40,7 @@ trace; an empty knockout edits nothing, so the logits stay bit-identical.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
 from jaxtyping import Bool, Float
@@ -52,7 +52,7 @@ from .tokens import Batch, TokenLayout, TokenSelection, select
 if TYPE_CHECKING:
     from .model import VLM
 
-__all__ = ["pattern", "eager_mask", "knockout_mask", "knockout"]
+__all__ = ["pattern", "eager_mask", "knockout_mask", "knockout", "block_edges"]
 
 
 def _attn_inputs(attn: Any) -> tuple[tuple, dict, Tensor]:
@@ -162,15 +162,33 @@ def knockout(vlm: "VLM", batch: Batch, source: TokenSelection, target: TokenSele
         True
     """
     block = knockout_mask(batch, source, target)
-    window = sorted({vlm.site(f"pattern.{L}").index for L in layers})
-    if not block.any() or not window:
-        return
-    for L in window:
+    block_edges(vlm, {L: block for L in layers})
+
+
+def block_edges(vlm: "VLM", blocks: Mapping[int, Bool[Tensor, "batch 1 seq seq"]]) -> None:
+    """Inside a trace: in each layer `L` of `blocks`, block the edges `blocks[L]` (True: query may not see key).
+
+    The general form of `knockout` (a different block per layer, e.g. one
+    window per stacked copy of a batch in `vlens.flow.knockout_sweep`).
+    Layers whose block is empty are not touched.
+
+    Example:
+        >>> import vlens, torch; from PIL import Image
+        >>> vlm = vlens.tiny()
+        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+        >>> with torch.no_grad(), vlm.trace(b):
+        ...     block_edges(vlm, {1: knockout_mask(b, "image", "text")})
+        ...     logits = vlm.read("logits").save()
+        >>> bool(logits.isfinite().all())
+        True
+    """
+    todo = {vlm.site(f"pattern.{L}").index: m for L, m in blocks.items() if bool(m.any())}
+    for L in sorted(todo):
         attn = vlm.envoy(f"pattern.{L}")
         args, kwargs, hidden = _attn_inputs(attn)
         mask = kwargs.get("attention_mask")
         q = k = hidden.shape[-2]
-        cut = block.to(hidden.device)
+        cut = todo[L].to(hidden.device)
         if mask is not None and mask.dtype != torch.bool:
             new = mask.masked_fill(cut, torch.finfo(mask.dtype).min)
         else:
