@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -28,7 +30,15 @@ if TYPE_CHECKING:
 
     from .families import Family
 
-__all__ = ["prepare", "load_image", "position_ids"]
+__all__ = ["prepare", "load_image", "position_ids", "UnknownWordsWarning"]
+
+
+class UnknownWordsWarning(UserWarning):
+    """Text that the tokenizer reads as its unknown token (a tiny build's small vocabulary, most often)."""
+
+
+#: The unknown words already reported, per tokenizer: each is reported once, not once per batch.
+_REPORTED: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
 
 
 # -- images ---------------------------------------------------------------------------------------
@@ -232,7 +242,34 @@ def prepare(
     inputs.update(family.extra_inputs(config, enc, inputs))
     layout = TokenLayout(input_ids=input_ids, image=image, prompt=prompt_m, answer=answer_m, bos=bos, pad=pad,
                          images=spans)
+    _warn_unknown(tok, input_ids[~pad & ~image], [*prompts, *answers_list])
     return Batch(inputs=inputs, layout=layout, prompts=list(prompts))
+
+
+def _warn_unknown(tok: Any, text_ids: torch.Tensor, texts: Sequence[str]) -> None:
+    """Warn, once per tokenizer and new word, when text tokens are the unknown token: the share and the fix."""
+    unk = tok.unk_token_id
+    n_unk = int((text_ids == unk).sum()) if unk is not None else 0
+    if not n_unk:
+        return
+    from .families.wordlevel import split_words
+
+    words = dict.fromkeys(w for t in texts for w in split_words(t.replace(tok.unk_token, " ")))
+    unknown = [w for w in words if not (w.startswith("<") and w.endswith(">"))  # placeholders such as <image>
+               and unk in tok(w, add_special_tokens=False)["input_ids"]]
+    reported = _REPORTED.setdefault(tok, set())
+    if not unknown or set(unknown) <= reported:
+        return
+    reported.update(unknown)
+    warnings.warn(
+        f"{n_unk} of {text_ids.numel()} text tokens ({n_unk / text_ids.numel():.0%}) of this batch are "
+        f"{tok.unk_token}: the tokenizer does not know {', '.join(map(repr, unknown[:8]))}"
+        f"{' ...' if len(unknown) > 8 else ''}, and the model reads them all as one token. A tiny build learns "
+        "a data set's words: vlens.tiny(family=..., words=dataset) (its class names and captions); on the "
+        "command line, --model tiny:FAMILY learns those of --data",
+        UnknownWordsWarning,
+        stacklevel=3,
+    )
 
 
 def _spans(geometries: list, image: torch.Tensor, counts: list[int]) -> list[ImageSpan]:
