@@ -417,12 +417,15 @@ def main(argv: list[str] | None = None) -> dict:
     if a.ddp_worker:
         ddp_worker(*a.ddp_worker)
         return {}
+    note = None
+    if a.device is None and not a.tiny and not torch.cuda.is_available():
+        a.tiny, note = True, "no GPU here: ran --tiny (the full sizes need a card)"
     a.device = a.device or ("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     r = Run(a)
     t0 = time.perf_counter()
     result: dict = {"benchmark": "gpu", "tiny": a.tiny, "device": a.device, "dtype": a.dtype,
                     "card": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
-                    "torch": torch.__version__, "vlens": vlens.__version__, "stages": {}}
+                    "torch": torch.__version__, "vlens": vlens.__version__, "note": note, "stages": {}}
     for name in a.stages.split(","):
         result["stages"][name] = run_stage(r, name)
     result["total_s"] = round(time.perf_counter() - t0, 2)
