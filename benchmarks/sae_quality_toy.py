@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (for a test)")
     ap.add_argument("--samples", type=int, default=400, help="toy images harvested")
     ap.add_argument("--only", choices=["frontier", "losses"], default=None)
+    ap.add_argument("--ks", default="1-16", help="k values of the frontier: a range 'a-b' or a comma list")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {sorted(VARIANTS)}")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
@@ -179,7 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    n, steps, ks, lsteps = (24, 20, [2, 4], 20) if a.quick else (a.samples, 400, list(range(1, 17)), 1000)
+    lo, _, hi = a.ks.partition("-")
+    ks = list(range(int(lo), int(hi) + 1)) if hi else [int(k) for k in a.ks.split(",")]
+    n, steps, ks, lsteps = (24, 20, [2, 4], 20) if a.quick else (a.samples, 400, ks, 1000)
     xtr, xte = toy_tokens(n, 3)
     result: dict = {"benchmark": "sae_quality_toy", "train_tokens": len(xtr), "heldout_tokens": len(xte),
                     "layer": 3, "d_sae": 512, "batch_size": 1024 if not a.quick else 64, "quick": a.quick}

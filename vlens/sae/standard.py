@@ -10,7 +10,7 @@ from `fc2.weight.data`, so they are constants for the gradient and no gradient o
 sparsity term reaches the decoder. SAE-Lens's `StandardTrainingSAE` has the same value but
 backpropagates through the norms (its penalty pulls every firing latent's decoder row
 shorter); `detach_decoder_norm=False` selects that form (the `"standard"` preset, and
-`vlens_paper` checkpoints written before vlens 0.2 recorded the loss). What else
+`vlens_paper` checkpoints written before vlens 0.3 recorded the loss). What else
 `PaperTrainingSAE` changes from SAE-Lens's standard training SAE is only what the paper
 does differently:
 
