@@ -91,6 +91,8 @@ def train_sae_lens(x, k, steps, batch, lr, seed=0):
 VARIANTS = {
     "vlens_topk_preset": {},
     "vlens_no_decay_no_norm": {"lr_decay_frac": 0.0, "normalize": False},
+    # AuxK switched on within the run: latents silent for 100k tokens (~100 steps) count as dead
+    "vlens_no_decay_no_norm_auxk": {"lr_decay_frac": 0.0, "normalize": False, "dead_window_tokens": 100_000},
 }
 
 
@@ -98,9 +100,9 @@ def frontier(xtr, xte, ks, steps, batch, lr, variants) -> list[dict]:
     rows = []
     for k in ks:
         row = {"k": k}
-        sae = train_sae_lens(xtr, k, steps, batch, lr)
-        row["sae_lens"] = round(held_out_ev(sae, xte), 4)
-        for name in variants:
+        if "sae_lens" in variants:
+            row["sae_lens"] = round(held_out_ev(train_sae_lens(xtr, k, steps, batch, lr), xte), 4)
+        for name in (v for v in variants if v != "sae_lens"):
             row[name] = round(held_out_ev(train_vlens(xtr, k, steps, batch, lr, **VARIANTS[name]), xte), 4)
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=400, help="toy images harvested")
     ap.add_argument("--only", choices=["frontier", "losses"], default=None)
     ap.add_argument("--ks", default="1-16", help="k values of the frontier: a range 'a-b' or a comma list")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {sorted(VARIANTS)}")
+    ap.add_argument("--variants", default="sae_lens,vlens_topk_preset,vlens_no_decay_no_norm",
+                    help=f"comma list of sae_lens and {sorted(VARIANTS)}")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--figures", type=Path, default=None, help="write the plotly pages into this folder")
