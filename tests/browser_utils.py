@@ -14,6 +14,7 @@ side traffic, in a throw-away profile. A test that needs it should skip when
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -158,3 +159,49 @@ def build_site(dest: str | os.PathLike, *, strict: bool = True, timeout: float =
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+def playwright_available() -> bool:
+    """Whether the Playwright Python package is installed (it drives the system Chromium; no browser download)."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def browser_page(window: tuple[int, int] = (1280, 900)):
+    """A Playwright page of headless system Chromium with a `window`-sized viewport (for DOM measurements).
+
+    Example:
+        >>> with browser_page((1280, 900)) as page:  # doctest: +SKIP
+        ...     page.goto(Path("site/index.html").resolve().as_uri())
+    """
+    from playwright.sync_api import sync_playwright
+
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"]
+    with sync_playwright() as p, contextlib.closing(p.chromium.launch(executable_path=chromium(), args=args)) as br:
+        page = br.new_page(viewport={"width": window[0], "height": window[1]})
+        page.set_default_timeout(60_000)
+        yield page
+
+
+#: JS: the titles of every plotly figure on the page (figure title, subplot titles) that its toolbar covers.
+#: Run after hovering the figure (plotly shows the toolbar on hover).
+TITLES_UNDER_TOOLBAR_JS = """() => {
+  const box = e => e.getBoundingClientRect();
+  const hits = [];
+  for (const plot of document.querySelectorAll('.js-plotly-plot')) {
+    const bar = plot.querySelector('.modebar');
+    if (!bar) continue;
+    const m = box(bar);
+    if (!m.width) continue;
+    for (const t of plot.querySelectorAll('.gtitle, .annotation-text')) {
+      const b = box(t);
+      if (b.left < m.right && m.left < b.right && b.top < m.bottom && m.top < b.bottom) hits.push(t.textContent);
+    }
+  }
+  return hits;
+}"""

@@ -52,6 +52,26 @@ def test_demo_report_renders_in_chromium(demo, tmp_path):
     assert screenshot_stats(png).ink > 0.05
 
 
+@pytest.mark.browser
+def test_demo_report_fits_a_1280px_window(demo, tmp_path):
+    """At 1280 px the report has no horizontal scrollbar: the per-layer modality histogram (six layers) wraps
+    into the page instead of running off its right edge. The screenshot is tmp_path/report-1280.png."""
+    from browser_utils import browser_page, chromium, playwright_available
+
+    if chromium() is None or not playwright_available():
+        pytest.skip("chromium or playwright is not installed")
+    with browser_page((1280, 900)) as page:
+        page.goto((demo / "report.html").resolve().as_uri())
+        page.wait_for_selector(".main-svg")
+        scroll, client = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        layers = page.locator(".annotation-text", has_text="layer 5")
+        layers.first.scroll_into_view_if_needed()
+        page.screenshot(path=str(tmp_path / "report-1280.png"))
+        right = layers.first.bounding_box()
+    assert scroll <= client, f"the report is {scroll} px wide in a {client}-px window"
+    assert right is not None and right["x"] + right["width"] <= client
+
+
 def _write_real_style_data(root):
     """An image folder (class/xxx.png) and a ShareGPT4V-style caption JSON, as a user of a real model has them."""
     from PIL import Image

@@ -165,3 +165,30 @@ def test_the_demo_runs_on_the_real_architecture(real, tmp_path):
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["model"] == real.name and res["steering"][0]["src"] in names
     assert "Steering" in open(path).read()
+
+
+def test_byte_tokens_read_as_bytes_on_dashboards(real, tmp_path):
+    """A latent whose decoder row is the unembedding of the byte token `<0xE2>` shows that token as `<0xE2>` (the
+    real tokenizer's own piece, convert_ids_to_tokens), not as "�", in feature_logits and on its dashboard page;
+    a caption with a character the vocabulary spells in bytes (an emoji) shows no "�" in its context either."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    import vlens.sae as vs
+    from vlens.data import Sample
+    from vlens.sae.features import feature_logits
+
+    tok = real.tokenizer
+    byte = tok.convert_tokens_to_ids("<0xE2>")
+    assert tok.convert_ids_to_tokens([byte]) == ["<0xE2>"] and tok.decode([byte]) == "\ufffd"
+    sae = StandardSAE(StandardSAEConfig(d_in=real.d_model, d_sae=4))
+    with torch.no_grad():
+        sae.W_dec[0] = real._module.get_output_embeddings().weight[byte].float()
+        sae.b_enc[0] = 10.0  # fires on every token, so the caption context is shown
+    top = feature_logits(sae, real, [0], k=3)[0]["top"]
+    assert top[0]["token"] == "<0xE2>"
+    caption = "a tall \U0001F992 here"
+    assert "<0xF0>" in tok.convert_ids_to_tokens(tok(caption)["input_ids"])  # the emoji is spelled in bytes
+    data = [Sample(_image((64, 64)), caption=caption)]
+    vs.dashboard(sae, real, data, 1, tmp_path, latents=[0], progress=False)
+    page = (tmp_path / "latent_0.html").read_text(encoding="utf-8")
+    assert "&lt;0xE2&gt;" in page and "\ufffd" not in page

@@ -36,6 +36,7 @@ from .activations.read import read_layers
 from .errors import InputError, NotFoundError
 from .sites import SiteLike
 from .tokens import KIND_NAMES, Batch, TokenLayout, TokenSelection, select
+from .viz import token_strings
 
 if TYPE_CHECKING:
     from .model import VLM
@@ -91,9 +92,10 @@ def token_ids(vlm: "VLM", words: str | int | Sequence[str | int]) -> list[int]:
 
 
 def _vocab(vlm: "VLM") -> list[str]:
-    """Every token id decoded alone (readable: no SentencePiece '▁' markers); ids past the tokenizer's `<id N>`."""
+    """Every token id decoded alone (readable: no SentencePiece '▁' markers; a lone byte as `<0xE2>`,
+    `vlens.viz.token_strings`); ids past the tokenizer's `<id N>`."""
     n = min(len(vlm.tokenizer), vlm.vocab_size)
-    return vlm.tokenizer.batch_decode([[i] for i in range(n)]) + [f"<id {i}>" for i in range(n, vlm.vocab_size)]
+    return token_strings(vlm.tokenizer, range(n)) + [f"<id {i}>" for i in range(n, vlm.vocab_size)]
 
 
 @dataclass

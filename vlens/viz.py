@@ -31,7 +31,8 @@ from PIL import Image
 from torch import Tensor
 
 __all__ = ["Report", "image_data_uri", "heatmap_overlay", "plotly_script", "figure_html", "render", "save_html",
-           "KINDS", "TILE_COLOURS", "kind_codes", "token_layout_figure"]
+           "KINDS", "TILE_COLOURS", "kind_codes", "token_layout_figure", "below_toolbar", "TOOLBAR_PX",
+           "token_strings"]
 
 
 @lru_cache(maxsize=1)
@@ -94,15 +95,81 @@ def plotly_script(directory: str | os.PathLike | None = None) -> str:
     return '<script src="plotly.min.js"></script>'
 
 
+#: Height (px) of the strip at the top of a plotly figure that its toolbar (the modebar, 28 px, shown
+#: while the pointer is over the figure) covers: titles go below it (`below_toolbar`).
+TOOLBAR_PX = 34
+_TITLE_PX, _SUBTITLE_PX = 26, 22  # a 17-px figure title, a 13–16-px subplot title, with their padding
+
+
+def below_toolbar(fig: Any) -> Any:
+    """Move a plotly figure's title and top-row subplot titles below its toolbar; returns `fig`.
+
+    Plotly draws its toolbar in the top-right corner of the figure when the pointer
+    is over it, on top of whatever is there. This pins the title to the top of the
+    figure, `TOOLBAR_PX` down, and makes the top margin tall enough for it and the
+    subplot titles under it. Call it after the title is set.
+
+    Example:
+        >>> import plotly.graph_objects as go
+        >>> fig = below_toolbar(go.Figure(layout=dict(title="a long title")))
+        >>> fig.layout.title.pad.t == TOOLBAR_PX, fig.layout.margin.t
+        (True, 66)
+    """
+    has_title = bool(fig.layout.title.text)
+    has_subtitles = any(a.yref == "paper" and a.yanchor == "bottom" and (a.y or 0) >= 0.99
+                        for a in fig.layout.annotations)
+    top = TOOLBAR_PX + _TITLE_PX * has_title + _SUBTITLE_PX * has_subtitles + 6
+    fig.update_layout(margin=dict(t=max(top, fig.layout.margin.t or 0)))
+    if has_title:
+        fig.update_layout(title=dict(yref="container", y=1, yanchor="top", pad=dict(t=TOOLBAR_PX)))
+    return fig
+
+
 def figure_html(fig: Any, div_id: str | None = None) -> str:
     """A plotly figure as a `<div>` for a page that loads plotly.js once (`plotly_script`).
+
+    The figure's titles are moved below its toolbar first (`below_toolbar`).
 
     Example:
         >>> import plotly.graph_objects as go
         >>> 'id="f1"' in figure_html(go.Figure(), div_id="f1")
         True
     """
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id)
+    return below_toolbar(fig).to_html(full_html=False, include_plotlyjs=False, div_id=div_id)
+
+
+def token_strings(tokenizer: Any, ids: Iterable[int]) -> list[str]:
+    """Each token id as a page shows it: its text, or its bytes when it holds only part of a character.
+
+    `tokenizer.decode([id])` of a token that is one byte of a multi-byte UTF-8
+    character (a byte-fallback token such as `<0xE2>` of the Llama/Mistral
+    tokenizers, or a piece of a byte-level BPE token as in GPT-2 and Qwen) is "�".
+    Such a token is shown as its bytes in hex, `<0xE2>`, as the tokenizer's own
+    vocabulary writes them; every other token as its decoded text.
+
+    Example:
+        >>> import vlens
+        >>> token_strings(vlens.tiny().tokenizer, [4, 5])
+        ['<image>', '[INST]']
+    """
+    ids = [int(i) for i in ids]
+    texts = tokenizer.batch_decode([[i] for i in ids])
+    pieces = tokenizer.convert_ids_to_tokens(ids) if any("\ufffd" in t for t in texts) else None
+    return [_as_bytes(pieces[j]) or t if "\ufffd" in t else t for j, t in enumerate(texts)]
+
+
+def _as_bytes(piece: str) -> str | None:
+    """A vocabulary piece that stands for raw bytes, written `<0xE2><0x80>`; None if it is not one."""
+    import re
+
+    if re.fullmatch(r"(<0x[0-9A-Fa-f]{2}>)+", piece):
+        return piece.upper().replace("<0X", "<0x")
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # the byte-level BPE alphabet (GPT-2)
+
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    if piece and all(c in decoder for c in piece):
+        return "".join(f"<0x{decoder[c]:02X}>" for c in piece)
+    return None
 
 
 def image_data_uri(image: Any) -> str:
@@ -280,13 +347,16 @@ def _token_info(tokenizer: Any, layout: Any) -> list[list[str]]:
     return info
 
 
-def token_layout_figure(vlm: Any, batch: Any, images: Sequence[Any], *, image: int = 0, height: int = 560):
+def token_layout_figure(vlm: Any, batch: Any, images: Sequence[Any], *, image: int = 0, height: int = 560,
+                        title: str | None = None):
     """How images became tokens: image `image` with its patch grids, and the batch's token sequence by kind.
 
     The top row draws the original picture once per image-token kind it has (the base
     tile; the high-res tiles where the family has them), each token's pixel box coloured
     by its tile; the bottom strip colours every position of the batch by kind (`KINDS`).
     Hover any box or cell for its sequence position, tile, row, column and pixel box.
+    `title` goes above it all, clear of plotly's toolbar (`below_toolbar`; a title set
+    later with `fig.update_layout` is not).
 
     Example:
         >>> import vlens
@@ -353,6 +423,7 @@ def token_layout_figure(vlm: Any, batch: Any, images: Sequence[Any], *, image: i
     fig.update_yaxes(autorange="reversed", tickvals=list(range(layout.shape[0])),
                      ticktext=[f"row {b}" for b in range(layout.shape[0])], row=2, col=1)
     fig.update_xaxes(title_text="sequence position", title_standoff=4, row=2, col=1)
-    fig.update_layout(height=height, margin=dict(l=50, r=20, t=40, b=70), template="plotly_white", font=dict(size=12))
+    fig.update_layout(height=height, margin=dict(l=50, r=20, b=70), template="plotly_white", font=dict(size=12),
+                      title=title)
     fig.update_annotations(font_size=13)
-    return fig
+    return below_toolbar(fig)

@@ -40,6 +40,7 @@ from ..prepare import load_image
 from ..prompts import QUESTION
 from ..sites import Site, SiteLike
 from ..tokens import ImageGeometry
+from ..viz import token_strings
 from .io import site_of
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def feature_logits(sae: SAE, vlm: VLM, latents: Sequence[int], k: int = 10) -> l
     for s0 in range(0, len(latents), 64):  # [64, vocab] logits at a time
         proj = project_on_vocab(vlm, rows[s0 : s0 + 64], k, norm="fold")  # the norm module's own gain (Gemma: 1 + w)
         for j in range(len(proj.top_ids)):
-            out.append({name: [{"token": tok.decode([int(i)]), "value": float(v)} for v, i in zip(vals[j], ids[j])]
+            out.append({name: [{"token": t, "value": float(v)} for v, t in zip(vals[j], token_strings(tok, ids[j]))]
                         for name, ids, vals in (("top", proj.top_ids, proj.top_values),
                                                 ("bottom", proj.bottom_ids, proj.bottom_values))})
     return out
@@ -133,7 +134,7 @@ def collect(vlm: VLM, sae: SAE, samples: Sequence[Any], latents: Sequence[int], 
         f[sel] = sae.encode(h.to(sae.device, sae.dtype))[..., lat.to(sae.device)].float().cpu()
         for b in range(len(part)):
             pos = sel[b].nonzero().flatten()
-            names = [tok.decode([i]) for i in lay.input_ids[b][pos].tolist()]
+            names = token_strings(tok, lay.input_ids[b][pos].tolist())
             boxes = torch.full((len(pos), 4), math.nan)
             images = []
             for n, span in enumerate(sp for sp in lay.images if sp.batch_index == b):

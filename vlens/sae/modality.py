@@ -360,30 +360,41 @@ def sharing_by_layer(saes: Mapping[int, SAE | ModalityStats]) -> dict[int, dict[
     return {layer: modality_stats(s).fractions() for layer, s in sorted(saes.items())}
 
 
-def plot_modality_histogram(saes: Mapping[int, SAE | ModalityStats], bins: int = 40) -> go.Figure:
+def plot_modality_histogram(saes: Mapping[int, SAE | ModalityStats], bins: int = 40,
+                            columns: int = 3) -> go.Figure:
     """Histogram of the per-latent modality score, one panel per layer, shared band shaded.
+
+    The panels wrap after `columns` per row and the figure takes the width of its
+    page (no fixed width), so six layers fit a 1280-px window as two rows of three.
 
     Example:
         >>> import torch
         >>> st = ModalityStats.from_activations(torch.rand(20, 6), torch.arange(20) % 2)
-        >>> len(plot_modality_histogram({1: st, 2: st}).data)
-        2
+        >>> fig = plot_modality_histogram({1: st, 2: st, 3: st, 4: st})
+        >>> len(fig.data), fig.layout.width, fig.layout.height
+        (4, None, 600)
     """
     layers = sorted(saes)
-    fig = make_subplots(rows=1, cols=len(layers), shared_yaxes=True,
+    cols = max(1, min(columns, len(layers)))
+    rows = -(-len(layers) // cols)
+    fig = make_subplots(rows=rows, cols=cols, shared_yaxes=True, vertical_spacing=0.3 / rows,
                         subplot_titles=[f"layer {layer}" for layer in layers])
-    for c, layer in enumerate(layers, start=1):
+    for i, layer in enumerate(layers):
+        r, c = divmod(i, cols)
         st = modality_stats(saes[layer])
         s = st.score
         s = s[~torch.isnan(s)]
         fig.add_trace(go.Histogram(x=s.tolist(), xbins=dict(start=0, end=1.0001, size=1 / bins), name=f"layer {layer}",
-                                   marker_color="#4c78a8", showlegend=False), row=1, col=c)
+                                   marker_color="#4c78a8", showlegend=False), row=r + 1, col=c + 1)
         lo, hi = st.shared_range
-        fig.add_vrect(x0=lo, x1=hi, fillcolor="#f58518", opacity=0.12, line_width=0, row=1, col=c)
-        fig.update_xaxes(title_text="modality score (0 text … 1 image)", range=[0, 1], row=1, col=c)
-    fig.update_yaxes(title_text="latents", row=1, col=1)
+        fig.add_vrect(x0=lo, x1=hi, fillcolor="#f58518", opacity=0.12, line_width=0, row=r + 1, col=c + 1)
+        last_row = i + cols >= len(layers)
+        fig.update_xaxes(title_text="modality score (0 text … 1 image)" if last_row else None, range=[0, 1],
+                         row=r + 1, col=c + 1)
+    for r in range(rows):
+        fig.update_yaxes(title_text="latents", row=r + 1, col=1)
     fig.update_layout(title="Per-latent modality score by layer (shaded: shared)", bargap=0.02,
-                      height=350, width=max(400, 300 * len(layers)))
+                      height=300 * rows)
     return fig
 
 
