@@ -144,3 +144,19 @@ def test_code_lines_fit_their_blocks():
             if b.lang in ("python", "py", "bash")
             for k, ln in enumerate(b.code.splitlines()) if len(ln) > 80]
     assert not wide, f"code lines over 80 characters (they scroll sideways in the page): {wide}"
+
+
+def test_data_loaders_have_a_page_the_first_hour_finds():
+    """The loaders of vlens.data (image_folder, sharegpt4v, from_hf) are shown, running, on a page of their own
+    that the quickstart and the harvesting page link to (not only at the end of the toy-model page)."""
+    import yaml
+
+    page = DOCS / "data.md"
+    assert page.exists(), "docs/data.md (the data loaders page) is missing"
+    runnable = "".join(b.code for b in code_blocks(page.read_text(encoding="utf-8")) if b.runnable)
+    for call in ("data.image_folder(", "data.sharegpt4v(", "data.from_hf(", "harvest("):
+        assert call in runnable, f"docs/data.md runs no {call}...)"
+    for linking in ("quickstart.md", "harvest.md"):
+        assert "](data.md" in (DOCS / linking).read_text(encoding="utf-8"), f"docs/{linking} does not link data.md"
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    assert "data.md" in str(yaml.safe_load(nav)["nav"])
