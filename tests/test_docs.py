@@ -160,3 +160,14 @@ def test_data_loaders_have_a_page_the_first_hour_finds():
         assert "](data.md" in (DOCS / linking).read_text(encoding="utf-8"), f"docs/{linking} does not link data.md"
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     assert "data.md" in str(yaml.safe_load(nav)["nav"])
+
+
+def test_quickstart_claims_no_untested_remote_execution():
+    """The quickstart does not claim that remote execution on NDIF works: nothing tests it (no network), and
+    nnsight's offline dry run of the remote path fails on a VLM (tests/test_model.py records it)."""
+    text = (DOCS / "quickstart.md").read_text(encoding="utf-8")
+    assert "remote execution on NDIF included" not in text
+    assert "Remote execution on NDIF is untested" in text
+    assert "test_a_trace_survives_nnsights_dry_run_of_the_remote_path" in text
+    assert "def test_a_trace_survives_nnsights_dry_run_of_the_remote_path" in (
+        ROOT / "tests" / "test_model.py").read_text(encoding="utf-8")

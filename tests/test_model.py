@@ -222,3 +222,20 @@ def test_tiny_is_fast_and_deterministic():
     b = vlens.tiny(seed=3)
     for (n, p), (_, q) in zip(a._module.named_parameters(), b._module.named_parameters()):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="VLM.modules (the module-path table) shadows nnsight's Envoy.modules(), which the remote "
+                          "path calls to collect its persistent objects: 'ModuleLayout' object is not callable. "
+                          "When this passes, say in docs/quickstart.md that the remote path's serialisation holds.")
+def test_a_trace_survives_nnsights_dry_run_of_the_remote_path():
+    """nnsight's `remote="local"` runs a trace the way NDIF would, offline: it serialises the request as the remote
+    backend does (`RequestModel.serialize`), deserialises it with local modules hidden, and runs it. A vlens trace
+    that passes it is what `remote=True` would send; its result must equal the plain trace's."""
+    vlm = vlens.load("toy")
+    batch = vlm.prepare(["<image>\nWhat is shown?"], [Image.new("RGB", (64, 64), (200, 30, 30))])
+    with torch.no_grad(), vlm.trace(batch):
+        ref = vlm.resid_pre(2).save()
+    with torch.no_grad(), vlm.trace(batch, remote="local"):
+        h = vlm.resid_pre(2).save()
+    assert torch.equal(h, ref)
