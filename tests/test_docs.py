@@ -171,3 +171,16 @@ def test_quickstart_claims_no_untested_remote_execution():
     assert "test_a_trace_survives_nnsights_dry_run_of_the_remote_path" in text
     assert "def test_a_trace_survives_nnsights_dry_run_of_the_remote_path" in (
         ROOT / "tests" / "test_model.py").read_text(encoding="utf-8")
+
+
+def test_steering_tutorial_sweeps_the_ks_where_its_pair_flips():
+    """The steering tutorial's sweep tries the ks where its main pair flips (2 and 3; k = 4 and above degenerate),
+    plots efficacy and damage against k in one figure, and shows the layer × token-group measurement."""
+    page = (DOCS / "tutorials" / "steering.md").read_text(encoding="utf-8")
+    runnable = "".join(b.code for b in code_blocks(page) if b.runnable)
+    ks = re.search(r"ks=\[([^\]]*)\]", runnable)
+    assert ks is not None and {2.0, 3.0} <= {float(k) for k in ks.group(1).split(",")}, "the sweep misses k = 2, 3"
+    assert "secondary_y=True" in runnable and '"damage"' in runnable  # efficacy and damage against k, one figure
+    assert "## Which layers and tokens carry the vector" in page
+    for group in ('"highres"', '"base"', '"newline"'):
+        assert group in runnable

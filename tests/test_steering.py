@@ -230,3 +230,44 @@ def test_toy_steering_flips_answers_and_random_does_not():
         assert rnd["flip_rate"] <= 0.25, rnd["answers"]
         assert best["p_target_mean"] > base["p_target_mean"] and best["p_target_mean"] > rnd["p_target_mean"]
     assert len(flipped) >= 2, f"steering flipped only {flipped}"
+
+
+@pytest.fixture(scope="module")
+def toy_red_blue():
+    """The steering tutorial's main pair on the toy model: red circle → blue circle, the vector of each layer from
+    the class means of the mean image activation of the bare `<image>` prompt (vlens.read_layers, pool="mean")."""
+    import vlens.toy as toy
+
+    vlm = vlens.load("toy")
+    train = toy.toy_dataset("train", n=20 * 6)
+    names = train.class_names
+    src, tgt = names.index("red circle"), names.index("blue circle")
+    pick = [s for s in train if s.label in (src, tgt)]
+    batch = vlm.prepare([prompts.PROBE_PROMPT] * len(pick), [s.image for s in pick])
+    feats = read_layers(vlm, batch, [1, 3], pool="mean")
+    y = torch.tensor([s.label for s in pick])
+    vectors = {L: steering.diff_of_means(feats[L], y, src, tgt) for L in (1, 3)}
+    images = [s.image for s in toy.toy_dataset("heldout", n=20 * 4) if s.label == src]
+    return vlm, images, vectors
+
+
+def _flips(toy_red_blue, layer, k, tokens="image"):
+    vlm, images, vectors = toy_red_blue
+    return steering.efficacy(vlm, images, "red circle", "blue circle", vectors[layer], layer, k,
+                             tokens=tokens)["flip_rate"]
+
+
+def test_toy_steering_flips_in_a_window_of_k(toy_red_blue):
+    """What the steering tutorial says of its main pair: at layer 1 the answer flips at k = 2, and at k = 8 the
+    vector is so large that the model no longer names the target (efficacy rises, then falls)."""
+    assert _flips(toy_red_blue, 1, 0.0) == 0.0
+    assert _flips(toy_red_blue, 1, 2.0) >= 0.75
+    assert _flips(toy_red_blue, 1, 8.0) == 0.0
+
+
+def test_toy_colour_vector_lives_on_early_high_res_tokens(toy_red_blue):
+    """The tutorial's layer × token-group result: at layer 3 nothing flips (the colour was read in layers 0–1);
+    at layer 1 the high-res tiles alone flip it, the base tile alone does not."""
+    assert max(_flips(toy_red_blue, 3, k) for k in (2.0, 3.0)) == 0.0
+    assert max(_flips(toy_red_blue, 1, k, "highres") for k in (2.0, 3.0)) >= 0.75
+    assert max(_flips(toy_red_blue, 1, k, "base") for k in (2.0, 3.0)) == 0.0
