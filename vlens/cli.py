@@ -169,7 +169,13 @@ def _demo_command() -> Callable:
                              "--captions (a ShareGPT4V-style JSON), with --image-root if its paths are relative")
         base = DemoConfig.fast() if fast else DemoConfig()
         cfg = dataclasses.replace(base, **_given(DemoConfig, options))
-        vlm: Any = m.model if m.model == "toy" and m.dtype is None else m.load()
+        words = None
+        if data is not None and captions is not None and Path(data).is_dir():  # a tiny build learns them
+            from .data import image_folder, sharegpt4v, vocabulary
+
+            root = None if image_root is None else str(image_root)
+            words = vocabulary(image_folder(data)) + vocabulary(sharegpt4v(str(captions), image_root=root))
+        vlm: Any = m.model if m.model == "toy" and m.dtype is None else m.load(words=words)
         run(out, model=vlm, device=m.device, data=data, captions=None if captions is None else str(captions),
             image_root=None if image_root is None else str(image_root), config=cfg)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,12 +267,53 @@ def _data(toy_model: bool, cfg: DemoConfig, data: str | None, captions: str | No
             "--captions <ShareGPT4V json> --image-root <dir> (no dataset can be downloaded by the demo itself)"
         )
     classes = vdata.image_folder(data) if Path(data).is_dir() else vdata.from_hf(data, split="validation")
-    n = len(classes)
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
-    train = vdata.ListDataset([classes[i] for i in idx[: cfg.n_train]], class_names=classes.class_names)
-    heldout = vdata.ListDataset([classes[i] for i in idx[cfg.n_train: cfg.n_train + cfg.n_heldout]],
-                                class_names=classes.class_names)
+    train_idx, held_idx = split_per_class(classes.labels(), cfg.n_train, cfg.n_heldout, names=classes.class_names)
+    train = vdata.ListDataset([classes[i] for i in train_idx], class_names=classes.class_names)
+    heldout = vdata.ListDataset([classes[i] for i in held_idx], class_names=classes.class_names)
     return train, heldout, vdata.sharegpt4v(captions, image_root=image_root)
+
+
+HELDOUT_SHARE = 0.25
+"""The share of each class's images the demo holds out (before the caps of n_train / n_heldout)."""
+
+
+def split_per_class(labels: Sequence[int | None], n_train: int, n_heldout: int, *, share: float = HELDOUT_SHARE,
+                    names: Sequence[str] | None = None, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices of a training and a held-out split, per class and in proportion.
+
+    Each class gives `share` of its images (rounded, at least one) to the
+    held-out split and the rest (at least one) to training, in a seeded random
+    order; when the splits would exceed `n_train` / `n_heldout`, every class is
+    cut in the same proportion. A class with fewer than 2 images is refused,
+    with how many it needs. Unlabelled samples are left out.
+
+    Example:
+        >>> labels = [0] * 10 + [1] * 10 + [2] * 10
+        >>> train, held = split_per_class(labels, n_train=120, n_heldout=40)
+        >>> len(train), len(held), sorted({labels[i] for i in held})
+        (21, 9, [0, 1, 2])
+    """
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        if y is not None and int(y) >= 0:
+            by_class.setdefault(int(y), []).append(i)
+    small = {c: len(v) for c, v in by_class.items() if len(v) < 2}
+    if small:
+        what = ", ".join(f"{names[c] if names else c!r}: {k}" for c, k in sorted(small.items()))
+        raise InputError(f"the demo needs at least 2 images per class (one to train on, one held out); "
+                         f"{what}: add images to those classes in --data, or remove them")
+    g = torch.Generator().manual_seed(seed)
+    held = {c: max(1, min(len(v) - 1, int(len(v) * share + 0.5))) for c, v in by_class.items()}
+    n_held, n_tr = sum(held.values()), sum(len(v) - held[c] for c, v in by_class.items())
+    f_held, f_tr = min(1.0, n_heldout / n_held), min(1.0, n_train / n_tr)
+    train_idx, held_idx = [], []
+    for c, idx in sorted(by_class.items()):
+        order = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+        h = max(1, math.floor(held[c] * f_held))
+        t = max(1, math.floor((len(idx) - held[c]) * f_tr))
+        held_idx += order[:h]
+        train_idx += order[held[c]: held[c] + t]
+    return sorted(train_idx), sorted(held_idx)
 
 
 def _pairs(toy_model: bool, names: Sequence[str], heldout: Any, n: int) -> list[tuple[str, str]]:

@@ -268,7 +268,7 @@ def _warn_unknown(tok: Any, text_ids: torch.Tensor, texts: Sequence[str]) -> Non
         "a data set's words: vlens.tiny(family=..., words=dataset) (its class names and captions); on the "
         "command line, --model tiny:FAMILY learns those of --data",
         UnknownWordsWarning,
-        stacklevel=3,
+        stacklevel=4,  # the caller of VLM.prepare
     )
 
 

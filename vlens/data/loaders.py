@@ -109,6 +109,12 @@ class _RecordDataset(_SkippingDataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def labels(self) -> list[int | None]:
+        return [r[1] for r in self.records]
+
+    def captions(self) -> list[str | None]:
+        return [r[2] for r in self.records]
+
     def _get(self, i: int) -> Sample:
         src, label, caption, id_, meta = self.records[i]
         return Sample(image=load_image(src), label=label, caption=caption, id=id_, meta=dict(meta))

@@ -64,6 +64,24 @@ class Dataset(Sequence[Sample]):
         for i in range(len(self)):
             yield self[i]
 
+    def labels(self) -> list[int | None]:
+        """Every sample's label, in order (a folder's are read without opening its images).
+
+        Example:
+            >>> ListDataset([Sample(label=1), Sample(label=0)]).labels()
+            [1, 0]
+        """
+        return [s.label for s in self]
+
+    def captions(self) -> list[str | None]:
+        """Every sample's caption, in order (a caption file's are read without opening its images).
+
+        Example:
+            >>> ListDataset([Sample(caption="a red square"), Sample()]).captions()
+            ['a red square', None]
+        """
+        return [s.caption for s in self]
+
 
 class ListDataset(Dataset):
     """A `Dataset` over an in-memory list of samples."""
@@ -93,8 +111,9 @@ def vocabulary(data: Iterable[Any]) -> list[str]:
     from ..families.wordlevel import split_words
 
     texts = [str(name) for name in (getattr(data, "class_names", None) or [])]
-    for item in data:
-        text = item if isinstance(item, str) else getattr(item, "caption", None)
+    items = data.captions() if isinstance(data, Dataset) else data
+    for item in items:
+        text = item if isinstance(item, str) or item is None else getattr(item, "caption", None)
         if text:
             texts.append(str(text))
     return list(dict.fromkeys(w.lower() for t in texts for w in split_words(t)))

@@ -455,7 +455,9 @@ def _finish(sae: TrainingSAE, cfg: TrainConfig, state: TrainState, source: Any, 
     inf.load_state_dict(state_dict)
     inf = as_multimodal(inf.to(device))
     if n_mod and progress:
-        tqdm.write(f"token mix: {state.mix['image']} image / {state.mix['text']} text tokens "
+        hook = inf.cfg.metadata.hook_name
+        where = f" at {hook}" if hook else ""
+        tqdm.write(f"token mix{where}: {state.mix['image']} image / {state.mix['text']} text tokens "
                    f"(image fraction {mix['image_fraction']:.3f})")
     if n_mod and stats_tokens:
         stats = modality_stats_from_source(inf, source, stats_tokens, shared_range, cfg.trainer.batch_size)
