@@ -66,3 +66,13 @@ def test_the_command_line_tiny_build_learns_the_folders_class_names(tmp_path):
     argv = ["harvest", "--model", "tiny:qwen2.5-vl", "--data", str(tmp_path / "img"), "--layers", "1",
             "--pool", "mean", "--prompt", "<image>\nhexagon or rhombus?", "--out", str(tmp_path / "s")]
     assert not _unknown_warnings(lambda: main(argv))
+
+
+def test_an_image_folder_reads_the_caption_beside_each_image(tmp_path):
+    (tmp_path / "circle").mkdir()
+    Image.new("RGB", (30, 20), "red").save(tmp_path / "circle" / "0.png")
+    Image.new("RGB", (30, 20), "red").save(tmp_path / "circle" / "1.png")
+    (tmp_path / "circle" / "0.txt").write_text(CAPTION + "\n", encoding="utf-8")
+    data = vlens.data.image_folder(tmp_path)
+    assert [s.caption for s in data] == [CAPTION, None] == data.captions()
+    assert "coloured" in vlens.data.vocabulary(data) and "circle" in vlens.data.vocabulary(data)

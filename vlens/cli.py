@@ -368,6 +368,7 @@ def probe(
     layers: Optional[str] = typer.Option(None, help="comma-separated layers of the store (default: all)"),
     kind: str = typer.Option("softmax", help="softmax (multiclass) or ovr (one-vs-rest)"),
     test_size: float = typer.Option(0.2, help="held-out share of each class"),
+    modality: Optional[str] = typer.Option(None, help="a per-token store: mean over image or text tokens only"),
     figure: Optional[Path] = typer.Option(None, help="write the accuracy-by-layer figure here (.html)"),
 ) -> None:
     """Fit a linear probe per layer on a pooled harvest store and print each layer's held-out accuracy."""
@@ -378,9 +379,12 @@ def probe(
         raise InputError(f"--kind is softmax or ovr, not {kind!r}")
     if not 0 < test_size < 1:
         raise InputError(f"--test-size is a share between 0 and 1, not {test_size}")
+    if modality not in (None, "image", "text"):
+        raise InputError(f"--modality is image or text (or absent: every stored token), not {modality!r}")
     source = ActivationStore(store)
-    chosen = None if layers is None else [int(x) for x in layers.split(",") if x.strip()]
-    result = sweep(source, chosen, kind, test_size=test_size)
+    chosen = source.layers if layers is None else _layers(layers, max(source.layers) + 1)
+    features = {L: source.pooled(L, modality) for L in chosen}
+    result = sweep(features, chosen, kind, test_size=test_size)
     n_classes = len(result.probes[result.layers[0]].classes)
     print(f"{kind} probe on {n_classes} classes (chance {1 / n_classes:.3f}), {source.path}")
     for L, acc in result.accuracy.items():

@@ -178,7 +178,8 @@ def image_folder(
 
     `class_names` renames the classes: a list in folder order, or a dict
     folder -> name (default: the folder names). `per_class` keeps the first
-    n images (sorted by file name) of each class. An empty class folder is an
+    n images (sorted by file name) of each class. A text file beside an image,
+    with its name and `.txt` (`cat/0.png` and `cat/0.txt`), is its caption. An empty class folder is an
     error; unreadable files are skipped and counted (`on_error="raise"` to stop).
 
     Example:
@@ -217,7 +218,9 @@ def image_folder(
                 f"class folder {folder} has no images (looked for {', '.join(exts)}); remove it or add images"
             )
         for f in files[:per_class]:
-            records.append((str(f), label, None, str(f.relative_to(root)), {"path": str(f), "class": folder.name}))
+            side = f.with_suffix(".txt")  # a caption file beside the image
+            caption = side.read_text(encoding="utf-8").strip() or None if side.is_file() else None
+            records.append((str(f), label, caption, str(f.relative_to(root)), {"path": str(f), "class": folder.name}))
     return _RecordDataset(records, names, on_error, what=f"image_folder({root})")
 
 
