@@ -65,7 +65,7 @@ def small_model():
 
 
 def bare_forward(vlm, data, batch_size):
-    from vlens.prepare import position_ids
+    from vlens.tokens import position_ids
     from vlens.prompts import QUESTION
 
     for b0 in range(0, len(data), batch_size):

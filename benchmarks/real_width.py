@@ -46,7 +46,7 @@ from _idle import OtherLoad  # noqa: E402
 import vlens  # noqa: E402
 from vlens.data import Sample  # noqa: E402
 from vlens.families.checkpoints import LLAVA_NEXT_MISTRAL  # noqa: E402
-from vlens.prepare import position_ids  # noqa: E402
+from vlens.tokens import position_ids  # noqa: E402
 from vlens.prompts import QUESTION  # noqa: E402
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from vlens.viz import KINDS, TILE_COLOURS, kind_codes, token_layout_figure
+from vlens.roles import LAYOUT_KINDS as KINDS, layout_kind_codes as kind_codes
+from vlens.viz import TILE_COLOURS, token_layout_figure
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 

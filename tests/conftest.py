@@ -22,14 +22,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def tiny_mistral():
     import vlens
 
-    return vlens.tiny("mistral")
+    return vlens.tiny(backbone="mistral")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama():
     import vlens
 
-    return vlens.tiny("llama", seed=1)
+    return vlens.tiny(backbone="llama", seed=1)
 
 
 @pytest.fixture(scope="session", params=["mistral", "llama"])

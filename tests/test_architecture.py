@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+import os
 import re
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -19,6 +22,72 @@ STRUCTURE = ROOT.parent / "shared" / "tools" / "structure.py"
 def test_structure_check_passes():
     r = subprocess.run([sys.executable, str(STRUCTURE)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_import_contracts_hold():
+    """The layers, no-cycle and forbidden-import contracts of pyproject.toml ([tool.importlinter]), from this checkout."""
+    from importlinter.cli import lint_imports
+
+    sys.path.insert(0, str(ROOT))
+    old = os.getcwd()
+    try:
+        os.chdir(ROOT)
+        code = lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True)
+    finally:
+        os.chdir(old)
+        sys.path.remove(str(ROOT))
+    assert code == 0, "an import contract is broken: run `lint-imports` in the checkout for the import chain"
+
+
+def _imports(path: Path):
+    """(module path, ImportFrom node) of every `from X import Y` inside vlens, function-local ones too."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "vlens"):
+            yield node
+
+
+def test_no_private_name_crosses_a_module_wall():
+    """Modules meet through public names: no `from .x import _y` (a `_`-prefixed module is a package-private helper)."""
+    bad = []
+    for path in sorted((ROOT / "vlens").rglob("*.py")):
+        for node in _imports(path):
+            if (node.module or "").rsplit(".", 1)[-1].startswith("_"):
+                continue
+            names = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            if names:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {'.' * node.level}{node.module or ''} "
+                           f"import {', '.join(names)}")
+    assert not bad, "private names imported across modules (give them a public seam):\n" + "\n".join(bad)
+
+
+def test_nothing_inside_vlens_imports_the_vlens_package_itself():
+    bad = [f"{path.relative_to(ROOT)}:{node.lineno}" for path in sorted((ROOT / "vlens").rglob("*.py"))
+           for node in _imports(path) if node.level == 0 and node.module == "vlens"]
+    assert not bad, bad
+
+
+def test_modules_stay_small():
+    """No module over 600 lines (docs/architecture.md)."""
+    big = {str(p.relative_to(ROOT)): n for p in (ROOT / "vlens").rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > 600}
+    assert not big, big
+
+
+def test_no_public_name_shadows_a_submodule():
+    """`import vlens.sae.training as m` binds a module: no package attribute hides a submodule of the same name."""
+    bad = []
+    for init in (ROOT / "vlens").rglob("__init__.py"):
+        pkg = ".".join(init.parent.relative_to(ROOT).parts)
+        if pkg in ("vlens.explorer",):  # its app needs the `explore` extra; its __init__ binds no submodule name
+            continue
+        mod = importlib.import_module(pkg)
+        for sub in init.parent.iterdir():
+            name = sub.stem if sub.suffix == ".py" else sub.name if (sub / "__init__.py").exists() else None
+            if name and not name.startswith("_") and name in vars(mod):
+                value = vars(mod)[name]
+                if not (isinstance(value, types.ModuleType) and value.__name__ == f"{pkg}.{name}"):
+                    bad.append(f"{pkg}.{name}")
+    assert not bad, bad
 
 
 def test_no_module_unpickles_user_files():

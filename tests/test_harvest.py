@@ -16,9 +16,9 @@ import torch
 
 import vlens
 from vlens.data import Sample
-from vlens.activations import ActivationStore, export_sae_lens, harvest
+from vlens.activations import ActivationStore, export_sae_lens, harvest, pool_features
 from vlens.errors import HarvestError, InputError, SelectionError, SiteError, StoreError
-from vlens.model import position_ids
+from vlens.tokens import position_ids
 from vlens.prompts import QUESTION
 
 WORDS = ["red", "blue", "square", "circle", "large", "small"]
@@ -122,6 +122,19 @@ def test_a_store_holds_residual_sites_of_one_kind(vlm, data, tmp_path):
         harvest(vlm, data, layers=[1, "resid_post.2"], out=tmp_path / "m", progress=False)
     with pytest.raises(InputError, match="one vector per token.*read_layers"):
         harvest(vlm, data, layers=["embed"], out=tmp_path / "m", progress=False)
+
+
+def test_pool_features_are_the_hidden_state_means(vlm, data):
+    """The in-memory pass (`pool_features`, batched and left-padded) against a plain HF forward per sample."""
+    seen = []
+    feats = pool_features(vlm, data[:5], [1, "resid_post.2"], batch_size=2, callback=lambda i, n: seen.append((i, n)))
+    assert seen == [(0, 5), (2, 5), (4, 5)] and feats[1].shape == (5, vlm.d_model) and feats[1].dtype == torch.float32
+    for i in range(5):
+        b = vlm.prepare([QUESTION], [data[i].image])
+        with torch.no_grad():
+            hs = vlm._module(**b.inputs, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(feats[1][i], hs[1][b.layout.image].mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(feats["resid_post.2"][i], hs[3][b.layout.image].mean(0), rtol=1e-4, atol=1e-5)
 
 
 def test_stops_after_deepest_layer(vlm, data, tmp_path):
@@ -255,6 +268,37 @@ def test_disk_full_leaves_store_consistent(vlm, ref_store, tmp_path, monkeypatch
     assert ActivationStore(tmp_path / "d").index["progress"]["main"] == 4
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     _same(_full(vlm, data, tmp_path / "d"), ref)
+
+
+def test_a_store_without_the_fields_of_later_versions_still_opens_and_resumes(vlm, ref_store, tmp_path):
+    """Formats are data: a store as vlens 0.1 wrote it (no index checksum, no shard CRC-32, no sample ids or keys)
+    opens, reads the same rows, and a second harvest call with the same arguments finds it complete."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(ref_store.path, old)
+    index = json.loads((old / "index.json").read_text())
+    index.pop("checksum", None)
+    index.pop("sample_ids", None)
+    for e in index["shards"]:
+        for key in ("crc32", "sample_ids", "sample_keys"):
+            e.pop(key, None)
+        if e.get("file"):
+            with safe_open(str(old / e["file"]), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                meta = {k: v for k, v in f.metadata().items() if k not in ("sample_ids", "sample_keys")}
+            save_file(tensors, str(old / e["file"]), metadata=meta)
+    (old / "index.json").write_text(json.dumps(index))
+    store = ActivationStore(old)
+    for L in ref_store.layers:
+        assert store.activations(L).tensor().equal(ref_store.activations(L).tensor())
+    for k, v in ref_store.meta.items():
+        assert v.equal(store.meta[k]), k
+    again = _full(vlm, make_data(N_RESUME), old)
+    assert again.complete and len(again) == len(ref_store)
 
 
 def test_orphan_and_tmp_files_are_cleaned_on_resume(vlm, data, tmp_path):

@@ -10,7 +10,7 @@ from PIL import Image
 import vlens
 from vlens.errors import SiteError, UnsupportedModelError
 from vlens.model import VLM
-from vlens.prepare import position_ids
+from vlens.tokens import position_ids
 
 
 def _batch(vlm, n=2):

@@ -1247,7 +1247,7 @@ import json, os, resource, signal, sys
 import safetensors.torch
 import torch
 import vlens, vlens.sae as vs
-import vlens.sae.training.checkpoints as ck
+import vlens.sae.training.resume as ck
 from vlens.activations import harvest
 from vlens.data import Sample
 from vlens.errors import HarvestError

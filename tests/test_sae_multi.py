@@ -157,12 +157,12 @@ def test_shuffle_buffer_is_seeded_and_bounded():
     ({1: "paper"}, {"prompt": "no image here"}, InputError, r"<image>"),
 ])
 def test_bad_arguments_fail_before_any_forward(vlm, data, monkeypatch, saes, kw, error, match):
-    import vlens.sae.training.multi as multi
+    import vlens.activations.stream as stream  # the pass over the data reads every forward through read_layers
 
     def no_forward(*a, **k):
         raise AssertionError("a forward ran")
 
-    monkeypatch.setattr(multi, "read_layers", no_forward)
+    monkeypatch.setattr(stream, "read_layers", no_forward)
     args = {"steps": 2, "batch_size": 32, "d_sae": 64, "progress": False, **kw}
     if error is None:  # a valid run: the names, then the forward (patched out)
         with pytest.raises(AssertionError, match="a forward ran"):

@@ -2,7 +2,7 @@
 
 Shared by the harvest writer and store reader (`vlens.activations.writer`,
 `vlens.activations.store`) and by SAE training checkpoints
-(`vlens.sae.training.checkpoints`), so both write and check files one way:
+(`vlens.sae.training.resume`), so both write and check files one way:
 
 - `atomic_write(path, write)`: write a temporary file, fsync it, rename it over
   `path`, fsync the directory: a reader sees the old file or the new one, never half;

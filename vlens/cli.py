@@ -269,19 +269,20 @@ def _harvest_command() -> Callable:
     ) -> None:
         """Harvest residual activations of a data set to an on-disk store (resumable)."""
         from . import distributed
-        from .model import as_dtype
-        from .tokens import check_selection
+        from .activations.stream import StreamPlan
+        from .sites import RESIDUAL_KINDS
 
         # Everything checkable is checked before the model loads.
         m = ModelChoice.pop(options)
         _positive("n", n)
         _positive("batch-size", batch_size)
-        if site not in ("resid_pre", "resid_post"):
+        if site not in RESIDUAL_KINDS:
             raise InputError(f"--site is resid_pre or resid_post, not {site!r}")
         if pool not in (None, "mean"):
             raise InputError(f"--pool is mean (or absent), not {pool!r}")
-        check_selection(tokens)
-        as_dtype(store_dtype)
+        # the harvest's own check of its stream (token selection, storage dtype), before the model loads
+        StreamPlan(tokens, prompt, True, captions, text_only, "", batch_size, store_dtype).check(
+            batch_name="--batch-size")
         if not str(out).strip():
             raise InputError("--out must name a directory")
         layer_ids = _layers(layers, m.facts().n_layers)
@@ -450,8 +451,8 @@ def _train_saes_command() -> Callable:
     ) -> None:
         """Train one SAE per site from a single streaming pass of the model (nothing written but checkpoints)."""
         from .sae.io import export
-        from .sites import parse, resolve
-        from .tokens import check_selection
+        from .activations.stream import StreamPlan
+        from .sites import RESIDUAL_KINDS, parse, resolve
 
         if preset not in PRESETS:
             raise InputError(f"--preset must be one of {', '.join(sorted(PRESETS))}, not {preset!r}")
@@ -459,14 +460,16 @@ def _train_saes_command() -> Callable:
                         ("forward-batch-size", forward_batch_size), ("buffer", buffer),
                         ("batch-size", batch_size)):
             _positive(name, v)
-        check_selection(tokens)
+        # train_many's own check of its stream, before the model loads
+        StreamPlan(tokens, captions=captions, text_only=text_only, batch_size=forward_batch_size).check(
+            batch_name="--forward-batch-size")
         m = ModelChoice.pop(options)
         f = m.facts()
         names = [x.strip() for x in sites.split(",") if x.strip()]
         if not names:
             raise InputError("--sites must name at least one site, e.g. resid_pre.2,resid_post.4")
         for x in names:
-            if parse(x).kind not in ("resid_pre", "resid_post"):
+            if parse(x).kind not in RESIDUAL_KINDS:
                 raise InputError(f"--sites takes resid_pre.L and resid_post.L sites, not {x!r}")
             resolve(x, f.n_layers)
         dataset = _data(data, n)

@@ -61,8 +61,8 @@ def unembed(vlm: "VLM", h: Float[Tensor, "... d_model"]) -> Float[Tensor, "... v
     """
     if h.shape[-1] != vlm.d_model:
         raise InputError(f"vectors have width {h.shape[-1]} but the model's residual stream has {vlm.d_model}")
-    norm = vlm._module.get_submodule(vlm.modules.final_norm)
-    head = vlm._module.get_submodule(vlm.modules.lm_head)
+    norm = vlm.hf_model.get_submodule(vlm.modules.final_norm)
+    head = vlm.hf_model.get_submodule(vlm.modules.lm_head)
     logits = head(norm(h.to(vlm.device, vlm.dtype)))
     cap = getattr(vlm.family.text_config(vlm.config), "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
@@ -235,7 +235,7 @@ def project_on_vocab(
         >>> import vlens
         >>> vlm = vlens.tiny(words=["red"])
         >>> red = vlm.tokenizer.convert_tokens_to_ids("red")
-        >>> v = vlm._module.lm_head.weight[red].detach()     # the unembedding row of "red"
+        >>> v = vlm.hf_model.lm_head.weight[red].detach()     # the unembedding row of "red"
         >>> project_on_vocab(vlm, v, k=3, norm="none").top()[0][0]
         'red'
     """
@@ -245,8 +245,8 @@ def project_on_vocab(
     v = v[None] if v.dim() == 1 else v
     if v.dim() != 2 or v.shape[-1] != vlm.d_model:
         raise InputError(f"vectors must be [d_model] or [n, d_model] with d_model {vlm.d_model}, got {tuple(v.shape)}")
-    final = vlm._module.get_submodule(vlm.modules.final_norm)
-    head = vlm._module.get_submodule(vlm.modules.lm_head)
+    final = vlm.hf_model.get_submodule(vlm.modules.final_norm)
+    head = vlm.hf_model.get_submodule(vlm.modules.lm_head)
     with torch.no_grad():
         v = v.to(vlm.device, vlm.dtype)
         x = v if norm == "none" else final(v)

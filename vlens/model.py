@@ -16,6 +16,7 @@ Build one with `vlens.load` or `vlens.tiny`.
 
 from __future__ import annotations
 
+import hashlib
 from functools import reduce
 from typing import Any, Sequence
 
@@ -27,10 +28,10 @@ from torch import Tensor
 
 from . import attention, families, sites
 from .errors import InputError, UnsupportedModelError
-from .prepare import position_ids, prepare
+from .prepare import prepare
 from .tokens import Batch
 
-__all__ = ["VLM", "position_ids", "as_dtype"]
+__all__ = ["VLM", "as_dtype"]
 
 
 def _get(root: Any, path: str) -> Any:
@@ -105,6 +106,38 @@ class VLM(TransformersModel):
     @property
     def config(self):
         return self._module.config
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The wrapped Hugging Face model itself, outside any trace: weights, embeddings, submodules.
+
+        The one public door to what nnsight keeps as `_module`; reads and
+        writes inside a trace go through `read` / `write` instead.
+
+        Example:
+            >>> import vlens
+            >>> vlm = vlens.tiny()
+            >>> vlm.hf_model.get_input_embeddings().weight.shape[1] == vlm.d_model
+            True
+        """
+        return self._module
+
+    def fingerprint(self) -> str:
+        """A short hash of a few weights, telling apart two models of one name (e.g. two random tiny seeds).
+
+        Example:
+            >>> import vlens
+            >>> vlens.tiny(seed=0).fingerprint() != vlens.tiny(seed=1).fingerprint()
+            True
+        """
+        try:
+            w = self._module.get_input_embeddings().weight
+            if w.device.type == "meta":
+                return "meta"
+            head = w.detach().flatten()[:256].float().cpu().numpy().tobytes()
+            return hashlib.sha1(head).hexdigest()[:16]
+        except Exception:  # pragma: no cover - exotic modules
+            return "unknown"
 
     @property
     def n_layers(self) -> int:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from .families import Family
 
-__all__ = ["prepare", "load_image", "position_ids", "UnknownWordsWarning"]
+__all__ = ["prepare", "load_image", "UnknownWordsWarning"]
 
 
 class UnknownWordsWarning(UserWarning):
@@ -299,13 +299,3 @@ def _spans(geometries: list, image: torch.Tensor, counts: list[int]) -> list[Ima
                 "num_additional_image_tokens, patch_size)."
             )
     return spans
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded batch: 0 at each row's first real token.
-
-    Example:
-        >>> position_ids(torch.tensor([[0, 1, 1], [1, 1, 1]])).tolist()
-        [[0, 0, 1], [0, 1, 2]]
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -54,7 +54,7 @@ from typing import Union
 
 from .errors import SiteError
 
-__all__ = ["Site", "SiteLike", "ModuleLayout", "KINDS", "ALIASES", "IN_LAYER", "VECTOR_KINDS", "LAYER_FIELDS", "parse", "resolve", "hook_name", "from_hook_name", "names"]
+__all__ = ["Site", "SiteLike", "ModuleLayout", "KINDS", "ALIASES", "IN_LAYER", "VECTOR_KINDS", "RESIDUAL_KINDS", "LAYER_FIELDS", "parse", "resolve", "hook_name", "from_hook_name", "names"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,8 @@ KINDS: dict[str, _Kind] = {
     "final_norm": _Kind("final_norm", "output", "ln_final.hook_normalized", None),
     "logits": _Kind("lm_head", "output", "hook_logits", None),
 }
+#: The residual-stream kinds (entering, leaving a layer): what the explorer offers and `vlens harvest --site` takes.
+RESIDUAL_KINDS = ("resid_pre", "resid_post")
 
 _NAME = re.compile(r"^([a-z_]+)(?:\.(-?\d+))?$")
 #: Other hook names of the same sites (TransformerLens's name of the MLP's normalised input).

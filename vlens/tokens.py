@@ -41,7 +41,7 @@ from .errors import SelectionError
 
 __all__ = [
     "BASE", "HIGHRES", "NEWLINE", "KIND_NAMES", "SELECTION_NAMES", "ImageGeometry", "ImageSpan", "TokenLayout",
-    "Batch", "TokenSelection", "select", "check_selection", "positions", "one_image", "tile",
+    "Batch", "TokenSelection", "select", "check_selection", "positions", "one_image", "tile", "position_ids",
 ]
 
 #: Kinds of image token, as stored in `ImageGeometry.kind`.
@@ -378,3 +378,13 @@ def tile(index: int, image: int | None = None) -> Callable[[TokenLayout], Bool[T
         return m
 
     return select_tile
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: 0 at each row's first real token.
+
+    Example:
+        >>> position_ids(torch.tensor([[0, 1, 1], [1, 1, 1]])).tolist()
+        [[0, 0, 1], [0, 1, 2]]
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

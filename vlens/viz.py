@@ -30,9 +30,10 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
+from .roles import LAYOUT_KINDS, layout_kind_codes
+
 __all__ = ["Report", "image_data_uri", "heatmap_overlay", "plotly_script", "figure_html", "render", "save_html",
-           "KINDS", "TILE_COLOURS", "kind_codes", "token_layout_figure", "below_toolbar", "TOOLBAR_PX",
-           "token_strings"]
+           "TILE_COLOURS", "token_layout_figure", "below_toolbar", "TOOLBAR_PX", "token_strings"]
 
 
 @lru_cache(maxsize=1)
@@ -286,53 +287,18 @@ class Report:
         return save_html(path, self.to_html())
 
 
-#: Colours of token kinds in the sequence strip of `token_layout_figure` (index = `kind_codes` value).
-KINDS = [
-    ("padding", "#e6e6e6"),
-    ("BOS", "#222222"),
-    ("prompt / template", "#4c78a8"),
-    ("image: base tile", "#f58518"),
-    ("image: high-res tiles", "#54a24b"),
-    ("image: newline", "#e45756"),
-    ("answer", "#b279a2"),
-]
 #: Colours of tiles: tile 0 is the base tile, 1.. the high-res tiles in raster order.
 TILE_COLOURS = ["#f58518", "#54a24b", "#72b7b2", "#eeca3b", "#9d755d", "#ff9da6", "#bab0ac", "#4c78a8", "#b279a2"]
-
-
-def kind_codes(layout: Any) -> Tensor:
-    """Per `[batch, seq]` position of a `TokenLayout`, its index into `KINDS`.
-
-    Example:
-        >>> import vlens
-        >>> from PIL import Image
-        >>> vlm = vlens.tiny()
-        >>> b = vlm.prepare("<image>\\nWhat is it?", [Image.new("RGB", (32, 32))])
-        >>> codes = kind_codes(b.layout)
-        >>> KINDS[int(codes[0, 0])][0], int((codes == 3).sum()) == b.layout.images[0].geometry.count("base")
-        ('BOS', True)
-    """
-    import torch
-
-    code = torch.zeros(layout.shape, dtype=torch.long)
-    code[layout.bos] = 1
-    code[layout.prompt & ~layout.bos] = 2
-    code[layout.kind_mask("base")] = 3
-    code[layout.kind_mask("highres")] = 4
-    code[layout.kind_mask("newline")] = 5
-    code[layout.answer] = 6
-    code[layout.pad] = 0
-    return code
 
 
 def _token_info(tokenizer: Any, layout: Any) -> list[list[str]]:
     """Hover text per [batch, seq] position: token, kind, and for image tokens (tile, row, col) and box."""
     ids = layout.input_ids
-    code = kind_codes(layout)
+    code = layout_kind_codes(layout)
     info = []
     for b in range(ids.shape[0]):
         toks = tokenizer.convert_ids_to_tokens(ids[b].tolist())
-        info.append([f"pos {j}: {tok!r}<br>{KINDS[int(code[b, j])][0]}" for j, tok in enumerate(toks)])
+        info.append([f"pos {j}: {tok!r}<br>{LAYOUT_KINDS[int(code[b, j])][0]}" for j, tok in enumerate(toks)])
     for span in layout.images:
         g = span.geometry
         for k, pos in enumerate(range(span.start, span.end)):
@@ -353,7 +319,7 @@ def token_layout_figure(vlm: Any, batch: Any, images: Sequence[Any], *, image: i
 
     The top row draws the original picture once per image-token kind it has (the base
     tile; the high-res tiles where the family has them), each token's pixel box coloured
-    by its tile; the bottom strip colours every position of the batch by kind (`KINDS`).
+    by its tile; the bottom strip colours every position of the batch by kind (`LAYOUT_KINDS`).
     Hover any box or cell for its sequence position, tile, row, column and pixel box.
     `title` goes above it all, clear of plotly's toolbar (`below_toolbar`; a title set
     later with `fig.update_layout` is not).
@@ -408,14 +374,14 @@ def token_layout_figure(vlm: Any, batch: Any, images: Sequence[Any], *, image: i
         fig.update_xaxes(range=[0, img.width], showgrid=False, zeroline=False, row=1, col=col)
         fig.update_yaxes(range=[img.height, 0], showgrid=False, zeroline=False, scaleanchor=f"x{col if col > 1 else ''}",
                          row=1, col=col)
-    n = len(KINDS)
+    n = len(LAYOUT_KINDS)
     scale = []
-    for i, (_, colour) in enumerate(KINDS):
+    for i, (_, colour) in enumerate(LAYOUT_KINDS):
         scale += [[i / n, colour], [(i + 1) / n, colour]]
     fig.add_trace(
-        go.Heatmap(z=kind_codes(layout).tolist(), zmin=-0.5, zmax=n - 0.5, colorscale=scale,
+        go.Heatmap(z=layout_kind_codes(layout).tolist(), zmin=-0.5, zmax=n - 0.5, colorscale=scale,
                    hovertext=_token_info(vlm.tokenizer, layout), hoverinfo="text", xgap=1, ygap=3,
-                   colorbar=dict(tickvals=list(range(n)), ticktext=[k.replace("image: ", "") for k, _ in KINDS],
+                   colorbar=dict(tickvals=list(range(n)), ticktext=[k.replace("image: ", "") for k, _ in LAYOUT_KINDS],
                                  orientation="h", x=0.5, xanchor="center", y=-0.12, yanchor="top", len=1.0,
                                  thickness=12, tickfont=dict(size=11))),
         row=2, col=1,

@@ -2,7 +2,7 @@
 
 | module       | holds                                                                     |
 |--------------|---------------------------------------------------------------------------|
-| `read`       | `read_layers`: the one way vlens reads activations out of a forward       |
+| `read`       | `read_layers`: the one way vlens reads activations out of a forward; `pool_features` in memory |
 | `harvesting` | `harvest`: the loop over a data set (one process or torchrun), `vlens harvest` |
 | `writer`     | the atomic shard / index writer (interrupted harvests resume)             |
 | `store`      | `ActivationStore`, `ActivationRows`: the store format and its reader      |
@@ -22,11 +22,11 @@
 from ..errors import HarvestError
 from .figures import selection_figure, selection_grid
 from .harvesting import harvest
-from .read import read_layers
+from .read import pool_features, read_layers
 from .sae_lens import export_sae_lens
 from .store import ActivationRows, ActivationStore
 
 __all__ = [
-    "read_layers", "harvest", "ActivationStore", "ActivationRows", "export_sae_lens", "selection_figure",
+    "read_layers", "pool_features", "harvest", "ActivationStore", "ActivationRows", "export_sae_lens", "selection_figure",
     "selection_grid", "HarvestError",
 ]

@@ -1,7 +1,7 @@
 """What a token selection keeps, as a picture: `selection_grid`, `selection_figure` (plotly), `selection_png`.
 
 Each token of a batch row is coloured by its role (image, prompt, answer, BOS;
-`vlens.activations.store.ROLE_NAMES`) where a selection keeps it, grey where
+`vlens.roles.ROLE_NAMES`) where a selection keeps it, grey where
 it drops it: a check of what a harvest will store before running it.
 """
 
@@ -14,8 +14,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ..roles import ROLE_COLOURS, ROLE_NAMES, role_codes
 from ..tokens import KIND_NAMES, TokenLayout, select
-from .store import ROLE_NAMES, role_codes
 
 if TYPE_CHECKING:
     from ..model import VLM
@@ -24,7 +24,6 @@ __all__ = ["selection_grid", "selection_figure", "selection_png", "FIGURE_SELECT
 
 #: Selections shown by `selection_figure` by default.
 FIGURE_SELECTIONS = ("image", "prompt", "answer", "text", "all", "image+answer")
-_ROLE_COLOURS = ("#e8743b", "#4c78a8", "#54a24b", "#b279a2", "#9d9d9d")
 
 
 def selection_grid(layout: TokenLayout, selections: Sequence[Any] = FIGURE_SELECTIONS, row: int = 0) -> Int[Tensor, "n_selections seq"]:
@@ -71,7 +70,7 @@ def selection_figure(vlm: VLM, batches: Sequence[Any], selections: Sequence[Any]
     fig = make_subplots(rows=len(batches), cols=1, subplot_titles=titles, vertical_spacing=0.12)
     names = [s if isinstance(s, str) else getattr(s, "__name__", "mask") for s in selections]
     colourscale = []
-    for k, c in enumerate(("#f4f4f4",) + _ROLE_COLOURS):  # -1 .. 4 -> 6 bands
+    for k, c in enumerate(("#f4f4f4",) + ROLE_COLOURS):  # -1 .. 4 -> 6 bands
         colourscale += [[k / 6, c], [(k + 1) / 6, c]]
     for i, b in enumerate(batches):
         lay = b.layout
@@ -91,7 +90,7 @@ def selection_figure(vlm: VLM, batches: Sequence[Any], selections: Sequence[Any]
                                  xgap=1, ygap=2), row=i + 1, col=1)
         fig.update_yaxes(autorange="reversed", row=i + 1, col=1)
         fig.update_xaxes(title_text="token position", row=i + 1, col=1)
-    for name, c in zip(ROLE_NAMES[:4], _ROLE_COLOURS):  # a legend for the role colours
+    for name, c in zip(ROLE_NAMES[:4], ROLE_COLOURS):  # a legend for the role colours
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", marker=dict(size=12, color=c, symbol="square"),
                                  name=f"kept: {name} token"))
     fig.update_layout(height=260 * len(batches) + 80, template="plotly_white", margin=dict(l=90, r=20, t=60, b=40),
@@ -121,7 +120,7 @@ def selection_png(vlm: VLM, batches: Sequence[Any], path: str | os.PathLike, sel
     block = (len(names) + 1) * (cell + 4) + 26
     img = Image.new("RGB", (width, block * len(batches) + 30), "white")
     d = ImageDraw.Draw(img)
-    for k, (name, c) in enumerate(zip(ROLE_NAMES[:4], _ROLE_COLOURS)):
+    for k, (name, c) in enumerate(zip(ROLE_NAMES[:4], ROLE_COLOURS)):
         d.rectangle([left + k * 130, 8, left + k * 130 + 10, 18], fill=c)
         d.text((left + k * 130 + 15, 6), f"kept: {name}", fill="black")
     for i, (g, t) in enumerate(zip(grids, titles)):
@@ -132,6 +131,6 @@ def selection_png(vlm: VLM, batches: Sequence[Any], path: str | os.PathLike, sel
             d.text((4, y - 1), name, fill="black")
             for p, v in enumerate(g[r].tolist()):
                 x = left + p * cell
-                d.rectangle([x, y, x + cell - 2, y + cell], fill=_ROLE_COLOURS[v] if v >= 0 else "#eeeeee")
+                d.rectangle([x, y, x + cell - 2, y + cell], fill=ROLE_COLOURS[v] if v >= 0 else "#eeeeee")
     img.save(path)
 

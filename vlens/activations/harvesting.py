@@ -27,9 +27,7 @@ A store holds one site kind: `layers=[8, 16]` harvests `resid_pre.8` and
 
 from __future__ import annotations
 
-import hashlib
 import json
-import operator
 import os
 import tempfile
 import time
@@ -42,25 +40,22 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ..errors import BadImageError, HarvestError, InputError
-from ..model import as_dtype
-from ..prepare import load_image
+from .._durable import atomic_write
+from ..errors import HarvestError, InputError
 from ..prompts import QUESTION
+from ..roles import IMAGE, MIXED, TEXT, role_codes
 from ..sites import VECTOR_KINDS, Site, SiteLike
-from ..tokens import TokenLayout, TokenSelection, check_selection, select
-from .read import POOLS, read_layers
+from ..tokens import TokenLayout, TokenSelection
+from .read import POOLS
 from .shards import FORMAT, INDEX, main_pass_list
-from .store import ActivationStore, role_codes
-from .writer import _atomic_write, _Writer, index_text
+from .store import ActivationStore
+from .stream import Chunk, StreamPlan, batches, load_sample, sample_id, sample_image, sample_key
+from .writer import ShardWriter, index_text
 
 if TYPE_CHECKING:
     from ..model import VLM
 
-__all__ = ["harvest", "KINDS", "main"]
-
-#: The site kinds a store holds (one per store): the residual stream entering (`resid_pre`) or leaving a layer, what
-#: the attention and MLP blocks add to it, the MLP's input, or the heads' outputs (`z`, heads concatenated).
-KINDS = VECTOR_KINDS
+__all__ = ["harvest"]
 
 
 @dataclass(frozen=True)
@@ -69,15 +64,8 @@ class _Plan:
 
     kind: str
     layers: list[int]
-    tokens: Any
     pool: str | None
-    batch_size: int
-    dtype: torch.dtype
-    prompt: str
-    template: bool
-    captions: bool
-    text_only: bool
-    text_prompt: str
+    stream: StreamPlan
     shard_bytes: int
     progress: bool
     callback: Callable[[dict], None] | None
@@ -176,21 +164,14 @@ def harvest(
     kind, layer_ints = _resolve_layers(vlm, layers)
     if pool not in POOLS:
         raise InputError(f"pool must be None (one row per token) or 'mean' (one row per sample), not {pool!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, not {batch_size!r}")
-    store_dtype = as_dtype(dtype) or vlm.dtype
-    if not store_dtype.is_floating_point:
-        raise InputError(f"dtype must be a floating-point dtype (e.g. torch.float16), not {store_dtype}")
     if out is not None and not str(out).strip():
         raise InputError("out='' is an empty path: pass a directory for the store (a new or an empty one), or "
                          "out=None for a temporary one")
-    _check_stream(data, tokens, "harvest")
     if not isinstance(shard_mb, (int, float)) or isinstance(shard_mb, bool) or not shard_mb > 0:
         raise InputError(f"shard_mb must be a positive number of megabytes, not {shard_mb!r}")
-    if vlm.family.image_token(vlm.processor) not in prompt:
-        raise InputError(f"prompt {prompt!r} has no '<image>' placeholder: write it where the image goes, e.g. {QUESTION!r}")
-    plan = _Plan(kind, layer_ints, tokens, pool, batch_size, store_dtype, prompt, bool(template), bool(captions),
-                 bool(text_only), text_prompt, int(shard_mb * 2**20), progress, callback)
+    stream = StreamPlan(tokens, prompt, template, captions, text_only, text_prompt, batch_size, dtype)
+    plan = _Plan(kind, layer_ints, pool, stream.check(vlm, data, what="harvest"), int(shard_mb * 2**20), progress,
+                 callback)
     env = distributed.info()
     if env.enabled:
         return _harvest_distributed(env, vlm, data, plan, out, overwrite)
@@ -204,9 +185,9 @@ def _resolve_layers(vlm: VLM, layers: Any) -> tuple[str, list[int]]:
         raise InputError(f"give at least one layer: layers=[...] with layers 0..{vlm.n_layers - 1} "
                          "(resid_pre) or sites such as 'resid_post.3'")
     resolved = [vlm.site(x) for x in items]  # SiteError for unknown names and layers out of range
-    other = [s.name for s in resolved if s.kind not in KINDS]
+    other = [s.name for s in resolved if s.kind not in VECTOR_KINDS]
     if other:
-        raise InputError(f"harvest stores one vector per token ({', '.join(k + '.L' for k in KINDS)}), not {other}: "
+        raise InputError(f"harvest stores one vector per token ({', '.join(k + '.L' for k in VECTOR_KINDS)}), not {other}: "
                          "read other sites with vlens.activations.read_layers")
     kinds = sorted({s.kind for s in resolved})
     if len(kinds) > 1:
@@ -219,66 +200,56 @@ def _resolve_layers(vlm: VLM, layers: Any) -> tuple[str, list[int]]:
     return kinds[0], sorted(ints)
 
 
-def _check_stream(data: Any, tokens: Any, what: str) -> None:
-    """The data and token selection of a pass over a data set (a harvest, `train_many`), checked before any forward."""
+def _config(vlm: VLM, plan: _Plan, n: int, rank_of: str | None) -> dict[str, Any]:
+    """The store's configuration: what a resume must agree on (`vlens.activations.writer`)."""
+    st = plan.stream
+    config = {
+        "model": vlm.name,
+        "model_fingerprint": vlm.fingerprint(),
+        "d_model": int(vlm.width(Site(plan.kind, 0))),
+        "layers": plan.layers,
+        "site": plan.kind,
+        "tokens": st.token_description,
+        "pool": plan.pool,
+        "dtype": str(st.dtype).removeprefix("torch."),
+        "prompt": st.prompt,
+        "template": st.template,
+        "captions": st.captions,
+        "text_only": st.text_only,
+        "text_prompt": st.text_prompt,
+        "n_samples": n,
+    }
+    if rank_of is not None:
+        config["rank_of"] = rank_of
+    return config
+
+
+def _open_writer(root: Path, config: dict, plan: _Plan, data: Sequence[Any], overwrite: bool,
+                 at: Callable[[int], int]) -> ShardWriter:
+    """The store's writer at `root`: resuming a harvest of the same data, or fresh (`overwrite`)."""
+    hooks = {s.index: s.hook_name for s in plan.sites}
+    writer = ShardWriter.open(root, config, overwrite=overwrite, hook_names=hooks, shard_bytes=plan.shard_bytes)
     try:
-        n = len(data)
-    except TypeError:
-        raise InputError(f"data must be a sequence with len() and indexing (a list of vlens.data.Sample or a "
-                         f"vlens.data data set), not {type(data).__name__}: wrap an iterator in list(...)") from None
-    if n == 0:
-        raise InputError(f"data is empty: nothing to {what}; give at least one vlens.data.Sample")
-    check_selection(tokens)  # a bad name fails now, not after the first forward
-    if isinstance(tokens, Tensor) and tokens.dtype == torch.bool:
-        raise InputError("a fixed [batch, seq] mask cannot select tokens in every forward: pass a selection name "
-                         "or a function layout -> mask")
-
-
-def _describe(tokens: Any) -> str:
-    """The token selection as the store's config records it."""
-    if isinstance(tokens, str):
-        return tokens
-    if callable(tokens):
-        return f"<function {getattr(tokens, '__qualname__', repr(tokens))}>"
-    return f"<positions {list(tokens) if isinstance(tokens, (list, tuple, range)) else tokens}>"
+        _check_same_data(root, writer.index, data, at)
+    except HarvestError:
+        if not overwrite:
+            raise
+        writer = ShardWriter.open(root, config, overwrite=True, hook_names=hooks, shard_bytes=plan.shard_bytes,
+                                  fresh=True)
+    return writer
 
 
 def _harvest_run(vlm: VLM, data: Sequence[Any], plan: _Plan, out: Any, overwrite: bool,
                  indices: Sequence[int] | None = None, rank_of: str | None = None) -> ActivationStore:
     """Harvest `data` into the store at `out`; `indices` are the global sample indices of a rank's slice."""
     n = len(data)
-    config = {
-        "model": vlm.name,
-        "model_fingerprint": _fingerprint(vlm),
-        "d_model": int(vlm.width(Site(plan.kind, 0))),
-        "layers": plan.layers,
-        "site": plan.kind,
-        "tokens": _describe(plan.tokens),
-        "pool": plan.pool,
-        "dtype": str(plan.dtype).removeprefix("torch."),
-        "prompt": plan.prompt,
-        "template": plan.template,
-        "captions": plan.captions,
-        "text_only": plan.text_only,
-        "text_prompt": plan.text_prompt,
-        "n_samples": n,
-    }
-    if rank_of is not None:
-        config["rank_of"] = rank_of
+    config = _config(vlm, plan, n, rank_of)
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="vlens-harvest-"))
-    writer = _Writer.open(root, config, overwrite=overwrite, hook_names={s.index: s.hook_name for s in plan.sites},
-                          shard_bytes=plan.shard_bytes)
     at = (lambda i: i) if indices is None else (lambda i: indices[i])  # a sample's index in the caller's data
-    try:
-        _check_same_data(root, writer.index, data, at)
-    except HarvestError:
-        if not overwrite:
-            raise
-        writer = _Writer.open(root, config, overwrite=True, hook_names={s.index: s.hook_name for s in plan.sites},
-                              shard_bytes=plan.shard_bytes, fresh=True)
-    passes = [("main", n)] + ([("text", n)] if plan.text_only else [])
-    total = sum(p[1] for p in passes)
-    done = sum(writer.progress[p] for p, _ in passes)
+    writer = _open_writer(root, config, plan, data, overwrite, at)
+    passes = plan.stream.passes
+    total = n * len(passes)
+    done = sum(writer.progress[p] for p in passes)
     if done >= total:
         writer.finish()
         return ActivationStore(root)
@@ -289,37 +260,16 @@ def _harvest_run(vlm: VLM, data: Sequence[Any], plan: _Plan, out: Any, overwrite
                disable=None if plan.progress else True, dynamic_ncols=True)
     t0, n_tok_run, n_img_run = time.perf_counter(), 0, 0
     try:
-        for pass_name, n_items in passes:
-            for b0 in range(writer.progress[pass_name], n_items, plan.batch_size):
-                span = range(b0, min(b0 + plan.batch_size, n_items))
-                samples = [_sample(data, i, at(i)) for i in span]
-                images = [_image(s, at(i)) for i, s in zip(span, samples)] if pass_name == "main" else None
-                keys = [_key(s, im) for s, im in zip(samples, images)] if images is not None else None
-                batch = _prepare(vlm, samples, images, b0, pass_name, plan, at)
-                mask = select(batch, plan.tokens)
-                kept = mask.any(1)
-                rows: dict[str, Tensor] = {}
-                if kept.any():
-                    acts = read_layers(vlm, batch, plan.sites, tokens=mask, pool=plan.pool, dtype=plan.dtype)
-                    rows = _meta(batch.layout, mask, b0, samples, pass_name == "text", plan.pool)
-                    if indices is not None:  # a rank's slice: store global sample indices
-                        rows["meta.sample"] = torch.as_tensor(indices, dtype=torch.long)[rows["meta.sample"]]
-                    rows.update({f"act.{s.index}": acts[s] for s in plan.sites})
-                    if plan.pool is not None:  # drop samples that selected nothing
-                        rows = {k: v[kept] for k, v in rows.items()}
-                n_skip = int((~kept).sum())
-                gidx = range(b0, b0 + len(samples)) if indices is None else [indices[i] for i in range(b0, b0 + len(samples))]
-                writer.add(pass_name, b0 + len(samples), rows, n_skip, [_sid(s, i) for i, s in zip(gidx, samples)],
-                           keys)
-                n_sel = int(mask.sum())
-                n_tok_run += n_sel
-                n_img_run += len(samples)
-                dt = max(time.perf_counter() - t0, 1e-9)
-                bar.update(len(samples))
-                bar.set_postfix_str(f"{n_img_run / dt:.1f} img/s, {n_tok_run / dt:,.0f} tok/s", refresh=False)
-                if plan.callback is not None:
-                    plan.callback({"pass": pass_name, "done": b0 + len(samples), "total": n_items, "tokens": n_sel,
-                                   "skipped": n_skip, "shards": len(writer.index["shards"])})
+        for chunk in batches(vlm, data, plan.stream, start=writer.progress, at=at):
+            n_sel, n_skip = _write_chunk(vlm, chunk, plan, writer, indices)
+            n_tok_run += n_sel
+            n_img_run += len(chunk.samples)
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.update(len(chunk.samples))
+            bar.set_postfix_str(f"{n_img_run / dt:.1f} img/s, {n_tok_run / dt:,.0f} tok/s", refresh=False)
+            if plan.callback is not None:
+                plan.callback({"pass": chunk.pass_name, "done": chunk.b0 + len(chunk.samples), "total": n,
+                               "tokens": n_sel, "skipped": n_skip, "shards": len(writer.index["shards"])})
         writer.flush()
         writer.finish()
     except BaseException:
@@ -333,16 +283,40 @@ def _harvest_run(vlm: VLM, data: Sequence[Any], plan: _Plan, out: Any, overwrite
         raise
     finally:
         bar.close()
-    skipped = writer.index["skipped"]
+    _warn_skipped(writer.index["skipped"], config["tokens"], plan.pool)
+    return ActivationStore(root)
+
+
+def _write_chunk(vlm: VLM, chunk: Chunk, plan: _Plan, writer: ShardWriter,
+                 indices: Sequence[int] | None) -> tuple[int, int]:
+    """Read one chunk's activations and hand its rows to the writer; (tokens selected, samples skipped)."""
+    b0, samples = chunk.b0, chunk.samples
+    kept = chunk.mask.any(1)
+    rows: dict[str, Tensor] = {}
+    acts = chunk.read(vlm, plan.sites, pool=plan.pool, dtype=plan.stream.dtype)
+    if acts is not None:
+        rows = _meta(chunk.batch.layout, chunk.mask, b0, samples, chunk.text_only, plan.pool)
+        if indices is not None:  # a rank's slice: store global sample indices
+            rows["meta.sample"] = torch.as_tensor(indices, dtype=torch.long)[rows["meta.sample"]]
+        rows.update({f"act.{s.index}": acts[s] for s in plan.sites})
+        if plan.pool is not None:  # drop samples that selected nothing
+            rows = {k: v[kept] for k, v in rows.items()}
+    n_skip = int((~kept).sum())
+    gidx = range(b0, b0 + len(samples)) if indices is None else [indices[i] for i in range(b0, b0 + len(samples))]
+    writer.add(chunk.pass_name, b0 + len(samples), rows, n_skip, [sample_id(s, i) for i, s in zip(gidx, samples)],
+               chunk.keys())
+    return int(chunk.mask.sum()), n_skip
+
+
+def _warn_skipped(skipped: dict[str, int], tokens: str, pool: str | None) -> None:
     if any(skipped.values()):
-        what = "sample(s)" if plan.pool else "sample(s) contributed no tokens and were"
+        what = "sample(s)" if pool else "sample(s) contributed no tokens and were"
         warnings.warn(
-            f"token selection {config['tokens']!r} selected nothing in "
+            f"token selection {tokens!r} selected nothing in "
             + ", ".join(f"{v} {what} skipped in the {k} pass" for k, v in skipped.items() if v)
             + " (see store.index['skipped'])",
-            stacklevel=3,
+            stacklevel=4,
         )
-    return ActivationStore(root)
 
 
 class _Slice(Sequence):
@@ -407,69 +381,7 @@ def _merge_ranks(root: Path, world_size: int, n: int) -> None:
         "sample_ids": ids,
     }
     text = index_text(index)
-    _atomic_write(root / INDEX, lambda tmp: tmp.write_text(text))
-
-
-def _fingerprint(vlm: VLM) -> str:
-    """A short hash of a few weights, telling apart two models of one name (e.g. two random tiny seeds)."""
-    try:
-        w = vlm._module.get_input_embeddings().weight
-        if w.device.type == "meta":
-            return "meta"
-        head = w.detach().flatten()[:256].float().cpu().numpy().tobytes()
-        return hashlib.sha1(head).hexdigest()[:16]
-    except Exception:  # pragma: no cover - exotic modules
-        return "unknown"
-
-
-def _sid(sample: Any, i: int) -> Any:
-    sid = getattr(sample, "id", None)
-    if sid is None:
-        return i
-    return sid if isinstance(sid, (int, str)) else str(sid)
-
-
-def _sample(data: Sequence[Any], i: int, where: int) -> Any:
-    """`data[i]`, checked: an unreadable image (lazy data sets decode on access) or a bad label names the sample."""
-    try:
-        s = data[i]
-    except BadImageError as e:
-        raise BadImageError(f"sample {where}: {e}. {_FIX_IMAGE}") from e
-    label = getattr(s, "label", None)
-    if label is not None:
-        try:
-            ok = operator.index(label) >= -1
-        except TypeError:
-            ok = False
-        if not ok:
-            raise InputError(f"sample {where} (id {getattr(s, 'id', None)!r}) has label {label!r}: a label is a class "
-                             "id (an int >= 0) or None; map class names to ids, e.g. label=class_names.index(name)")
-    return s
-
-
-_FIX_IMAGE = ("Fix or remove that image (vlens.data data sets: ds.verify() drops unreadable ones), then call harvest "
-              "again with the same arguments to resume")
-
-
-def _image(s: Any, where: int):
-    """The sample's image as RGB (`vlens.prepare.load_image`), or an error naming the sample."""
-    image = getattr(s, "image", None)
-    if image is None:
-        hint = " (pass vlens.data.Sample(image, ...) objects)" if not hasattr(s, "image") else ""
-        raise InputError(f"sample {where} (id {getattr(s, 'id', None)!r}) has no image{hint}: give every sample one")
-    try:
-        return load_image(image)
-    except BadImageError as e:
-        raise BadImageError(f"sample {where} (id {getattr(s, 'id', None)!r}): {e}. {_FIX_IMAGE}") from e
-
-
-def _key(s: Any, image: Any) -> str:
-    """A short digest of a sample (id, label, caption, image pixels): tells two data sets apart on resume."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps([getattr(s, "id", None), getattr(s, "label", None), getattr(s, "caption", None),
-                         image.mode, image.size], default=str).encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
+    atomic_write(root / INDEX, lambda tmp: tmp.write_text(text))
 
 
 def _check_same_data(root: Path, index: dict, data: Sequence[Any], at: Callable[[int], int]) -> None:
@@ -482,32 +394,14 @@ def _check_same_data(root: Path, index: dict, data: Sequence[Any], at: Callable[
     if len(keys) != done and len(ids) != done:  # a store of vlens 0.1 without ids: nothing to compare
         return
     for i in sorted({round(k * (done - 1) / 15) for k in range(16)} | {done - 1}):
-        s = _sample(data, i, at(i))
-        now, then = (_key(s, _image(s, at(i))), keys[i]) if keys else (_sid(s, at(i)), ids[i])
+        s = load_sample(data, i, at(i))
+        now, then = (sample_key(s, sample_image(s, at(i))), keys[i]) if keys else (sample_id(s, at(i)), ids[i])
         if now != then:
             what = f"id {ids[i]!r} there, {now!r} now" if not keys else "its id, label, caption or image differ"
             raise HarvestError(
                 f"{root} holds a harvest of other data: sample {at(i)} differs from the one harvested there ({what}). "
                 "Pass the same data in the same order to resume, overwrite=True to replace the store, or choose "
                 "another out= directory.")
-
-
-def _prepare(vlm: VLM, samples: list, images: list | None, b0: int, pass_name: str, plan: _Plan,
-             at: Callable[[int], int]):
-    if pass_name == "text" or plan.captions:
-        for i, s in enumerate(samples):
-            cap = getattr(s, "caption", None)
-            if not cap or not isinstance(cap, str):
-                what = "no caption" if not cap else f"a caption of type {type(cap).__name__}"
-                raise InputError(
-                    f"sample {at(b0 + i)} (id {getattr(s, 'id', None)!r}) has {what}, but captions=True or "
-                    "text_only=True needs a caption string per sample: use an image-caption data set or set "
-                    "captions=False, text_only=False"
-                )
-    if pass_name == "text":
-        return vlm.prepare([plan.text_prompt] * len(samples), None, answers=[s.caption for s in samples], template=False)
-    answers = [s.caption for s in samples] if plan.captions else None
-    return vlm.prepare([plan.prompt] * len(samples), images, answers=answers, template=plan.template)
 
 
 def _meta(layout: TokenLayout, mask: Tensor, b0: int, samples, text_only: bool, pool) -> dict[str, Tensor]:
@@ -518,7 +412,7 @@ def _meta(layout: TokenLayout, mask: Tensor, b0: int, samples, text_only: bool, 
     if pool is not None:
         n_img = (mask & layout.image).sum(1)
         n_sel = mask.sum(1)
-        modality = torch.where(n_img == n_sel, 1, torch.where(n_img == 0, 0, 2)).to(torch.int8)
+        modality = torch.where(n_img == n_sel, IMAGE, torch.where(n_img == 0, TEXT, MIXED)).to(torch.int8)
         neg = torch.full((B,), -1, dtype=torch.int16)
         return {
             "meta.sample": sample, "meta.label": labels, "meta.n_tokens": n_sel.to(torch.int32),

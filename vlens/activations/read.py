@@ -1,6 +1,8 @@
 """`read_layers`: the one way vlens reads activations out of a forward pass.
 
-Harvests, probe features, SAE data, dashboards and the demo all call it. One
+Harvests, probe features, SAE data, dashboards and the demo all call it;
+`pool_features` is the in-memory pass over a small data set built on it (one
+row per sample, the mean over its selected tokens), the one home of that loop. One
 forward reads every requested site in execution order, keeps only the
 selected tokens (or their mean per row), moves them to the CPU in the asked
 dtype at once, and stops the forward after the deepest site: no later layer
@@ -17,7 +19,7 @@ and no LM head run.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import einops
 import torch
@@ -25,13 +27,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import InputError
+from ..prompts import QUESTION
 from ..sites import Site, SiteLike
 from ..tokens import Batch, TokenSelection, select
 
 if TYPE_CHECKING:
     from ..model import VLM
 
-__all__ = ["read_layers", "POOLS"]
+__all__ = ["read_layers", "pool_features", "POOLS"]
 
 #: What `pool` accepts: None (one row per selected token) or "mean" (one row per batch row).
 POOLS = (None, "mean")
@@ -101,3 +104,41 @@ def _tokens_first(vlm: "VLM", site: Site) -> Tensor:
     if site.kind == "pattern":
         return vlm.read(site).transpose(1, 2)
     return vlm.vectors(site)
+def pool_features(
+    vlm: "VLM",
+    samples: Sequence[Any],
+    sites: SiteLike | Sequence[SiteLike],
+    *,
+    prompt: str = QUESTION,
+    tokens: TokenSelection = "image",
+    batch_size: int = 8,
+    callback: Callable[[int, int], None] | None = None,
+) -> dict[Any, Float[Tensor, "n d"]]:
+    """Mean activations per sample at `sites`, in memory: `read_layers(..., pool="mean")` batch by batch.
+
+    For data sets small enough to hold (probe features, the explorer); larger
+    ones go to disk with `vlens.harvest(..., pool="mean")`. `samples` are
+    `vlens.data.Sample`s (or PIL images); `callback(done, n)` is called before
+    each batch (it may raise to stop).
+
+    Example:
+        >>> import vlens; from PIL import Image
+        >>> vlm = vlens.tiny()
+        >>> feats = pool_features(vlm, [Image.new("RGB", (32, 32))] * 3, [1, 3], batch_size=2)
+        >>> {k: tuple(v.shape) for k, v in feats.items()}
+        {1: (3, 64), 3: (3, 64)}
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive int, not {batch_size!r}")
+    keys = list(sites) if isinstance(sites, (list, tuple)) else [sites]
+    out: dict[Any, list[Tensor]] = {k: [] for k in keys}
+    n = len(samples)
+    for i in range(0, n, batch_size):
+        if callback is not None:
+            callback(i, n)
+        part = [getattr(s, "image", s) for s in samples[i : i + batch_size]]
+        feats = read_layers(vlm, vlm.prepare([prompt] * len(part), part), keys, tokens=tokens, pool="mean",
+                            dtype=torch.float32)
+        for k in keys:
+            out[k].append(feats[k])
+    return {k: torch.cat(v) if v else torch.zeros(0, vlm.d_model) for k, v in out.items()}

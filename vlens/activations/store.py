@@ -57,35 +57,14 @@ from torch import Tensor
 
 from .._durable import file_crc32
 from ..errors import InputError, StoreError
+from ..roles import MODALITY, ROLE_NAMES
 from ..sites import Site, parse
-from ..tokens import TokenLayout
 from .shards import DAMAGED_HINT, FORMAT, INDEX, is_int, main_pass_list, open_shards, read_index
 
-__all__ = ["ActivationStore", "ActivationRows", "FORMAT", "INDEX", "ROLE_NAMES", "META_COLUMNS", "role_codes"]
+__all__ = ["ActivationStore", "ActivationRows", "FORMAT", "INDEX", "META_COLUMNS"]
 
-#: Names of the `role` column's codes 0..4.
-ROLE_NAMES = ("image", "prompt", "answer", "bos", "other")
 #: Metadata columns of a per-token store (pooled stores add `n_tokens`).
 META_COLUMNS = ("sample", "label", "position", "token_id", "modality", "role", "kind", "tile", "row", "col", "text_only")
-_MODALITY = {"image": 1, "text": 0}
-
-
-def role_codes(layout: TokenLayout) -> Int[Tensor, "batch seq"]:
-    """The `role` code of every token of a batch: 0 image, 1 prompt, 2 answer, 3 BOS, 4 other (`ROLE_NAMES`).
-
-    Example:
-        >>> import vlens; from PIL import Image
-        >>> b = vlens.tiny().prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
-        >>> codes = role_codes(b.layout)
-        >>> int(codes[0, 0]), bool((codes[b.layout.image] == 0).all())
-        (3, True)
-    """
-    role = torch.full(layout.shape, 4, dtype=torch.int8)
-    role[layout.answer] = 2
-    role[layout.prompt] = 1
-    role[layout.bos] = 3
-    role[layout.image] = 0
-    return role
 
 
 class ActivationRows:
@@ -341,9 +320,9 @@ class ActivationStore:
         m = self.meta
         keep = torch.ones(len(self), dtype=torch.bool)
         if modality is not None:
-            if modality not in _MODALITY:
+            if modality not in MODALITY:
                 raise InputError(f"modality must be 'image' or 'text', not {modality!r}")
-            keep &= m["modality"] == _MODALITY[modality]
+            keep &= m["modality"] == MODALITY[modality]
         if label is not None:
             many = not isinstance(label, (int, str)) and getattr(label, "ndim", 1) != 0
             try:

@@ -31,7 +31,7 @@ from .._durable import atomic_write as _atomic_write, file_crc32, json_checksum
 from ..errors import HarvestError, InputError
 from .shards import FORMAT, INDEX, OWN_NAMES, index_problem, open_shards
 
-__all__: list[str] = []
+__all__ = ["ShardWriter", "index_text"]
 
 # Configuration fields that must match for a resume (all but model_fingerprint are user-visible arguments).
 _CONFIG_KEYS = (
@@ -74,7 +74,7 @@ def _truncated(index: dict, k: int) -> dict:
     return new
 
 
-class _Writer:
+class ShardWriter:
     """Buffers a harvest's rows and writes them as shards of about `shard_bytes`, each listed in the index once whole."""
 
     def __init__(self, root: Path, index: dict, shard_bytes: int) -> None:
@@ -94,7 +94,7 @@ class _Writer:
 
     @classmethod
     def open(cls, root: Path, config: dict, *, overwrite: bool, hook_names: dict, shard_bytes: int,
-             fresh: bool = False) -> "_Writer":
+             fresh: bool = False) -> "ShardWriter":
         """The writer of the store at `root`: resumed if it holds this configuration, else new (`fresh`: always new)."""
         if root.exists() and not root.is_dir():
             raise InputError(f"out={str(root)!r} is a file: pass a directory for the store (a new or an empty one)")

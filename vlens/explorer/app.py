@@ -164,18 +164,14 @@ def build_app(session: Session) -> Any:
         >>> client.post("/api/steer?wait=1", json={"src": "pink circle"}).json()["error"].startswith("unknown class")
         True
     """
-    from plotly.offline import get_plotlyjs
-
     _need_extra()
     with _save_unmounted():
-        from fastapi import FastAPI, File, Request, UploadFile
-        from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+        import fastapi.responses  # noqa: F401 - loaded here, with the mount lifted, for the route helpers
+        from fastapi import FastAPI, Request
 
     app = FastAPI(title="vlens explore", docs_url=None, redoc_url=None, openapi_url=None)
     jobs = Jobs(lambda: session.stage)
-    latents_dir = Path(tempfile.mkdtemp(prefix="vlens-explore-latents-"))
     app.state.session, app.state.jobs = session, jobs
-    plotly_js: list[str] = []
 
     @app.exception_handler(VlensError)
     async def vlens_error(request: Request, e: VlensError) -> Any:
@@ -184,6 +180,19 @@ def build_app(session: Session) -> Any:
     @app.exception_handler(Exception)
     async def other_error(request: Request, e: Exception) -> Any:  # a bug: still a JSON message for the page
         return _error(e)
+
+    _page_routes(app, session)
+    _view_routes(app, session, jobs, Path(tempfile.mkdtemp(prefix="vlens-explore-latents-")))
+    return app
+
+
+def _page_routes(app: Any, session: Session) -> None:
+    """The page, its static files, the session's facts and uploads."""
+    from fastapi import File, UploadFile
+    from fastapi.responses import HTMLResponse, Response
+    from plotly.offline import get_plotlyjs
+
+    plotly_js: list[str] = []
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -214,14 +223,22 @@ def build_app(session: Session) -> Any:
     async def upload_vector(file: UploadFile = File(...)) -> dict:
         return session.add_vector(await file.read(), file.filename or "vector.pt")
 
-    async def _body(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise InputError("the request body must be JSON") from None
-        if not isinstance(body, dict):
-            raise InputError("the request body must be a JSON object of settings")
-        return body
+
+async def _body(request: Any) -> dict:
+    """The request's JSON object of settings, or an InputError."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InputError("the request body must be JSON") from None
+    if not isinstance(body, dict):
+        raise InputError("the request body must be a JSON object of settings")
+    return body
+
+
+def _view_routes(app: Any, session: Session, jobs: Jobs, latents_dir: Path) -> None:
+    """The views, run as jobs (`?wait=1` answers when done), their snippets, exports and latent pages."""
+    from fastapi import Request
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
     def _start(what: str, fn: Callable[[], Any], wait: int) -> Any:
         jid = jobs.submit(what, fn)
@@ -295,4 +312,3 @@ def build_app(session: Session) -> Any:
             raise NotFoundError(f"no latent page {folder}/{name}: open a latent first")
         return FileResponse(path)
 
-    return app

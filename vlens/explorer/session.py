@@ -24,12 +24,13 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from ..activations.read import read_layers
+from ..activations.read import pool_features, read_layers
 from ..errors import BadImageError, InputError, NotFoundError
 from ..interventions import check_vector
 from ..lens import logit_lens, patch_values, region_tokens
 from ..prepare import load_image
 from ..prompts import QUESTION, two_choice_prompt
+from ..sites import RESIDUAL_KINDS
 from ..tokens import KIND_NAMES, TokenLayout
 from ..viz import heatmap_overlay, image_data_uri
 
@@ -172,7 +173,7 @@ class Session:
     @property
     def sites(self) -> list[str]:
         """The residual sites the page offers, in depth order."""
-        return [f"{kind}.{L}" for L in range(self.vlm.n_layers) for kind in ("resid_pre", "resid_post")]
+        return [f"{kind}.{L}" for L in range(self.vlm.n_layers) for kind in RESIDUAL_KINDS]
 
     def info(self) -> dict[str, Any]:
         """Model facts, sites, classes, the images to pick from (thumbnails) and the SAE's latents, for the page."""
@@ -259,18 +260,13 @@ class Session:
 
     def _read_features(self) -> None:
         sites = self.sites
-        out: dict[str, list[Tensor]] = {s: [] for s in sites}
-        n = len(self.data)
-        for i in range(0, n, _BATCH):
+
+        def stage(done: int, n: int) -> None:
             if self.closing:
                 raise InputError("the explorer is stopping")
-            self.stage = f"reading class features: images {i}–{min(i + _BATCH, n)} of {n} at {len(sites)} sites"
-            part = [self.data[j] for j in range(i, min(i + _BATCH, n))]
-            batch = self.vlm.prepare([QUESTION] * len(part), [s.image for s in part])
-            feats = read_layers(self.vlm, batch, sites, pool="mean", dtype=torch.float32)
-            for s in sites:
-                out[s].append(feats[s])
-        self._features = {s: torch.cat(v) for s, v in out.items()}
+            self.stage = f"reading class features: images {done}–{min(done + _BATCH, n)} of {n} at {len(sites)} sites"
+
+        self._features = pool_features(self.vlm, self.data, sites, prompt=QUESTION, batch_size=_BATCH, callback=stage)
         self._labels = torch.tensor([s.label for s in self.data])
 
     def probe(self, site: str) -> Any:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedModelError
 from ..sites import ModuleLayout
+from ..tokens import position_ids
 
 if TYPE_CHECKING:
     from ..tokens import ImageGeometry
@@ -93,8 +94,6 @@ class Family:
 
     def position_ids(self, inputs: dict) -> Tensor | None:
         """Position ids for a left-padded batch (None: the model computes its own, e.g. M-RoPE)."""
-        from ..prepare import position_ids
-
         return position_ids(inputs["attention_mask"])
 
     # -- builds --
@@ -234,7 +233,7 @@ def of_model(model: torch.nn.Module) -> Family:
 
     Example:
         >>> import vlens
-        >>> of_model(vlens.tiny()._module).name
+        >>> of_model(vlens.tiny().hf_model).name
         'llava-next'
     """
     config = getattr(model, "config", None)

@@ -1,6 +1,6 @@
 """Qwen2.5-VL and Qwen3-VL (`Qwen2_5_VLForConditionalGeneration`, `Qwen3VLForConditionalGeneration`).
 
-Both share what vlens needs to know; what differs is data (`VERSIONS`):
+Both share what vlens needs to know; what differs is data (`KNOWN`):
 
 - dynamic resolution: the processor resizes each image to the nearest multiple
   of `patch_size × merge_size` pixels per side with its area within
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from transformers import ProcessorMixin
 
 __all__ = [
-    "QwenVL", "Qwen25VL", "Qwen3VL", "VERSIONS", "SPECIAL_TOKENS", "CHAT_TEMPLATES", "LAYOUTS", "smart_resize",
+    "QwenVL", "Qwen25VL", "Qwen3VL", "KNOWN", "SPECIAL_TOKENS", "CHAT_TEMPLATES", "LAYOUTS", "smart_resize",
     "image_geometry", "load_processor", "tiny_processor", "tiny_config",
 ]
 
@@ -105,7 +105,7 @@ CHAT_TEMPLATES = {
 _CHAT_WORDS = ["system", "you", "are", "helpful", "assistant", "user", "picture"]
 
 #: Per version: the real image settings (preprocessor_config.json of the Instruct checkpoints) and the classes.
-VERSIONS: dict[str, dict[str, Any]] = {
+KNOWN: dict[str, dict[str, Any]] = {
     "qwen2.5-vl": dict(
         patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=3136, max_pixels=12845056,
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
@@ -246,7 +246,7 @@ def load_processor(name_or_path: str | os.PathLike) -> "ProcessorMixin":
     from transformers.utils import cached_file
 
     mtype = AutoConfig.from_pretrained(name_or_path).model_type
-    v = next((v for v in VERSIONS.values() if v["model_type"] == mtype), None)
+    v = next((v for v in KNOWN.values() if v["model_type"] == mtype), None)
     if v is None:
         raise InputError(f"{name_or_path} is a {mtype!r} checkpoint, not Qwen2.5-VL or Qwen3-VL")
     tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -261,9 +261,9 @@ def load_processor(name_or_path: str | os.PathLike) -> "ProcessorMixin":
 
 
 def _version(version: str) -> dict[str, Any]:
-    if version not in VERSIONS:
-        raise InputError(f"unknown Qwen-VL version {version!r}: use one of {sorted(VERSIONS)}")
-    return VERSIONS[version]
+    if version not in KNOWN:
+        raise InputError(f"unknown Qwen-VL version {version!r}: use one of {sorted(KNOWN)}")
+    return KNOWN[version]
 
 
 def _mrope_section(head_dim: int, interleaved: bool) -> list[int]:
@@ -342,7 +342,7 @@ def tiny_config(
 
 
 class QwenVL(Family):
-    """What Qwen2.5-VL and Qwen3-VL share; `version` picks the data of `VERSIONS`.
+    """What Qwen2.5-VL and Qwen3-VL share; `version` picks the data of `KNOWN`.
 
     Example:
         >>> import vlens
@@ -383,7 +383,7 @@ class QwenVL(Family):
         config = tiny_config(processor, self.version, **sizes)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = getattr(transformers, VERSIONS[self.version]["model"])(config)
+            model = getattr(transformers, KNOWN[self.version]["model"])(config)
         return model.eval(), processor
 
 

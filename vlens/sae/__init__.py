@@ -29,7 +29,8 @@ SAE-Lens format (`export`, `load`, `convert_paper_checkpoint`,
 
 from ..errors import NonFiniteActivations
 from .dashboards import dashboard
-from .data import IMAGE, TEXT, StoreSource, TensorSource, as_source
+from ..roles import IMAGE, TEXT
+from .sources import StoreSource, TensorSource, as_source
 from .evals import evaluate, loss_recovered, sae_bench_core
 from .features import export_features, feature_logits
 from .io import convert_paper_checkpoint, convert_sparsify_checkpoint, convert_sparsify_run, export, load, site_of

@@ -43,9 +43,10 @@ from tqdm.auto import tqdm
 from ..errors import InputError, NonFiniteActivations
 from ..interventions import ablate, splice_sae
 from ..prompts import QUESTION
+from ..roles import IMAGE, TEXT
 from ..scoring import score_answers
 from ..sites import SiteLike
-from .data import IMAGE, TEXT, as_source
+from .sources import as_source
 from .io import site_of
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """Modality statistics of SAE latents, attached to any SAE-Lens SAE by composition, and their analysis by layer.
 
-For latent i, over tokens of known modality (`vlens.sae.data.IMAGE` = 1, `TEXT` = 0):
+For latent i, over tokens of known modality (`vlens.roles.IMAGE` = 1, `TEXT` = 0):
 mean_image = mean of |f_i| over all image tokens (zeros included), mean_text likewise over
 text tokens, and
 
@@ -34,11 +34,12 @@ from sae_lens import SAE
 from torch import Tensor
 
 from ..errors import InputError, NonFiniteActivations
-from .data import IMAGE, TEXT, as_source
+from ..roles import IMAGE, TEXT
+from .sources import as_source
 
 __all__ = [
     "DEFAULT_SHARED", "ModalityStats", "as_multimodal", "firing_density", "modality_stats", "modality_stats_from_source",
-    "sharing_by_layer", "plot_modality_histogram", "plot_sharing_by_layer", "modality_table",
+    "sharing_by_layer", "plot_modality_histogram", "plot_sharing_by_layer", "modality_table", "ModalityAccumulator",
 ]
 
 DEFAULT_SHARED = (0.2, 0.8)
@@ -132,7 +133,7 @@ class ModalityStats:
         shared_range: tuple[float, float] = DEFAULT_SHARED,
     ) -> "ModalityStats":
         """Statistics from latent activations and a per-token modality (1 image, 0 text)."""
-        acc = _Accumulator(acts.shape[-1])
+        acc = ModalityAccumulator(acts.shape[-1])
         acc.add(acts, modality)
         return acc.finish(shared_range)
 
@@ -164,8 +165,18 @@ class ModalityStats:
         )
 
 
-class _Accumulator:
-    """Streaming sums for `ModalityStats` (float64, deterministic)."""
+class ModalityAccumulator:
+    """Streaming sums for `ModalityStats` (float64, deterministic): `add` latents batch by batch, then `finish`.
+
+    The seam `train_many` uses to take the statistics of several SAEs in one pass.
+
+    Example:
+        >>> acc = ModalityAccumulator(2)
+        >>> acc.add(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([1, 0]))
+        >>> st = acc.finish((0.1, 0.9))
+        >>> st.freq_image.tolist(), st.freq_text.tolist()
+        ([1.0, 0.0], [0.0, 1.0])
+    """
 
     def __init__(self, d_sae: int) -> None:
         z = torch.zeros(d_sae, dtype=torch.float64)
@@ -275,7 +286,7 @@ def modality_stats_from_source(sae: SAE, source: Any, n_tokens: int = 200_000,
         (50, 50)
     """
     source = as_source(source)
-    acc = _Accumulator(sae.cfg.d_sae)
+    acc = ModalityAccumulator(sae.cfg.d_sae)
     seen = 0
     for x, mod in source.sequential(batch_size, n_tokens):
         if mod is None:

@@ -26,7 +26,7 @@ from ..interventions import add, check_vector
 from ..prompts import CAPTION_PROMPT, TWO_CHOICE
 from ..scoring import score_answers
 from .generation import steered_generate
-from .vectors import _name_ids, random_like
+from .vectors import name_ids, random_like
 from .vectors import normalize as _unit
 
 if TYPE_CHECKING:
@@ -83,10 +83,10 @@ def efficacy(
     else:
         text = (prompt or TWO_CHOICE).format(src=src, tgt=tgt)
     for name in (src, tgt):
-        _name_ids(vlm.tokenizer, name)
+        name_ids(vlm.tokenizer, name)
     if vector is not None:
         vector = check_vector(vector, vlm.d_model)
-    n_new = max(len(_name_ids(vlm.tokenizer, n)) for n in (src, tgt)) + 2
+    n_new = max(len(name_ids(vlm.tokenizer, n)) for n in (src, tgt)) + 2
     p_t, p_s, answers = [], [], []
     for i in range(0, len(images), batch_size):
         chunk = images[i : i + batch_size]

@@ -144,7 +144,15 @@ def from_probe(probe: Any, tgt: int, src: int | None = None, *, normalize: bool 
     return _maybe_norm(v.detach().float().cpu(), normalize)
 
 
-def _name_ids(tok: Any, name: str) -> list[int]:
+def name_ids(tok: Any, name: str) -> list[int]:
+    """The token ids of a class name (no special tokens), refused when empty or holding unknown tokens.
+
+    Example:
+        >>> import vlens
+        >>> tok = vlens.tiny(words=["red", "circle"]).tokenizer
+        >>> len(name_ids(tok, "red circle"))
+        2
+    """
     ids = tok(name, add_special_tokens=False)["input_ids"]
     if not ids:
         raise InputError(f"class name {name!r} tokenizes to nothing")
@@ -170,8 +178,8 @@ def unembedding_diff(
         torch.Size([64])
     """
     tok = vlm.tokenizer
-    a, b = _name_ids(tok, src_name), _name_ids(tok, tgt_name)
-    W = vlm._module.get_output_embeddings().weight.detach().float().cpu()
+    a, b = name_ids(tok, src_name), name_ids(tok, tgt_name)
+    W = vlm.hf_model.get_output_embeddings().weight.detach().float().cpu()
     if mode == "first":
         i = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), None)
         if i is None:

@@ -233,10 +233,10 @@ def answer_correct(
         >>> import vlens
         >>> vlm = load_toy(); ds = vlens.toy.toy_dataset("heldout", n=2)
         >>> b = vlm.prepare([QUESTION] * 2, [s.image for s in ds], answers=[CLASS_NAMES[s.label] for s in ds], eos=True)
-        >>> answer_correct(vlm._module, b.inputs, b.layout.answer).tolist()
+        >>> answer_correct(vlm.hf_model, b.inputs, b.layout.answer).tolist()
         [True, True]
     """
-    from ..prepare import position_ids
+    from ..tokens import position_ids
 
     kw = dict(inputs)
     kw.setdefault("position_ids", position_ids(kw["attention_mask"]))
@@ -264,7 +264,7 @@ def evaluate(
     from .data import toy_dataset
 
     ds = toy_dataset("heldout", n=n, seed=seed)
-    model = vlm._module
+    model = vlm.hf_model
     was_training = model.training
     model.eval()
     hits = 0

@@ -146,7 +146,7 @@ class ToyBatches:
 
     def batch(self, idx: Sequence[int], examples: Sequence[tuple[str, str]]) -> tuple[dict, Bool[Tensor, "b s"]]:
         """Model inputs and the answer mask of images `idx` with (prompt, answer) `examples`."""
-        from ..prepare import position_ids
+        from ..tokens import position_ids
 
         self.warm(examples)
         B, S = len(idx), self.seq_len
@@ -265,6 +265,44 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _resume(state_path: Path, cfg: TrainConfig, arch: ToyArch, model: torch.nn.Module, opt: torch.optim.Optimizer,
+            progress: bool) -> tuple[int, float]:
+    """Load `state_path` into the model and optimiser if it exists (same settings only); (start step, seconds so far)."""
+    if not state_path.exists():
+        return 0, 0.0
+    st = _load_state(state_path)
+    if _resume_key(st["cfg"]) != _resume_key(asdict(cfg)) or st["arch"] != asdict(arch):
+        raise InputError(
+            f"{state_path} was written with other settings ({st['cfg']}, {st['arch']}); "
+            "rerun with the same options to resume, or pass another --out to start afresh"
+        )
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    start, elapsed = st["step"], st.get("elapsed", 0.0)
+    if progress:
+        print(f"resuming from {state_path} at step {start}/{cfg.steps}")
+    return start, elapsed
+
+
+def _record(cfg: TrainConfig, arch: ToyArch, model: torch.nn.Module, acc: float, eval_n: int, train_s: float,
+            total_s: float) -> dict:
+    """What the checkpoint records about its training: settings, accuracy, time, prompts, classes, tasks."""
+    return dict(
+        arch=asdict(arch),
+        train=asdict(cfg),
+        steps=cfg.steps,
+        accuracy=acc,
+        eval_n=eval_n,
+        train_seconds=round(train_s, 1),
+        total_seconds=round(total_s, 1),
+        n_params=sum(p.numel() for p in model.parameters()),
+        prompts=dict(question=QUESTION, caption=CAPTION_PROMPT, colour=COLOUR_QUESTION, shape=SHAPE_QUESTION,
+                     two_choice=two_choice_prompt("{src}", "{tgt}")),
+        class_names=CLASS_NAMES,
+        tasks=TASKS,
+    )
+
+
 def train(
     out: str | os.PathLike = "toy-run",
     cfg: TrainConfig | None = None,
@@ -304,19 +342,7 @@ def train(
         processor = build_processor(arch)
         model = build_model(arch, processor, seed=cfg.seed)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-        start, elapsed = 0, 0.0
-        if state_path.exists():
-            st = _load_state(state_path)
-            if _resume_key(st["cfg"]) != _resume_key(asdict(cfg)) or st["arch"] != asdict(arch):
-                raise InputError(
-                    f"{state_path} was written with other settings ({st['cfg']}, {st['arch']}); "
-                    "rerun with the same options to resume, or pass another --out to start afresh"
-                )
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["opt"])
-            start, elapsed = st["step"], st.get("elapsed", 0.0)
-            if progress:
-                print(f"resuming from {state_path} at step {start}/{cfg.steps}")
+        start, elapsed = _resume(state_path, cfg, arch, model, opt, progress)
 
         samples = [s for s in toy_dataset("train", n=cfg.n_images, seed=cfg.seed, image_size=arch.image_size)] \
             if start < cfg.steps else []
@@ -370,20 +396,7 @@ def train(
         model.eval()
         vlm = VLM.wrap(model, processor, name="toy")
         acc = evaluate(vlm, n=eval_n, seed=cfg.seed, progress=progress) if eval_n else float("nan")
-        record = dict(
-            arch=asdict(arch),
-            train=asdict(cfg),
-            steps=cfg.steps,
-            accuracy=acc,
-            eval_n=eval_n,
-            train_seconds=round(train_s, 1),
-            total_seconds=round(time.time() - t0, 1),
-            n_params=sum(p.numel() for p in model.parameters()),
-            prompts=dict(question=QUESTION, caption=CAPTION_PROMPT, colour=COLOUR_QUESTION, shape=SHAPE_QUESTION,
-                         two_choice=two_choice_prompt("{src}", "{tgt}")),
-            class_names=CLASS_NAMES,
-            tasks=TASKS,
-        )
+        record = _record(cfg, arch, model, acc, eval_n, train_s, time.time() - t0)
         save_toy(model, processor, out / "checkpoint", record)
         if ship:
             save_toy(model, processor, CHECKPOINT_DIR, record)

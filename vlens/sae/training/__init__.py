@@ -12,7 +12,7 @@
 | `trainer`     | `train`: the loop (fused sparse step or SAE-Lens's training pass, DDP, token mix), `vlens train-sae`; `Stepper`: one training step, written once |
 | `multi`       | `train_many`: SAEs at several sites from one streaming pass of the model, nothing on disk but checkpoints |
 | `buffer`      | `ShuffleBuffer`: the bounded, seeded, checkpointable shuffle buffer of each `train_many` SAE |
-| `checkpoints` | periodic checkpoints and bit-identical resume                                   |
+| `resume`      | periodic checkpoints and bit-identical resume                                   |
 
 Presets (`PRESETS`, override any field by keyword):
 

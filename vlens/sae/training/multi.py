@@ -52,20 +52,17 @@ from ... import distributed
 from ..._durable import atomic_write, deferred_interrupt, json_checksum
 # The harvest's own pass over a data set (its checks, batches and sample keys), shared on purpose: a
 # single-pass run feeds the SAEs exactly the tokens a harvest of the same data would store.
-from ...activations.harvesting import (KINDS, _check_stream, _describe, _fingerprint, _image, _key, _Plan, _prepare,
-                                       _sample)
-from ...activations.read import read_layers
+from ...activations.stream import StreamPlan, load_sample, read_chunk, sample_image, sample_key
 from ...errors import InputError, SiteError
-from ...model import as_dtype
 from ...prompts import QUESTION
-from ...sites import Site, SiteLike
-from ...tokens import TokenSelection, select
-from ..data import TensorSource
-from ..modality import DEFAULT_SHARED, _Accumulator, as_multimodal
+from ...sites import VECTOR_KINDS, Site
+from ...tokens import TokenSelection
+from ..modality import DEFAULT_SHARED, ModalityAccumulator, as_multimodal
+from ..sources import TensorSource
 from .buffer import ShuffleBuffer
-from .checkpoints import PREFIX, load_checkpoint, remove_leftovers, save_checkpoint
 from .config import TrainConfig
-from .trainer import Stepper, _estimate_scale, _finish, _resolve_config
+from .resume import PREFIX, load_checkpoint, remove_leftovers, save_checkpoint
+from .trainer import Stepper, estimate_scale, finish, resolve_config
 
 if TYPE_CHECKING:
     from ...model import VLM
@@ -163,7 +160,8 @@ def train_many(
         >>> {name: (sae.cfg.metadata.hook_name, sae.cfg.d_sae) for name, sae in saes.items()}
         {'resid_pre.1': ('blocks.1.hook_resid_pre', 128), 'resid_post.2': ('blocks.2.hook_resid_post', 128)}
     """
-    plan = _plan(vlm, data, tokens, prompt, template, captions, text_only, text_prompt, forward_batch_size, dtype)
+    plan = StreamPlan(tokens, prompt, template, captions, text_only, text_prompt, forward_batch_size, dtype).check(
+        vlm, data, what="train on", batch_name="forward_batch_size")
     for name, v in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise InputError(f"{name} must be an int >= 1, not {v!r}")
@@ -202,7 +200,7 @@ def train_many(
             if mod is None:
                 empty += 1
                 if empty >= stream.per_epoch:
-                    raise InputError(f"token selection {_describe(tokens)!r} selects no token in any sample of the "
+                    raise InputError(f"token selection {plan.token_description!r} selects no token in any sample of the "
                                      "data: nothing to train on; choose another selection (e.g. tokens='image')")
             with deferred_interrupt():  # the forward's rows join every buffer and the position moves, together
                 if mod is not None:
@@ -223,7 +221,7 @@ def train_many(
     for r in runs:
         r.buffer.clear()
 
-    out = {r.name: _finish(r.stepper.sae, r.cfg, r.stepper.state, None, r.stepper.metrics, elapsed, 0, shared_range,
+    out = {r.name: finish(r.stepper.sae, r.cfg, r.stepper.state, None, r.stepper.metrics, elapsed, 0, shared_range,
                            device, progress) for r in runs}
     for r in runs:  # the shared stream: forwards run for the whole run (this call and those it resumed)
         out[r.name].cfg.metadata.vlens_training["stream"] = {"forwards": position, "site": r.site.name,
@@ -234,32 +232,10 @@ def train_many(
     return out
 
 
-def _plan(vlm: "VLM", data: Any, tokens: Any, prompt: str, template: bool, captions: bool, text_only: bool,
-          text_prompt: str, forward_batch_size: int, dtype: Any) -> _Plan:
-    """The stream's settings, checked before any forward (the harvest's rules)."""
-    _check_stream(data, tokens, "train on")
-    if not isinstance(forward_batch_size, int) or isinstance(forward_batch_size, bool) or forward_batch_size < 1:
-        raise InputError(f"forward_batch_size must be a positive int (samples per forward), not {forward_batch_size!r}")
-    if vlm.family.image_token(vlm.processor) not in prompt:
-        raise InputError(f"prompt {prompt!r} has no '<image>' placeholder: write it where the image goes, e.g. {QUESTION!r}")
-    out_dtype = as_dtype(dtype) or vlm.dtype
-    if not out_dtype.is_floating_point:
-        raise InputError(f"dtype must be a floating-point dtype (e.g. torch.float16), not {out_dtype}")
-    return _Plan("resid_pre", [], tokens, None, forward_batch_size, out_dtype, prompt, bool(template), bool(captions),
-                 bool(text_only), text_prompt, 0, False, None)
-
-
 def _order(vlm: "VLM", sites: set[Site]) -> list[Site]:
     """`sites` in execution order (a fixed order: the keys of each forward's activations)."""
     names = vlm.sites
     return sorted(sites, key=lambda s: names.index(s.name))
-
-
-class _Width:
-    """What `_resolve_config` needs of a source: its width (the model's d_model at a residual site)."""
-
-    def __init__(self, d: int) -> None:
-        self.d = d
 
 
 def _items(saes: Any) -> list[tuple[str | None, Any, Any]]:
@@ -309,9 +285,9 @@ def _runs(vlm: "VLM", saes: Any, dtype: torch.dtype, buffer: int | None, steps: 
             s = vlm.site(site)
         except SiteError as e:
             raise SiteError(f"SAE {name or site!r}: {e}") from None
-        if s.kind not in KINDS:
+        if s.kind not in VECTOR_KINDS:
             raise InputError(f"SAE {name or site!r}: train_many trains on one vector per token "
-                             f"({', '.join(k + '.L' for k in KINDS)}; an int L is resid_pre.L), not {s.name!r}")
+                             f"({', '.join(k + '.L' for k in VECTOR_KINDS)}; an int L is resid_pre.L), not {s.name!r}")
         specs.append((name, s, preset, extra))
     counts: dict[Site, int] = {}
     runs: list[_Run] = []
@@ -331,7 +307,7 @@ def _runs(vlm: "VLM", saes: Any, dtype: torch.dtype, buffer: int | None, steps: 
         if length == (None, None):  # the spec's own length wins over the run's
             length = (steps, n_tokens)
         try:
-            cfg = _resolve_config(_Width(vlm.width(s)), preset, d_sae, expansion, *length, None, ov)
+            cfg = resolve_config(int(vlm.width(s)), preset, d_sae, expansion, *length, None, ov)
         except InputError as e:
             raise InputError(f"SAE {name!r}: {e}") from None
         bs = cfg.trainer.batch_size
@@ -350,7 +326,7 @@ def _step(r: _Run, bar: Any, callback: Callable[[str, int, dict[str, float]], No
     """One training step of run `r` from its buffer; True when a checkpoint is due."""
     st, t = r.stepper, r.cfg.trainer
     if not r.scaled:  # the first step: fix the scale from the first rows of the stream (held in the buffer)
-        st.state.scale = _estimate_scale(TensorSource(r.buffer.first(r.hold)), r.cfg)
+        st.state.scale = estimate_scale(TensorSource(r.buffer.first(r.hold)), r.cfg)
         st.begin()
         r.scaled = True
     step = st.state.step
@@ -370,35 +346,29 @@ def _step(r: _Run, bar: Any, callback: Callable[[str, int, dict[str, float]], No
 class _Stream:
     """The data as forward passes: chunk c is (epoch, pass, first sample) of the harvest's order, repeated."""
 
-    def __init__(self, vlm: "VLM", data: Sequence[Any], plan: _Plan) -> None:
+    def __init__(self, vlm: "VLM", data: Sequence[Any], plan: StreamPlan) -> None:
         self.vlm, self.data, self.plan = vlm, data, plan
-        n = len(data)
-        passes = ["main"] + (["text"] if plan.text_only else [])
-        self.chunks = [(p, b0) for p in passes for b0 in range(0, n, plan.batch_size)]
+        self.chunks = plan.chunks(len(data))
         self.per_epoch = len(self.chunks)
 
     def read(self, c: int, sites: list[Site]) -> tuple[dict[Site, Tensor], Tensor | None]:
         """Activations `{site: [rows, d]}` and modality codes of chunk `c` (`mod` None when it selects nothing)."""
-        pass_name, b0 = self.chunks[c % self.per_epoch]
-        span = range(b0, min(b0 + self.plan.batch_size, len(self.data)))
-        samples = [_sample(self.data, i, i) for i in span]
-        images = [_image(s, i) for i, s in zip(span, samples)] if pass_name == "main" else None
-        batch = _prepare(self.vlm, samples, images, b0, pass_name, self.plan, lambda i: i)
-        mask = select(batch, self.plan.tokens)
-        if not bool(mask.any()):
+        chunk = read_chunk(self.vlm, self.data, self.plan, *self.chunks[c % self.per_epoch])
+        acts = chunk.read(self.vlm, sites, dtype=self.plan.dtype)
+        if acts is None:
             return {}, None
-        acts = read_layers(self.vlm, batch, sites, tokens=mask, dtype=self.plan.dtype)
-        return acts, batch.layout.image[mask.to(batch.layout.image.device)].to(torch.int8).cpu()
+        image = chunk.batch.layout.image
+        return acts, image[chunk.mask.to(image.device)].to(torch.int8).cpu()
 
 
-def _setup(vlm: "VLM", data: Sequence[Any], plan: _Plan, runs: list[_Run]) -> dict[str, Any]:
+def _setup(vlm: "VLM", data: Sequence[Any], plan: StreamPlan, runs: list[_Run]) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: model, data, stream settings, SAEs and buffers."""
     n = len(data)
     probe = sorted({0, n // 2, n - 1})
     return {
-        "model": vlm.name, "model_fingerprint": _fingerprint(vlm), "n_samples": n,
-        "sample_keys": {str(i): _key(_sample(data, i, i), _image(_sample(data, i, i), i)) for i in probe},
-        "tokens": _describe(plan.tokens), "prompt": plan.prompt, "template": plan.template,
+        "model": vlm.name, "model_fingerprint": vlm.fingerprint(), "n_samples": n,
+        "sample_keys": {str(i): sample_key(load_sample(data, i), sample_image(load_sample(data, i), i)) for i in probe},
+        "tokens": plan.token_description, "prompt": plan.prompt, "template": plan.template,
         "captions": plan.captions, "text_only": plan.text_only, "text_prompt": plan.text_prompt,
         "forward_batch_size": plan.batch_size, "dtype": str(plan.dtype).removeprefix("torch."),
         "saes": {r.name: {"site": r.site.name, "buffer": r.buffer.capacity} for r in runs},
@@ -450,7 +420,7 @@ def _restore(ckdir: Path, runs: list[_Run], setup: dict[str, Any]) -> int:
 def _modality_stats(stream: _Stream, runs: list[_Run], saes: dict[str, SAE], n_tokens: int,
                     shared_range: tuple[float, float]) -> dict[str, Any]:
     """Per-latent modality statistics of every SAE over the first `n_tokens` tokens of one pass of the data."""
-    accs = {r.name: _Accumulator(r.cfg.sae.d_sae) for r in runs}
+    accs = {r.name: ModalityAccumulator(r.cfg.sae.d_sae) for r in runs}
     sites = _order(stream.vlm, {r.site for r in runs})
     seen = 0
     for c in range(stream.per_epoch):

@@ -12,7 +12,7 @@ What it keeps, and why:
   SAE-Lens's training pass, clip, scheduled lr, Adam, dead-latent and token-mix counts),
   driven by `train` here and by `vlens.sae.train_many` (several SAEs from one streaming pass);
 - the loop itself, not `SAETrainer`: batch i of an indexable source is a function of
-  (seed, i) (`vlens.sae.data.TensorSource`), so a resumed run is bit-identical; rows are
+  (seed, i) (`vlens.sae.sources.TensorSource`), so a resumed run is bit-identical; rows are
   split across ranks under DDP; the image/text token mix and the per-latent modality
   statistics are counted on the way; errors name the batch and the source rows;
 - the fused sparse steps (`vlens.sae.fused` picks them): the standard / paper SAE
@@ -20,7 +20,7 @@ What it keeps, and why:
   SAE-Lens's `StandardTrainingSAE` loss; faster once few latents fire) and TopK while k ≤ d_sae/16 (`vlens.sae.topk`,
   SAE-Lens's `TopKTrainingSAE` loss with AuxK, no dense latent matrix in the backward), both
   with gradients checked against autograd in the tests;
-- the scale estimate (`_estimate_scale`): SAE-Lens's `ActivationScaler.estimate_scaling_factor`
+- the scale estimate (`estimate_scale`): SAE-Lens's `ActivationScaler.estimate_scaling_factor`
   averages norms in float64 over consecutive batches, vlens averages float32 norms of
   randomly drawn rows (NaN rows skipped), so the factors differ in the last bits and the
   trained weights would too;
@@ -44,10 +44,11 @@ from tqdm.auto import tqdm
 from ... import distributed
 from ..._durable import deferred_interrupt
 from ...errors import InputError, NonFiniteActivations
-from ..data import IMAGE, ConcatSource, IterSource, TensorSource, _rows, as_source
+from ...roles import IMAGE
+from ..sources import IterSource, TensorSource, as_source
 from ..modality import DEFAULT_SHARED, as_multimodal, firing_density, modality_stats_from_source
 from ..fused import fused_step
-from .checkpoints import TrainState, remove_leftovers, resume as resume_from, save_checkpoint
+from .resume import TrainState, remove_leftovers, resume as resume_from, save_checkpoint
 from .config import PRESETS, TrainConfig, make_training_sae
 
 
@@ -72,12 +73,21 @@ def _check_batch(x: torch.Tensor, step: int, d_in: int, rows: torch.Tensor | Non
 
 def _fetch(source: TensorSource, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows `rows` of an indexable source, as float, with their modality."""
-    x = source._gather(rows) if isinstance(source, ConcatSource) else _rows(source.x, rows).float()
+    x = source.rows(rows)
     return x, None if source.modality is None else source.modality[rows]
 
 
-def _estimate_scale(source: TensorSource | IterSource, cfg: TrainConfig) -> float:
-    """The factor that makes the mean activation norm √d_in (see the module docstring for why it is vlens's own)."""
+def estimate_scale(source: TensorSource | IterSource, cfg: TrainConfig) -> float:
+    """The factor that makes the mean activation norm √d_in (see the module docstring for why it is vlens's own).
+
+    A seam of the training loop beside `Stepper`: `train` and `train_many` both call it.
+
+    Example:
+        >>> from vlens.sae.sources import TensorSource
+        >>> cfg = TrainConfig.preset("topk", d_in=4, d_sae=8, k=2, batch_size=8)
+        >>> estimate_scale(TensorSource(torch.full((16, 4), 3.0)), cfg)
+        0.3333333333333333
+    """
     t = cfg.trainer
     norms = []
     if isinstance(source, TensorSource):
@@ -100,16 +110,25 @@ def _estimate_scale(source: TensorSource | IterSource, cfg: TrainConfig) -> floa
     return math.sqrt(cfg.sae.d_in) / mean
 
 
-def _resolve_config(source: Any, preset: str | TrainConfig, d_sae: int | None, expansion: int | None,
+def resolve_config(source: Any, preset: str | TrainConfig, d_sae: int | None, expansion: int | None,
                     steps: int | None, n_tokens: int | None, epochs: float | None, overrides: dict[str, Any]) -> TrainConfig:
-    """The run's `TrainConfig`: preset + overrides, d_in from the data, length from steps / tokens / epochs."""
+    """The run's `TrainConfig`: preset + overrides, d_in from the data, length from steps / tokens / epochs.
+
+    `source` is an activation source or, for a stream of known width
+    (`train_many`), that width as an int. A seam beside `Stepper`.
+
+    Example:
+        >>> cfg = resolve_config(64, "topk", None, 4, 100, None, None, {"k": 8})
+        >>> cfg.sae.d_sae, cfg.trainer.total_steps, cfg.sae.k
+        (256, 100, 8)
+    """
     for name, v, low in (("steps", steps, 1), ("n_tokens", n_tokens, 1), ("d_sae", d_sae, 1),
                          ("expansion", expansion, 1)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
             raise InputError(f"{name} must be an int >= {low}, not {v!r}")
     if epochs is not None and (not isinstance(epochs, (int, float)) or isinstance(epochs, bool) or not 0 < epochs < 1e9):
         raise InputError(f"epochs must be a number > 0, not {epochs!r}")
-    d_in = source.d
+    d_in = source if isinstance(source, int) else source.d
     if d_in is None:
         first = source.peek(1)
         if not first:
@@ -209,7 +228,7 @@ def train(
             hook_name = None
     if model_name is None and isinstance(getattr(data, "config", None), dict):
         model_name = data.config.get("model")  # a harvest store records its model
-    cfg = _resolve_config(source, preset, d_sae, expansion, steps, n_tokens, epochs, overrides)
+    cfg = resolve_config(source, preset, d_sae, expansion, steps, n_tokens, epochs, overrides)
     arch, t = cfg.sae, cfg.trainer
     for name, v in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -227,14 +246,10 @@ def train(
     if restored is not None:
         stepper.state = restored
     elif t.normalize:
-        stepper.state.scale = _estimate_scale(source, cfg)
+        stepper.state.scale = estimate_scale(source, cfg)
     state = stepper.state
     if isinstance(source, IterSource):
-        if state.step and source.reiterable:
-            source._pending.clear()
-            source.start(skip=state.step)
-        elif source._it is None:
-            source.start()
+        source.begin(skip=state.step)
     every = checkpoint_every or max(t.total_steps // 10, 1)
 
     if env.enabled:
@@ -294,7 +309,7 @@ def train(
         distributed.barrier()
 
     metrics = stepper.metrics
-    return _finish(sae, cfg, state, source, metrics, elapsed, stats_tokens, shared_range, device, progress)
+    return finish(sae, cfg, state, source, metrics, elapsed, stats_tokens, shared_range, device, progress)
 
 
 class Stepper:
@@ -434,9 +449,21 @@ def _gather_all(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _finish(sae: TrainingSAE, cfg: TrainConfig, state: TrainState, source: Any, metrics: dict[str, float],
+def finish(sae: TrainingSAE, cfg: TrainConfig, state: TrainState, source: Any, metrics: dict[str, float],
             elapsed: float, stats_tokens: int, shared_range: tuple[float, float], device: str, progress: bool) -> SAE:
-    """Fold the activation scale into the weights, build the SAE-Lens inference SAE, attach modality statistics."""
+    """Fold the activation scale into the weights, build the SAE-Lens inference SAE, attach modality statistics.
+
+    The end of a run, a seam beside `Stepper` (`train` and `train_many` call it);
+    `source` None (a stream) attaches no statistics here.
+
+    Example:
+        >>> s = Stepper(TrainConfig.preset("topk", d_in=8, d_sae=32, k=4, total_steps=1, batch_size=16))
+        >>> s.begin()
+        >>> _ = s.step(torch.randn(16, 8), None)
+        >>> sae = finish(s.sae, s.cfg, s.state, None, s.metrics, 0.0, 0, (0.1, 0.9), "cpu", False)
+        >>> type(sae).__name__, sae.cfg.metadata.vlens_training["steps"]
+        ('TopKSAE', 1)
+    """
     sae.eval()
     with torch.no_grad():
         if state.scale != 1.0:

@@ -25,9 +25,8 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError, StoreError
+from ..roles import IMAGE, TEXT
 
-IMAGE, TEXT = 1, 0
-"""Modality codes used everywhere in `vlens.sae`: 1 = image token, 0 = text token."""
 
 
 def modality_codes(values: Any) -> Tensor:
@@ -99,9 +98,13 @@ class TensorSource:
             return torch.arange(k * batch_size, min((k + 1) * batch_size, self.n))
         return self._perm(seed, epoch)[k * batch_size : (k + 1) * batch_size]
 
+    def rows(self, idx: Tensor) -> Tensor:
+        """Rows `idx` of the activations, as float."""
+        return _rows(self.x, idx).float()
+
     def batch(self, step: int, batch_size: int, seed: int, shuffle: bool = True) -> tuple[Tensor, Tensor | None]:
         idx = self.indices(step, batch_size, seed, shuffle)
-        x = _rows(self.x, idx).float()
+        x = self.rows(idx)
         return x, None if self.modality is None else self.modality[idx]
 
     def sequential(self, batch_size: int, limit: int | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
@@ -125,7 +128,8 @@ class ConcatSource(TensorSource):
         self.modality = torch.cat([p.modality for p in parts]) if all(has_mod) else None  # type: ignore[misc]
         self._perm_cache = None
 
-    def _gather(self, idx: Tensor) -> Tensor:
+    def rows(self, idx: Tensor) -> Tensor:
+        """Rows `idx` of the concatenated activations, as float."""
         out = torch.empty(len(idx), self.d)
         part = torch.searchsorted(self.offsets, idx, right=True) - 1
         for p in part.unique().tolist():
@@ -135,13 +139,13 @@ class ConcatSource(TensorSource):
 
     def batch(self, step: int, batch_size: int, seed: int, shuffle: bool = True) -> tuple[Tensor, Tensor | None]:
         idx = self.indices(step, batch_size, seed, shuffle)
-        return self._gather(idx), None if self.modality is None else self.modality[idx]
+        return self.rows(idx), None if self.modality is None else self.modality[idx]
 
     def sequential(self, batch_size: int, limit: int | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
         n = self.n if limit is None else min(self.n, limit)
         for s in range(0, n, batch_size):
             idx = torch.arange(s, min(s + batch_size, n))
-            yield self._gather(idx), None if self.modality is None else self.modality[idx]
+            yield self.rows(idx), None if self.modality is None else self.modality[idx]
 
 
 def StoreSource(store: Any, layer: int, modality: str | None = None) -> TensorSource:
@@ -197,6 +201,14 @@ class IterSource:
                 pass
         if self.prefetch:
             self._it = _Prefetcher(self._it, self.prefetch)
+
+    def begin(self, skip: int = 0) -> None:
+        """Start iterating, or (a resume of a re-iterable source) restart after `skip` batches, dropping peeked ones."""
+        if skip and self.reiterable:
+            self._pending.clear()
+            self.start(skip=skip)
+        elif self._it is None:
+            self.start()
 
     def peek(self, n: int) -> list[tuple[Tensor, Tensor | None]]:
         """The next `n` batches, kept to be served again by `next`."""
