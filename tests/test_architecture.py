@@ -60,6 +60,15 @@ def test_no_private_name_crosses_a_module_wall():
     assert not bad, "private names imported across modules (give them a public seam):\n" + "\n".join(bad)
 
 
+def test_only_the_model_reaches_into_nnsight():
+    """nnsight's private `_module` is read in `vlens.model` (and `vlens.attention`, the in-trace attention pattern
+    `VLM.read` computes from an envoy); elsewhere `VLM.hf_model` / `VLM.submodule`."""
+    allowed = {"model.py", "attention.py"}
+    bad = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "vlens").rglob("*.py")) if p.name not in allowed
+           for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\._module\b", line)]
+    assert not bad, bad
+
+
 def test_nothing_inside_vlens_imports_the_vlens_package_itself():
     bad = [f"{path.relative_to(ROOT)}:{node.lineno}" for path in sorted((ROOT / "vlens").rglob("*.py"))
            for node in _imports(path) if node.level == 0 and node.module == "vlens"]

@@ -294,15 +294,15 @@ def head_attribution(vlm: "VLM", batch: Batch, ablate: bool = True) -> dict[str,
     nxt = ids[:, 1:]
     nxt = torch.cat([nxt, torch.zeros_like(nxt[:, :1])], 1) if nxt.shape[1] < pos.shape[1] else nxt
     target = nxt[pos]  # the answer token each of them predicts
-    fnorm = vlm.envoy("final_norm")._module
-    W_U = vlm._module.get_output_embeddings().weight
+    fnorm = vlm.submodule("final_norm")
+    W_U = vlm.hf_model.get_output_embeddings().weight
     unembed = W_U[target].float() * _gain(fnorm, vlm.d_model, final) / _rms(final[pos], fnorm)  # [m, d]
     dla = torch.zeros(n, H)
     for L in range(n):
-        W = vlm.envoy(f"z.{L}")._module.weight.float().view(-1, H, dh)  # o_proj: [d, H, dh]
+        W = vlm.submodule(f"z.{L}").weight.float().view(-1, H, dh)  # o_proj: [d, H, dh]
         heads = torch.einsum("mhe,dhe->mhd", zs[L][pos].float(), W)  # each head's write before any post-norm
-        post = vlm.envoy(f"attn_out.{L}")._module
-        if post is not vlm.envoy(f"pattern.{L}")._module:  # Gemma 3: the post-attention norm, its scale frozen
+        post = vlm.submodule(f"attn_out.{L}")
+        if post is not vlm.submodule(f"pattern.{L}"):  # Gemma 3: the post-attention norm, its scale frozen
             heads = heads * _gain(post, vlm.d_model, heads) / _rms(heads.sum(1), post)[:, None]
         dla[L] = torch.einsum("mhd,md->h", heads, unembed).cpu() / len(target)
     out = {"dla": dla}

@@ -233,6 +233,16 @@ class VLM(TransformersModel):
         """
         return self._site_envoy(site)[0]
 
+    def submodule(self, site: sites.SiteLike) -> torch.nn.Module:
+        """The torch module behind a site, outside any trace (for `pattern.L`: the layer's attention block).
+
+        Example:
+            >>> import vlens
+            >>> type(vlens.tiny().submodule("z.0")).__name__
+            'Linear'
+        """
+        return self.envoy(site)._module
+
     def _site_envoy(self, site: sites.SiteLike) -> tuple[Any, sites.Site]:
         s = self.site(site)
         envoy = self._envoy(s.module)

@@ -143,7 +143,7 @@ def plan(
     site = layers[0] if site is None else site
     e = dt.itemsize
     s = _Shapes(vlm, seq, tiles)
-    params = sum(p.numel() for p in vlm._module.parameters()) * e
+    params = sum(p.numel() for p in vlm.hf_model.parameters()) * e
     return MemoryPlan(
         model=vlm.name, dtype=str(dt).removeprefix("torch."), image_size=(int(w), int(h)), layers=layers, site=site,
         tokens_per_image=n_img, seq_len=seq, tiles=tiles, param_bytes=int(params),
