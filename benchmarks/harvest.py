@@ -73,7 +73,7 @@ def bare_forward(vlm, data, batch_size):
         batch = vlm.prepare([QUESTION] * len(chunk), [s.image for s in chunk])
         inputs = dict(batch.inputs, position_ids=position_ids(batch.inputs["attention_mask"]))
         with torch.inference_mode():
-            vlm._module(**inputs)
+            vlm.hf_model(**inputs)
 
 
 def run_harvest(vlm, data, layers, site="resid_pre", **kw):

@@ -44,7 +44,7 @@ def images(n: int, size: int, seed: int = 0) -> list:
 
 def no_cache_generate(vlm, batch, v, layer, k, n_new):
     """Greedy decode re-running the full sequence each step, steering the prompt's image tokens."""
-    model = vlm._module
+    model = vlm.hf_model
     mask = batch.layout.image.to(vlm.device)
     S = mask.shape[1]
     vec = (k * v).to(vlm.device, vlm.dtype)
@@ -84,13 +84,13 @@ def measure(vlm, batch, n_new: int, repeats: int, layer: int, label: str) -> dic
     kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
     gen_kw = dict(kw, temperature=None, top_p=None, top_k=None)
     # warm up both paths once
-    vlm._module.generate(**batch.inputs, **gen_kw)
+    vlm.hf_model.generate(**batch.inputs, **gen_kw)
     steered_generate(vlm, batch, v, layer=layer, k=1.0, **kw)
     t_plain, t_steer = [], []
     for _ in range(repeats):
         t = time.perf_counter()
         with torch.no_grad():
-            vlm._module.generate(**batch.inputs, **gen_kw)
+            vlm.hf_model.generate(**batch.inputs, **gen_kw)
         t_plain.append(time.perf_counter() - t)
         t = time.perf_counter()
         _, ids = steered_generate(vlm, batch, v, layer=layer, k=1.0, return_ids=True, **kw)

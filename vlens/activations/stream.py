@@ -98,7 +98,7 @@ class StreamPlan:
         """
         b = self.batch_size
         if not isinstance(b, int) or isinstance(b, bool) or b < 1:
-            raise InputError(f"{batch_name} must be a positive int (samples per forward), not {b!r}")
+            raise InputError(f"{batch_name} must be a positive int, not {b!r} (samples per forward)")
         dtype = as_dtype(self.dtype) or (vlm.dtype if vlm is not None else None)
         if dtype is not None and not dtype.is_floating_point:
             raise InputError(f"dtype must be a floating-point dtype (e.g. torch.float16), not {dtype}")
