@@ -116,7 +116,7 @@ FIELDS = (
     "l0_coefficient", "jumprelu_init_threshold", "jumprelu_bandwidth", "apply_b_dec_to_input", "decoder_init_norm",
     "normalize", "n_norm_batches", "dead_window_tokens", "seed", "shuffle", "fused",
     # added in vlens 0.3 (issue 23): which loss trained the SAE. A checkpoint without them was
-    # trained with `LEGACY_LOSS` (`vlens.sae.training.checkpoints` resumes it with that loss).
+    # trained with `LEGACY_LOSS` (`vlens.sae.training.resume` resumes it with that loss).
     "detach_decoder_norm", "coefficient_warmup_from_zero",
 )
 #: The loss fields' values of checkpoints written before they existed (SAE-Lens's penalty
