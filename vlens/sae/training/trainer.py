@@ -253,17 +253,7 @@ def train(
     every = checkpoint_every or max(t.total_steps // 10, 1)
 
     if env.enabled:
-        # DistributedDataParallel: each rank takes its slice of every global batch; gradients are
-        # averaged by DDP's all-reduce, so training means what it means on one process.
-        if not isinstance(source, TensorSource):
-            raise InputError("distributed SAE training needs an indexable source (a tensor or an ActivationStore), "
-                             "so every rank can read its own slice of each global batch")
-        if t.batch_size % env.world_size:
-            raise InputError(f"batch_size {t.batch_size} must be divisible by the world size {env.world_size}")
-        if arch.architecture == "batchtopk":
-            raise InputError("batchtopk picks its top-k over the whole batch, so it cannot be split across ranks; "
-                             "use 'topk' or 'jumprelu' with torchrun")
-        stepper.distribute()
+        _distribute(stepper, source, env)
     bar = tqdm(total=t.total_steps, initial=state.step, disable=(not progress) or None,
                desc=f"SAE {arch.architecture} d_sae={arch.d_sae}", dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -271,16 +261,7 @@ def train(
     try:
         while state.step < t.total_steps:
             step = state.step
-            rows = None
-            if isinstance(source, TensorSource):
-                rows = source.indices(step, t.batch_size, t.seed, t.shuffle)
-                if stepper.ddp is not None:
-                    rows = rows.chunk(env.world_size)[env.rank]
-                    x, mod = _fetch(source, rows)
-                else:
-                    x, mod = source.batch(step, t.batch_size, t.seed, t.shuffle)
-            else:
-                x, mod = source.next()
+            x, mod, rows = _next_batch(source, stepper, step, env)
             logged = stepper.step(x, mod, rows)
             bar.update(1)
             if logged is not None:
@@ -310,6 +291,36 @@ def train(
 
     metrics = stepper.metrics
     return finish(sae, cfg, state, source, metrics, elapsed, stats_tokens, shared_range, device, progress)
+
+
+def _distribute(stepper: "Stepper", source: Any, env: Any) -> None:
+    """DistributedDataParallel: each rank takes its slice of every global batch; gradients are averaged by DDP's
+    all-reduce, so training means what it means on one process."""
+    t, arch = stepper.cfg.trainer, stepper.cfg.sae
+    if not isinstance(source, TensorSource):
+        raise InputError("distributed SAE training needs an indexable source (a tensor or an ActivationStore), "
+                         "so every rank can read its own slice of each global batch")
+    if t.batch_size % env.world_size:
+        raise InputError(f"batch_size {t.batch_size} must be divisible by the world size {env.world_size}")
+    if arch.architecture == "batchtopk":
+        raise InputError("batchtopk picks its top-k over the whole batch, so it cannot be split across ranks; "
+                         "use 'topk' or 'jumprelu' with torchrun")
+    stepper.distribute()
+
+
+def _next_batch(source: Any, stepper: "Stepper", step: int, env: Any) -> tuple[torch.Tensor, Any, Any]:
+    """Batch `step` of the source (under DDP: this rank's slice of it), its modality and its source rows."""
+    t = stepper.cfg.trainer
+    if not isinstance(source, TensorSource):
+        x, mod = source.next()
+        return x, mod, None
+    rows = source.indices(step, t.batch_size, t.seed, t.shuffle)
+    if stepper.ddp is None:
+        x, mod = source.batch(step, t.batch_size, t.seed, t.shuffle)
+        return x, mod, rows
+    rows = rows.chunk(env.world_size)[env.rank]
+    x, mod = _fetch(source, rows)
+    return x, mod, rows
 
 
 class Stepper:
