@@ -66,8 +66,12 @@ def train_vlens(x, k, steps, batch, lr, **overrides):
                     stats_tokens=0, **overrides)
 
 
-def train_sae_lens(x, k, steps, batch, lr, seed=0):
-    """SAE-Lens's own trainer with its defaults (`SAETrainerConfig` as `train_toy_sae` sets it)."""
+def train_sae_lens(x, k, steps, batch, lr, seed=0, vlens_order=False):
+    """SAE-Lens's own trainer with its defaults (`SAETrainerConfig` as `train_toy_sae` sets it).
+
+    Batches are epoch-shuffled rows; with `vlens_order` they are exactly the batches
+    `vlens.sae.train` draws (seed 0), so the two libraries see the same data in the same order.
+    """
     from sae_lens import LoggingConfig
     from sae_lens.saes import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer, SAETrainerConfig
@@ -76,8 +80,14 @@ def train_sae_lens(x, k, steps, batch, lr, seed=0):
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=512, k=k))
     g = torch.Generator().manual_seed(seed)
     per_epoch = len(x) // batch
-    batches = [x[torch.randperm(len(x), generator=g)[i * batch:(i + 1) * batch]]
-               for e in range(steps // per_epoch + 1) for i in range(per_epoch)][:steps]
+    if vlens_order:
+        from vlens.sae.data import as_source
+
+        src = as_source(x, None)
+        batches = [x[src.indices(s, batch, seed, True)] for s in range(steps)]
+    else:
+        perms = [torch.randperm(len(x), generator=g) for _ in range(steps // per_epoch + 1)]
+        batches = [x[p[i * batch:(i + 1) * batch]] for p in perms for i in range(per_epoch)][:steps]
     cfg = SAETrainerConfig(
         n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False, total_training_samples=steps * batch,
         device="cpu", autocast=False, lr=lr, lr_end=lr, lr_scheduler_name="constant", lr_warm_up_steps=0,
@@ -102,7 +112,10 @@ def frontier(xtr, xte, ks, steps, batch, lr, variants) -> list[dict]:
         row = {"k": k}
         if "sae_lens" in variants:
             row["sae_lens"] = round(held_out_ev(train_sae_lens(xtr, k, steps, batch, lr), xte), 4)
-        for name in (v for v in variants if v != "sae_lens"):
+        if "sae_lens_vlens_order" in variants:
+            sae = train_sae_lens(xtr, k, steps, batch, lr, vlens_order=True)
+            row["sae_lens_vlens_order"] = round(held_out_ev(sae, xte), 4)
+        for name in (v for v in variants if not v.startswith("sae_lens")):
             row[name] = round(held_out_ev(train_vlens(xtr, k, steps, batch, lr, **VARIANTS[name]), xte), 4)
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
@@ -171,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", choices=["frontier", "losses"], default=None)
     ap.add_argument("--ks", default="1-16", help="k values of the frontier: a range 'a-b' or a comma list")
     ap.add_argument("--variants", default="sae_lens,vlens_topk_preset,vlens_no_decay_no_norm",
-                    help=f"comma list of sae_lens and {sorted(VARIANTS)}")
+                    help=f"comma list of sae_lens, sae_lens_vlens_order and {sorted(VARIANTS)}")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--figures", type=Path, default=None, help="write the plotly pages into this folder")

@@ -27,8 +27,9 @@ Presets (`PRESETS`, override any field by keyword):
 - `"standard"`: SAE-Lens's `StandardTrainingSAE` (b_dec subtracted from the input,
   Kaiming-uniform init, the penalty's gradient through the decoder norms), λ = 1,
   lr 3e-4, same schedule shape. Schedules advance per optimiser step (`config` says why).
-- `"topk"`, `"batchtopk"`, `"jumprelu"`: SAE-Lens's training classes, lr 3e-4 with the
-  same schedule shape, normalised activations; BatchTopK and JumpReLU end as
+- `"topk"`, `"batchtopk"`: SAE-Lens's training classes with SAE-Lens's trainer defaults
+  (lr 3e-4 constant, raw activations: measured better on short runs, see `config`);
+  `"jumprelu"`: lr 3e-4 with the paper's schedule shape, normalised activations; BatchTopK and JumpReLU end as
   SAE-Lens `jumprelu` inference SAEs, TopK as `topk`.
 """
 
