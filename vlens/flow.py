@@ -257,7 +257,7 @@ def _gain(norm: Any, d: int, like: Tensor) -> Tensor:
     """An RMSNorm's elementwise gain (norm(x) = gain * x / rms(x)), read off the module as norm(ones)·√(1+eps)."""
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)))
     with torch.no_grad():
-        return norm(torch.ones(d, dtype=like.dtype, device=like.device)).float() * (1 + eps) ** 0.5
+        return norm(torch.ones(d, dtype=like.dtype, device=like.device)).float().detach() * (1 + eps) ** 0.5
 
 
 def _rms(x: Tensor, norm: Any) -> Tensor:
@@ -295,11 +295,11 @@ def head_attribution(vlm: "VLM", batch: Batch, ablate: bool = True) -> dict[str,
     nxt = torch.cat([nxt, torch.zeros_like(nxt[:, :1])], 1) if nxt.shape[1] < pos.shape[1] else nxt
     target = nxt[pos]  # the answer token each of them predicts
     fnorm = vlm.submodule("final_norm")
-    W_U = vlm.hf_model.get_output_embeddings().weight
+    W_U = vlm.hf_model.get_output_embeddings().weight.detach()
     unembed = W_U[target].float() * _gain(fnorm, vlm.d_model, final) / _rms(final[pos], fnorm)  # [m, d]
     dla = torch.zeros(n, H)
     for L in range(n):
-        W = vlm.submodule(f"z.{L}").weight.float().view(-1, H, dh)  # o_proj: [d, H, dh]
+        W = vlm.submodule(f"z.{L}").weight.detach().float().view(-1, H, dh)  # o_proj: [d, H, dh]
         heads = torch.einsum("mhe,dhe->mhd", zs[L][pos].float(), W)  # each head's write before any post-norm
         post = vlm.submodule(f"attn_out.{L}")
         if post is not vlm.submodule(f"pattern.{L}"):  # Gemma 3: the post-attention norm, its scale frozen
