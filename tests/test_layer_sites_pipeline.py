@@ -74,3 +74,17 @@ def test_train_many_on_in_layer_sites(vlm, data):
     assert many["z"].cfg.metadata.hook_name == "blocks.1.attn.hook_z"
     assert many["z"].W_dec.shape[-1] == vlm.n_heads * vlm.d_head
     assert many["mlp"].cfg.metadata.hook_name == "blocks.2.hook_mlp_out"
+
+
+def test_lens_projects_attn_out_and_mlp_out_on_the_vocabulary(vlm, data):
+    from vlens.lens import logit_lens
+
+    b = vlm.prepare(["<image>\nWhat is it?"], [data[0].image])
+    sites = ["attn_out.1", "mlp_out.2"]
+    lens = logit_lens(vlm, b, sites=sites, k=3)
+    acts = read_layers(vlm, b, sites, dtype=torch.float32)
+    lm = vlm._module
+    for i, s in enumerate(sites):
+        with torch.no_grad():  # HF's own final norm and unembedding
+            ref = lm.lm_head(lm.model.language_model.norm(acts[s])).topk(3).indices
+        assert torch.equal(lens.top_ids[i], ref)
