@@ -39,7 +39,7 @@ from .errors import InputError, UnsupportedModelError
 from .lens import box_mass, patch_grid, patch_values, token_ids
 from .scoring import answer_logprob
 from .sites import SiteLike
-from .tokens import Batch, ImageSpan, TokenLayout, TokenSelection, select
+from .tokens import Batch, TokenLayout, TokenSelection, select
 from .viz import heatmap_overlay
 
 if TYPE_CHECKING:
@@ -266,17 +266,6 @@ def _check_order(vlm: "VLM", site: SiteLike, target: Callable) -> str:
     return s
 
 
-def _repeat(batch: Batch, n: int) -> Batch:
-    """`n` copies of a one-row batch: every tensor input repeated along its first dimension (rows or images)."""
-    L = batch.layout
-    reps = lambda t: t.repeat(n, *[1] * (t.dim() - 1))  # noqa: E731
-    layout = TokenLayout(
-        reps(L.input_ids), reps(L.image), reps(L.prompt), reps(L.answer), reps(L.bos), reps(L.pad),
-        [ImageSpan(r * len(L.images) + s.image, r, s.start, s.end, s.geometry) for r in range(n) for s in L.images])
-    inputs = {k: reps(v) if isinstance(v, Tensor) else v for k, v in batch.inputs.items()}
-    return Batch(inputs, layout, list(batch.prompts) * n)
-
-
 def _one_row(batch: Batch, what: str) -> None:
     if not isinstance(batch, Batch) or len(batch) != 1:
         raise InputError(f"{what} takes a one-row Batch (one prompt, one image): loop over rows for more")
@@ -390,7 +379,7 @@ def integrated_gradients(vlm: "VLM", batch: Batch, target: Callable, site: SiteL
             h[:, pos.to(h.device)] = path.to(h.device, h.dtype)
             return h
 
-        y, _, g = _grad_run(vlm, _repeat(batch, len(a)), target, s, edit)
+        y, _, g = _grad_run(vlm, batch.repeat(len(a)), target, s, edit)
         grad_sum += (weights[c : c + batch_size, None, None] * g[:, pos]).sum(0)
         ys.append(y)
     y = torch.cat(ys)
@@ -456,7 +445,7 @@ def activation_patching(vlm: "VLM", clean: Batch, corrupt: Batch, target: Callab
             h[torch.arange(len(p), device=h.device), p.to(h.device)] = h_cor[c : c + len(p)].to(h.device, h.dtype)
             return h
 
-        effects.append(_run(vlm, _repeat(clean, len(p)), target, s, edit) - f_clean)
+        effects.append(_run(vlm, clean.repeat(len(p)), target, s, edit) - f_clean)
     values = torch.zeros(clean.layout.shape)
     values[0, pos] = torch.cat(effects)
     return Attribution(values, mask, clean.layout, "activation patching", s, f_clean, _run(vlm, corrupt, target))

@@ -143,23 +143,6 @@ def _windows(n_layers: int, window: int) -> list[tuple[int, int]]:
     return [(s, s + window - 1) for s in range(n_layers - window + 1)]
 
 
-def _stack(batch: Batch, n: int) -> Batch:
-    """`n` copies of a batch, rows stacked (every tensor input repeated along its first axis)."""
-    from dataclasses import replace
-
-    from .tokens import ImageSpan
-
-    L = batch.layout
-    rep = lambda t: t.repeat(n, *[1] * (t.dim() - 1))  # noqa: E731
-    rows = L.shape[0]
-    spans = [ImageSpan(c * len(L.images) + s.image, c * rows + s.batch_index, s.start, s.end, s.geometry)
-             for c in range(n) for s in L.images]
-    layout = replace(L, input_ids=rep(L.input_ids), image=rep(L.image), prompt=rep(L.prompt), answer=rep(L.answer),
-                     bos=rep(L.bos), pad=rep(L.pad), images=spans)
-    inputs = {k: rep(v) if isinstance(v, Tensor) else v for k, v in batch.inputs.items()}
-    return Batch(inputs, layout, list(batch.prompts) * n)
-
-
 def knockout_sweep(vlm: "VLM", batch: Batch, pairs: Mapping[str, tuple[TokenSelection, TokenSelection]],
                    window: int = 1) -> FlowSweep:
     """The answer under attention knockout of every group pair in every window of `window` layers.
@@ -183,7 +166,7 @@ def knockout_sweep(vlm: "VLM", batch: Batch, pairs: Mapping[str, tuple[TokenSele
         clean = vlm.read("logits").save()
     ids, answer = _answer_ids(vlm, batch, clean)
     clean_p, clean_ok = _scores(clean, ids, answer)
-    stacked = _stack(batch, len(wins))
+    stacked = batch.repeat(len(wins))
     rows = len(batch)
     probs, oks = [], []
     for name, (source, target) in tqdm(pairs.items(), desc="knockout", disable=len(pairs) < 4 or None):

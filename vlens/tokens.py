@@ -30,7 +30,7 @@ interventions, steering, SAE data):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -212,6 +212,26 @@ class Batch:
 
     def __len__(self) -> int:
         return self.layout.shape[0]
+
+    def repeat(self, n: int) -> "Batch":
+        """`n` copies of this batch stacked along the rows (every tensor input repeated along its first axis).
+
+        Example:
+            >>> import vlens; from PIL import Image
+            >>> b = vlens.tiny().prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+            >>> b3 = b.repeat(3)
+            >>> len(b3), [s.batch_index for s in b3.layout.images]
+            (3, [0, 1, 2])
+        """
+        L = self.layout
+        rep = lambda t: t.repeat(n, *[1] * (t.dim() - 1))  # noqa: E731
+        rows = L.shape[0]
+        spans = [ImageSpan(c * len(L.images) + s.image, c * rows + s.batch_index, s.start, s.end, s.geometry)
+                 for c in range(n) for s in L.images]
+        layout = replace(L, input_ids=rep(L.input_ids), image=rep(L.image), prompt=rep(L.prompt),
+                         answer=rep(L.answer), bos=rep(L.bos), pad=rep(L.pad), images=spans)
+        inputs = {k: rep(v) if isinstance(v, Tensor) else v for k, v in self.inputs.items()}
+        return Batch(inputs, layout, list(self.prompts) * n)
 
 
 # -- resolving selections ------------------------------------------------------------------------------
