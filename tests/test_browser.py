@@ -108,7 +108,7 @@ def test_figure_titles_clear_of_the_toolbar(tmp_path):
     fig.write_html(tmp_path / "layout.html", include_plotlyjs=True)
     sae = vs.train(torch.randn(512, vlm.d_model), "paper", d_sae=16, steps=2, batch_size=256, progress=False)
     data = [Sample(Image.new("RGB", (32, 32), "red"), caption="a red square")]
-    vs.dashboard(sae, vlm, data, 2, tmp_path / "dash", latents=[0], progress=False)
+    vs.dashboard(sae, vlm, data, tmp_path / "dash", layer=2, latents=[0], progress=False)
     with browser_page((1280, 900)) as page:
         for name in ("layout.html", "dash/latent_0.html"):
             page.goto((tmp_path / name).as_uri())

@@ -189,6 +189,6 @@ def test_byte_tokens_read_as_bytes_on_dashboards(real, tmp_path):
     caption = "a tall \U0001F992 here"
     assert "<0xF0>" in tok.convert_ids_to_tokens(tok(caption)["input_ids"])  # the emoji is spelled in bytes
     data = [Sample(_image((64, 64)), caption=caption)]
-    vs.dashboard(sae, real, data, 1, tmp_path, latents=[0], progress=False)
+    vs.dashboard(sae, real, data, tmp_path, layer=1, latents=[0], progress=False)
     page = (tmp_path / "latent_0.html").read_text(encoding="utf-8")
     assert "&lt;0xE2&gt;" in page and "\ufffd" not in page
