@@ -63,6 +63,30 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
+@dataclass
+class _Demo:
+    """What every stage of one demo run reads: the model, its data, the sizes and the report being written."""
+
+    vlm: VLM
+    cfg: DemoConfig
+    out: Path
+    report: Any
+    train: Any
+    heldout: Any
+    cap_data: Any
+    names: list[str]
+    toy_model: bool
+    timings: dict[str, float]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(range(self.vlm.n_layers))
+
+    @property
+    def mid(self) -> int:
+        return self.vlm.n_layers // 2
+
+
 def run(
     out: str | Path = "vlens-demo",
     *,
@@ -85,48 +109,72 @@ def run(
     Example:
         >>> path = run("/tmp/vlens-demo-doc", fast=True)  # doctest: +SKIP
     """
-    import sae_lens
-
-    from . import attribution, probes, prompts, steering
-    from . import sae as vsae
-    from .activations import harvest
-    from .loading import load
-    from .viz import Report
-
     cfg = config or (DemoConfig.fast() if fast else DemoConfig())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     torch.manual_seed(0)
+    d = _start(model, device, cfg, out, data, captions, image_root)
+    pooled = _harvest_stage(d)
+    acc = _probe_stage(d, pooled)
+    sw, succ = _steering_stage(d, pooled)
+    saes, tokens, ev, lr = _sae_stage(d)
+    share = _modality_stage(d, saes)
+    _export_stage(d, saes[d.mid], tokens)
+    d.timings["total"] = time.perf_counter() - t_start
+    d.report.section("Timings", "Seconds per stage on this machine.")
+    d.report.table([{k: round(v, 1) for k, v in d.timings.items()}])
+    (out / "results.json").write_text(json.dumps({
+        "model": d.vlm.name, "probe_accuracy": acc, "steering_success_rate": sw.success_rate(),
+        "steering": succ, "sae": ev, "loss_recovered": lr, "sharing": share, "timings": d.timings,
+    }, indent=1, default=str))
+    path = d.report.save(out / "report.html")
+    print(f"\nreport: {path}")
+    return path
+
+
+def _start(model, device, cfg: DemoConfig, out: Path, data, captions, image_root) -> _Demo:
+    """Load the model and the data, and open the report."""
+    from .loading import load
+    from .viz import Report
 
     t = _stage(f"load {model if isinstance(model, str) else model.name}")
     vlm = model if isinstance(model, VLM) else load(model, device=device)
     toy_model = vlm.name == "toy"
     train, heldout, cap_data = _data(toy_model, cfg, data, captions, image_root)
-    question, two_choice, cap_prompt = prompts.QUESTION, prompts.two_choice_prompt, prompts.CAPTION_PROMPT
-    names = list(train.class_names or [])
-    layers = list(range(vlm.n_layers))
-    mid = vlm.n_layers // 2
     report = Report(
         f"vlens demo — {vlm.name}",
         f"Every experiment of <i>Line of Sight</i> (Rajaram et al., 2025) on <code>{vlm.name}</code>: "
         f"{vlm.n_layers} LM layers × d_model {vlm.d_model}. Residual sites are <code>resid_pre.L</code> "
         "(HF <code>hidden_states[L]</code>).",
     )
-    timings: dict[str, float] = {}
-    timings["load"] = time.perf_counter() - t
+    d = _Demo(vlm, cfg, out, report, train, heldout, cap_data, list(train.class_names or []), toy_model, {})
+    d.timings["load"] = time.perf_counter() - t
+    return d
 
-    # -- 1. harvest ---------------------------------------------------------------------------
-    t = _stage(f"1/6 harvest mean image-token activations at all {len(layers)} layers ({len(train)} images)")
-    pooled = harvest(vlm, train, layers, tokens="image", pool="mean", batch_size=cfg.batch_size,
-                     out=out / "store-pooled", prompt=question, overwrite=True)
-    report.section("Data", f"{len(train)} training and {len(heldout)} held-out images, {len(names)} classes.")
-    report.images([(s.image, s.caption or names[s.label]) for s in list(heldout)[:10]])
-    timings["harvest"] = time.perf_counter() - t
 
-    # -- 2. probes ----------------------------------------------------------------------------
+def _harvest_stage(d: _Demo):
+    """Stage 1: mean image-token activations at every layer."""
+    from . import prompts
+    from .activations import harvest
+
+    t = _stage(f"1/6 harvest mean image-token activations at all {len(d.layers)} layers ({len(d.train)} images)")
+    pooled = harvest(d.vlm, d.train, d.layers, tokens="image", pool="mean", batch_size=d.cfg.batch_size,
+                     out=d.out / "store-pooled", prompt=prompts.QUESTION, overwrite=True)
+    d.report.section("Data", f"{len(d.train)} training and {len(d.heldout)} held-out images, "
+                     f"{len(d.names)} classes.")
+    d.report.images([(s.image, s.caption or d.names[s.label]) for s in list(d.heldout)[:10]])
+    d.timings["harvest"] = time.perf_counter() - t
+    return pooled
+
+
+def _probe_stage(d: _Demo, pooled) -> dict:
+    """Stage 2: probes by layer, and where the best one looks (gradient × activation)."""
+    from . import attribution, probes, prompts
+
     t = _stage("2/6 linear probes by layer")
-    sweep = probes.sweep(pooled, layers)
+    names, report = d.names, d.report
+    sweep = probes.sweep(pooled, d.layers)
     acc = sweep.accuracy
     print("held-out accuracy by layer: " + ", ".join(f"{L}: {a:.3f}" for L, a in acc.items()))
     report.section("Linear probes", "Softmax probes on the mean image-token residual, held-out accuracy by layer. "
@@ -137,21 +185,27 @@ def run(
                 note=True)
     look_layer = max(sweep.best_layer, 1)  # attributed back to resid_pre.0, so a later layer
     overlays = []
-    for s in list(heldout)[:6]:
-        one = vlm.prepare(question, [s.image])
+    for s in list(d.heldout)[:6]:
+        one = d.vlm.prepare(prompts.QUESTION, [s.image])
         target = attribution.probe_target(sweep.probes[look_layer], look_layer, int(s.label))
-        att = attribution.grad_x_act(vlm, one, target, site=0)
+        att = attribution.grad_x_act(d.vlm, one, target, site=0)
         overlays += [(s.image, names[s.label]), (att.overlay(s.image), "attribution")]
     report.text(f"Where the layer-{look_layer} probe looks: gradient × activation at <code>resid_pre.0</code> of the "
                 "true class's probe logit (positive part), painted over each held-out image by its tokens' pixel "
                 "boxes (<code>vlens.attribution.grad_x_act</code>).")
     report.images(overlays)
-    timings["probes"] = time.perf_counter() - t
+    d.timings["probes"] = time.perf_counter() - t
+    return acc
 
-    # -- 3. steering --------------------------------------------------------------------------
+
+def _steering_stage(d: _Demo, pooled):
+    """Stage 3: generations before/after one steering vector, and the efficacy/damage sweep."""
+    from . import prompts, steering
+
     t = _stage("3/6 steering with class-mean differences")
-    pairs = _pairs(toy_model, names, heldout, cfg.n_pairs)
-    means = {L: steering.class_means(*pooled.pooled(L), n_classes=len(names)) for L in layers}
+    vlm, cfg, names, heldout, mid, question = d.vlm, d.cfg, d.names, d.heldout, d.mid, prompts.QUESTION
+    pairs = _pairs(d.toy_model, names, heldout, cfg.n_pairs)
+    means = {L: steering.class_means(*pooled.pooled(L), n_classes=len(names)) for L in d.layers}
     src, tgt = pairs[0]
     si, ti = names.index(src), names.index(tgt)
     src_images = [s.image for s in heldout if s.label == si][: min(cfg.steer_images, 6)]
@@ -166,93 +220,113 @@ def run(
     for r in rows:
         print(f"  k={r['k']:>4}: {[r[f'image {i}'] for i in range(len(src_images))]}")
     sw = steering.sweep(vlm, pairs, cfg.ks, sorted({max(mid - 1, 0), mid}), data=heldout, vectors=means,
-                        captions=cap_data, n_images=cfg.steer_images, n_captions=min(16, cfg.steer_images),
-                        prompt=two_choice, caption_prompt=cap_prompt, random_control=True)
+                        captions=d.cap_data, n_images=cfg.steer_images, n_captions=min(16, cfg.steer_images),
+                        prompt=prompts.two_choice_prompt, caption_prompt=prompts.CAPTION_PROMPT,
+                        random_control=True)
+    succ = sw.success()
+    _report_steering(d, src, tgt, src_images, rows, sw, succ)
+    d.timings["steering"] = time.perf_counter() - t
+    return sw, succ
+
+
+def _report_steering(d: _Demo, src: str, tgt: str, src_images, rows, sw, succ) -> None:
+    """The steering section of the report: generations before/after, the sweep's figures and table."""
+    from . import prompts
+
+    report = d.report
     report.section("Steering", f"Adding k·(mean<sub>{tgt}</sub> − mean<sub>{src}</sub>) to every image token at "
-                   f"<code>resid_pre.{mid}</code> during the prefill only, then decoding greedily from the KV cache. "
-                   f"Answers to <i>{html.escape(question)}</i> on held-out images of class <b>{src}</b>:")
+                   f"<code>resid_pre.{d.mid}</code> during the prefill only, then decoding greedily from the KV "
+                   f"cache. Answers to <i>{html.escape(prompts.QUESTION)}</i> on held-out images of class "
+                   f"<b>{src}</b>:")
     report.images([(im, f"image {i}") for i, im in enumerate(src_images)])
     report.table(rows)
     for fig in sw.figures().values():
         report.figure(fig)
-    succ = sw.success()
     report.table(succ, ["src", "tgt", "layer", "k", "flip_rate", "damage"])
     report.text(f"Fraction of pairs with a k that flips ≥ 90% of answers: {sw.success_rate():.2f}. "
                 "Damage is the increase of caption NLL (nats per token) at that k. A random vector of the same norm "
                 "is the control (random_flip_rate in the sweep).", note=True)
-    timings["steering"] = time.perf_counter() - t
 
-    # -- 4. SAEs ------------------------------------------------------------------------------
-    t = _stage(f"4/6 multimodal SAEs on image + caption tokens at all {len(layers)} layers")
-    sae_data = cap_data[: cfg.n_sae_samples]
-    tokens = harvest(vlm, sae_data, layers, tokens="image+answer", captions=True, text_only=True,
-                     batch_size=cfg.batch_size, out=out / "store-tokens", prompt=cap_prompt,
+
+def _sae_stage(d: _Demo):
+    """Stage 4: multimodal SAEs at every layer, evaluated at the middle one."""
+    from . import prompts
+    from . import sae as vsae
+    from .activations import harvest
+
+    t = _stage(f"4/6 multimodal SAEs on image + caption tokens at all {len(d.layers)} layers")
+    cfg, mid, cap_prompt = d.cfg, d.mid, prompts.CAPTION_PROMPT
+    tokens = harvest(d.vlm, d.cap_data[: cfg.n_sae_samples], d.layers, tokens="image+answer", captions=True,
+                     text_only=True, batch_size=cfg.batch_size, out=d.out / "store-tokens", prompt=cap_prompt,
                      overwrite=True)
     mix = tokens.filter(modality="image"), tokens.filter(modality="text")
     print(f"{len(tokens)} tokens: {len(mix[0])} image, {len(mix[1])} text")
     saes = {}
-    for L in layers:
+    for L in d.layers:
         steps = cfg.sae_steps if L == mid else max(cfg.sae_steps // 2, 100)
         extra = {"k": cfg.sae_k} if cfg.sae_preset in ("topk", "batchtopk") else {}
         saes[L] = vsae.train(tokens, cfg.sae_preset, layer=L, expansion=cfg.sae_expansion, steps=steps, **extra,
-                             checkpoint_dir=out / "sae-checkpoints" / f"layer-{L}", model_name=vlm.name,
+                             checkpoint_dir=d.out / "sae-checkpoints" / f"layer-{L}", model_name=d.vlm.name,
                              progress=True)
     sae = saes[mid]
     ev = vsae.evaluate(sae, tokens, layer=mid)
-    held_caps = [s for s in heldout if s.caption][: max(8, cfg.steer_images)]
-    lr = vsae.loss_recovered(vlm, sae, mid, held_caps, prompt=cap_prompt)
-    report.section(f"Multimodal SAE at layer {mid}",
-                   f"{sae.cfg.architecture()} SAE ({cfg.sae_preset} preset), {sae.cfg.d_sae} latents "
-                   f"(×{cfg.sae_expansion}), trained on "
-                   f"{len(tokens)} tokens ({len(mix[0])} image, {len(mix[1])} caption, incl. a text-only pass).")
-    report.text("The paper's ReLU recipe is <code>vlens.sae.train(store, \"paper\")</code> (pass "
-                "<code>sae_preset=\"paper\"</code> to <code>DemoConfig</code>); on the toy model TopK reaches the "
-                "sparsity/fidelity bar (EV ≥ 0.9 at L0 ≤ 32) in far fewer steps.", note=True)
-    report.table([{"tokens": k, **{m: v.get(m) for m in ("explained_variance", "l0", "dead", "n_tokens")},
-                   "loss_recovered": lr.get(k, {}).get("loss_recovered")} for k, v in ev.items()])
-    timings["sae"] = time.perf_counter() - t
+    held_caps = [s for s in d.heldout if s.caption][: max(8, cfg.steer_images)]
+    lr = vsae.loss_recovered(d.vlm, sae, mid, held_caps, prompt=cap_prompt)
+    d.report.section(f"Multimodal SAE at layer {mid}",
+                     f"{sae.cfg.architecture()} SAE ({cfg.sae_preset} preset), {sae.cfg.d_sae} latents "
+                     f"(×{cfg.sae_expansion}), trained on "
+                     f"{len(tokens)} tokens ({len(mix[0])} image, {len(mix[1])} caption, incl. a text-only pass).")
+    d.report.text("The paper's ReLU recipe is <code>vlens.sae.train(store, \"paper\")</code> (pass "
+                  "<code>sae_preset=\"paper\"</code> to <code>DemoConfig</code>); on the toy model TopK reaches the "
+                  "sparsity/fidelity bar (EV ≥ 0.9 at L0 ≤ 32) in far fewer steps.", note=True)
+    d.report.table([{"tokens": k, **{m: v.get(m) for m in ("explained_variance", "l0", "dead", "n_tokens")},
+                     "loss_recovered": lr.get(k, {}).get("loss_recovered")} for k, v in ev.items()])
+    d.timings["sae"] = time.perf_counter() - t
+    return saes, tokens, ev, lr
 
-    # -- 5. modality --------------------------------------------------------------------------
+
+def _modality_stage(d: _Demo, saes) -> dict:
+    """Stage 5: modality sharing by layer."""
+    from . import sae as vsae
+
     t = _stage("5/6 modality sharing by layer")
     share = vsae.sharing_by_layer(saes)
     for L, s in share.items():
         print(f"  layer {L}: " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if isinstance(v, float)))
-    report.section("Modality sharing by layer",
-                   "Each latent's image share of activation mass, normalised by token counts (0 = text only, "
-                   "1 = image only); latents between the thresholds count as shared. The paper finds sharing grows "
-                   "with depth.")
-    report.figure(vsae.plot_sharing_by_layer(saes))
-    report.figure(vsae.plot_modality_histogram(saes))
-    timings["modality"] = time.perf_counter() - t
+    d.report.section("Modality sharing by layer",
+                     "Each latent's image share of activation mass, normalised by token counts (0 = text only, "
+                     "1 = image only); latents between the thresholds count as shared. The paper finds sharing "
+                     "grows with depth.")
+    d.report.figure(vsae.plot_sharing_by_layer(saes))
+    d.report.figure(vsae.plot_modality_histogram(saes))
+    d.timings["modality"] = time.perf_counter() - t
+    return share
 
-    # -- 6. export + dashboards ------------------------------------------------------------------
+
+def _export_stage(d: _Demo, sae, tokens) -> None:
+    """Stage 6: export to SAE-Lens, reload with plain SAE-Lens, and the feature dashboards."""
+    import sae_lens
+
+    from . import prompts
+    from . import sae as vsae
+
     t = _stage("6/6 export to SAE-Lens and feature dashboards")
+    vlm, cfg, mid, out = d.vlm, d.cfg, d.mid, d.out
     export_dir = out / f"sae-lens-layer-{mid}"
     vsae.export(sae, export_dir, model_name=vlm.name, hook_name=vlm.hook_name(f"resid_pre.{mid}"))
     plain = sae_lens.SAE.load_from_disk(str(export_dir))
     x = tokens.activations(mid)[: min(512, len(tokens))].float()
     same = torch.equal(plain.encode(x), sae.encode(x))
     print(f"exported to {export_dir}; plain SAE-Lens reload encodes identically: {same}")
-    dash = vsae.dashboard(sae, vlm, list(heldout)[: max(16, cfg.steer_images)], out / "dashboards",
-                          layer=mid, n_latents=cfg.n_dashboards, prompt=cap_prompt,
+    dash = vsae.dashboard(sae, vlm, list(d.heldout)[: max(16, cfg.steer_images)], out / "dashboards",
+                          layer=mid, n_latents=cfg.n_dashboards, prompt=prompts.CAPTION_PROMPT,
                           attribution=0 if mid > 0 else None)
-    report.section("Export and dashboards",
-                   f"<code>{export_dir}</code> loads with <code>sae_lens.SAE.load_from_disk</code> "
-                   f"(identical encodings: {same}).")
-    report.link(Path(dash).resolve().relative_to(out.resolve()).as_posix(),
-                "Feature dashboards (top images with patch heatmaps, top text contexts)")
-    timings["export"] = time.perf_counter() - t
-
-    timings["total"] = time.perf_counter() - t_start
-    report.section("Timings", "Seconds per stage on this machine.")
-    report.table([{k: round(v, 1) for k, v in timings.items()}])
-    (out / "results.json").write_text(json.dumps({
-        "model": vlm.name, "probe_accuracy": acc, "steering_success_rate": sw.success_rate(),
-        "steering": succ, "sae": ev, "loss_recovered": lr, "sharing": share, "timings": timings,
-    }, indent=1, default=str))
-    path = report.save(out / "report.html")
-    print(f"\nreport: {path}")
-    return path
+    d.report.section("Export and dashboards",
+                     f"<code>{export_dir}</code> loads with <code>sae_lens.SAE.load_from_disk</code> "
+                     f"(identical encodings: {same}).")
+    d.report.link(Path(dash).resolve().relative_to(out.resolve()).as_posix(),
+                  "Feature dashboards (top images with patch heatmaps, top text contexts)")
+    d.timings["export"] = time.perf_counter() - t
 
 
 def _data(toy_model: bool, cfg: DemoConfig, data: str | None, captions: str | None, image_root: str | None):

@@ -117,28 +117,8 @@ def image_geometry(
     ch, cw = select_best_resolution(size, pinpoints)
     nth, ntw = ch // tile_size, cw // tile_size
 
-    kinds, tiles, rows, cols, boxes = [], [], [], [], []
-
-    # Base tile: the whole image stretched to resize_to², centre-cropped to tile_size².
-    off = (resize_to - tile_size) / 2
-    sx, sy = w / resize_to, h / resize_to
-    r, c = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
-    r, c = r.flatten(), c.flatten()
-    kinds.append(torch.full((g * g,), BASE))
-    tiles.append(torch.zeros(g * g, dtype=torch.long))
-    rows.append(r)
-    cols.append(c)
-    boxes.append(
-        torch.stack(
-            [
-                (c * patch_size + off) * sx,
-                (r * patch_size + off) * sy,
-                ((c + 1) * patch_size + off) * sx,
-                ((r + 1) * patch_size + off) * sy,
-            ],
-            -1,
-        ).float()
-    )
+    base = _base_tile(h, w, g, tile_size, patch_size, resize_to)
+    kinds, tiles, rows, cols, boxes = ([part] for part in base)
 
     # High-res canvas: rows × cols of patches, unpadded like transformers' unpad_image.
     H, W = nth * g, ntw * g
@@ -197,6 +177,25 @@ def image_geometry(
     )
 
 
+
+
+def _base_tile(h: int, w: int, g: int, tile_size: int, patch_size: int, resize_to: int) -> tuple[torch.Tensor, ...]:
+    """(kind, tile, row, col, box) of the base tile's g² tokens: the whole image stretched to resize_to²,
+    centre-cropped to tile_size²."""
+    off = (resize_to - tile_size) / 2
+    sx, sy = w / resize_to, h / resize_to
+    r, c = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    r, c = r.flatten(), c.flatten()
+    box = torch.stack(
+        [
+            (c * patch_size + off) * sx,
+            (r * patch_size + off) * sy,
+            ((c + 1) * patch_size + off) * sx,
+            ((r + 1) * patch_size + off) * sy,
+        ],
+        -1,
+    ).float()
+    return torch.full((g * g,), BASE), torch.zeros(g * g, dtype=torch.long), r, c, box
 
 def tiny_processor(
     words: Iterable[str] = (),
