@@ -15,8 +15,8 @@ Quality numbers (held-out toy images, `QUESTION`, teacher-forced exact answers "
 Timings (only with --time, on an idle machine; ratios measured side by side, interleaved, median of --reps):
 * `pattern_overhead`: a forward reading every layer's full `pattern` over a plain forward (goal <= 1.5x), and one
   reading only the last position's row per layer;
-* `sweep_cost`: a knockout sweep (all windows of one pair in one stacked forward) over one plain forward of the
-  same batch, and over one forward per window (the unbatched way).
+* `sweep_cost`: a knockout sweep (a clean forward, then one forward per window of one pair) over one plain forward
+  of the same batch, and over the per-window forwards alone (`knockout` in a loop).
 
 Usage: python benchmarks/flow.py [--n 200] [--window 2] [--time --reps 5]; --tiny checks it runs (seconds).
 Last line: one JSON object.

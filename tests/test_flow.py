@@ -68,7 +68,7 @@ def test_sweep_over_every_layer_equals_a_hand_masked_forward(vlm, batch):
     torch.testing.assert_close(s.clean_prob, answer_prob(clean, batch), rtol=1e-4, atol=1e-6)
 
 
-def test_stacked_windows_equal_one_forward_per_window(vlm, batch):
+def test_sweep_windows_equal_knockout_in_those_layers(vlm, batch):
     s = knockout_sweep(vlm, batch, {"image -> last": ("image", last)}, window=2)
     assert s.windows == [(L, L + 1) for L in range(vlm.n_layers - 1)]
     from vlens.attention import knockout
