@@ -88,3 +88,41 @@ def test_lens_projects_attn_out_and_mlp_out_on_the_vocabulary(vlm, data):
         with torch.no_grad():  # HF's own final norm and unembedding
             ref = lm.lm_head(lm.model.language_model.norm(acts[s])).topk(3).indices
         assert torch.equal(lens.top_ids[i], ref)
+
+
+@pytest.mark.parametrize("site", ["mlp_out.1", "z.2"])
+def test_dashboard_of_an_in_layer_sae_reads_the_hf_module(vlm, data, site, tmp_path):
+    """A dashboard of an SAE at an in-layer site finds its site from the hook name, and its top images' peak
+    activations are the SAE's encoding of what HF's own module computes there (a torch forward hook)."""
+    import re
+
+    b = vlm.prepare(["<image>\nWhat is it?"] * len(data), [s.image for s in data])
+    x = read_layers(vlm, b, site, tokens="image", dtype=torch.float32)[site]
+    sae = vs.train(x, "topk", k=4, d_sae=16, steps=3, batch_size=16, progress=False,
+                   hook_name=vlm.hook_name(site), model_name=vlm.name)
+    vs.dashboard(sae, vlm, data, tmp_path, latents=[0, 1, 2, 3], top_k=4, progress=False)
+    kind, L = vlm.site(site).kind, vlm.site(site).index
+    layer = vlm.hf_model.model.language_model.layers[L]
+    caught = {}
+    if kind == "z":  # the o_proj input is the heads' outputs, concatenated
+        hook = layer.self_attn.o_proj.register_forward_hook(lambda m, i, o: caught.update(x=i[0]))
+    else:  # Gemma 3: what the MLP adds to the residual is its post-norm's output
+        hook = layer.post_feedforward_layernorm.register_forward_hook(lambda m, i, o: caught.update(x=o))
+    peaks = {}
+    try:
+        for s in data:
+            one = vlm.prepare(["<image>\nWhat is it?"], [s.image])
+            with torch.no_grad():
+                vlm.hf_model(**one.inputs)
+                f = sae.encode(caught["x"][0][one.layout.image[0]].float())
+            peaks[s.id] = f.max(0).values
+    finally:
+        hook.remove()
+    checked = 0
+    for i in range(4):
+        page = (tmp_path / f"latent_{i}.html").read_text() if (tmp_path / f"latent_{i}.html").exists() else ""
+        shown = [float(v) for v in re.findall(r"<figcaption>max ([0-9.e+-]+)", page)]
+        want = sorted((float(p[i]) for p in peaks.values() if p[i] > 0), reverse=True)
+        assert shown == pytest.approx(want[: len(shown)], rel=1e-2, abs=1e-3) and len(shown) == min(4, len(want))
+        checked += len(shown)
+    assert checked > 0
