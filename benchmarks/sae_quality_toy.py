@@ -81,7 +81,7 @@ def train_sae_lens(x, k, steps, batch, lr, seed=0, vlens_order=False):
     g = torch.Generator().manual_seed(seed)
     per_epoch = len(x) // batch
     if vlens_order:
-        from vlens.sae.data import as_source
+        from vlens.sae.sources import as_source
 
         src = as_source(x, None)
         batches = [x[src.indices(s, batch, seed, True)] for s in range(steps)]
@@ -117,6 +117,29 @@ def frontier(xtr, xte, ks, steps, batch, lr, variants) -> list[dict]:
             row["sae_lens_vlens_order"] = round(held_out_ev(sae, xte), 4)
         for name in (v for v in variants if not v.startswith("sae_lens")):
             row[name] = round(held_out_ev(train_vlens(xtr, k, steps, batch, lr, **VARIANTS[name]), xte), 4)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def frontier_over_seeds(xtr, xte, ks, steps, batch, lr, seeds: int) -> list[dict]:
+    """Held-out EV per k, mean and spread over `seeds` seeds (initialisation and batch order) for both libraries.
+
+    vlens's `"topk"` preset with `seed=s`, SAE-Lens's trainer with its own init and epoch order from seed s.
+    """
+    import statistics
+
+    rows = []
+    for k in ks:
+        ev = {"sae_lens": [], "vlens": []}
+        for s in range(seeds):
+            ev["sae_lens"].append(held_out_ev(train_sae_lens(xtr, k, steps, batch, lr, seed=s), xte))
+            ev["vlens"].append(held_out_ev(train_vlens(xtr, k, steps, batch, lr, seed=s), xte))
+        row = {"k": k, "seeds": seeds}
+        for name, v in ev.items():
+            row[f"{name}_mean"], row[f"{name}_sd"] = round(statistics.mean(v), 4), round(statistics.stdev(v), 4)
+            row[f"{name}_min"], row[f"{name}_max"] = round(min(v), 4), round(max(v), 4)
+        row["vlens_minus_sae_lens"] = round(row["vlens_mean"] - row["sae_lens_mean"], 4)
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
     return rows
@@ -187,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help=f"comma list of sae_lens, sae_lens_vlens_order and {sorted(VARIANTS)}")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=0,
+                    help="with N >= 2, the frontier is the mean and spread over N seeds of vlens and SAE-Lens")
     ap.add_argument("--figures", type=Path, default=None, help="write the plotly pages into this folder")
     ap.add_argument("--from-json", type=Path, default=None, help="draw --figures from a saved result, run nothing")
     a = ap.parse_args(argv)
@@ -203,7 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"benchmark": "sae_quality_toy", "train_tokens": len(xtr), "heldout_tokens": len(xte),
                     "layer": 3, "d_sae": 512, "batch_size": 1024 if not a.quick else 64, "quick": a.quick}
     batch = result["batch_size"]
-    if a.only in (None, "frontier"):
+    if a.only in (None, "frontier") and a.seeds >= 2:
+        result["frontier_over_seeds"] = frontier_over_seeds(xtr, xte, ks, steps, batch, 3e-4, a.seeds)
+        result["frontier_steps"], result["frontier_lr"] = steps, 3e-4
+    elif a.only in (None, "frontier"):
         result["frontier"] = frontier(xtr, xte, ks, steps, batch, 3e-4, a.variants.split(","))
         result["frontier_steps"], result["frontier_lr"] = steps, 3e-4
     if a.only in (None, "losses"):

@@ -264,3 +264,22 @@ def test_benchmark_quick_prints_json():
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert {"samples_per_s_ratio", "mcc_vlens", "mcc_sae_lens", "settings"} <= set(out)
     assert out["samples_per_s_ratio"] > 0 and 0 <= out["mcc_vlens"] <= 1
+
+
+def test_sae_lens_fed_vlens_batches_trains_vlens_topk_sae():
+    """The frontier benchmark's control: SAE-Lens's own `SAETrainer`, fed exactly the batches `vlens.sae.train`
+    draws, lands on the SAE the `"topk"` preset trains (same held-out EV), at the benchmark's quick sizes."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sae_quality_toy.py"
+    spec = importlib.util.spec_from_file_location("sae_quality_toy", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()  # the script sets its own
+    try:
+        out = bench.main(["--quick", "--only", "frontier", "--variants", "sae_lens_vlens_order,vlens_topk_preset"])
+    finally:
+        torch.set_num_threads(threads)
+    for row in out["frontier"]:
+        assert row["sae_lens_vlens_order"] == pytest.approx(row["vlens_topk_preset"], abs=2e-3)
