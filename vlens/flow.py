@@ -241,16 +241,19 @@ def patch_attention(vlm: "VLM", batch: Batch, layer: int, head: int | None = Non
     return out
 
 
+def _eps(norm: Any) -> float:
+    """An RMSNorm module's epsilon (HF names it `variance_epsilon` or `eps`)."""
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)))
+
+
 def _gain(norm: Any, d: int, like: Tensor) -> Tensor:
     """An RMSNorm's elementwise gain (norm(x) = gain * x / rms(x)), read off the module as norm(ones)·√(1+eps)."""
-    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)))
     with torch.no_grad():
-        return norm(torch.ones(d, dtype=like.dtype, device=like.device)).float().detach() * (1 + eps) ** 0.5
+        return norm(torch.ones(d, dtype=like.dtype, device=like.device)).float().detach() * (1 + _eps(norm)) ** 0.5
 
 
 def _rms(x: Tensor, norm: Any) -> Tensor:
-    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)))
-    return x.float().pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+    return x.float().pow(2).mean(-1, keepdim=True).add(_eps(norm)).sqrt()
 
 
 def head_attribution(vlm: "VLM", batch: Batch, ablate: bool = True) -> dict[str, Tensor]:
