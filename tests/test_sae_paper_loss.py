@@ -117,21 +117,29 @@ def test_gradients_equal_the_paper_loss_fused_and_autograd(bias):
     assert all(rel(s, w) < 1e-5 for s, w in zip(sae_lens_form[:2], want[:2]))
 
 
-def reference_trajectory(model: PaperSAE, batches, lr: float, total: int) -> list[float]:
-    """The paper's training loop (one schedule step per optimiser step); returns the mean decoder norm per step."""
+def paper_schedules(epochs: int) -> tuple[list[float], callable]:
+    """sae_trainer.py's λ list (`np.arange(0, λ, λ/(0.05·epochs))`, then λ, as float32) and its `LambdaLR` factor."""
+    lambdas = list(np.arange(0, LAMBDA, LAMBDA / (0.05 * epochs))) + [LAMBDA] * epochs
+    lambdas = list(np.array(lambdas).astype(np.float32))
+    return lambdas, lambda e: 1.0 if e < epochs * 0.8 else 1.0 - (e - epochs * 0.8) / (epochs * 0.2)
+
+
+def reference_trajectory(model: PaperSAE, batches, lr: float, total: int, per_chunk: int = 1) -> list[float]:
+    """The paper's training loop; returns the mean decoder norm per step. Its schedules step once per data chunk
+    ("epoch"): `per_chunk` optimiser steps here (1: once per optimiser step)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
-    lambdas = list(np.arange(0, LAMBDA, LAMBDA / (0.05 * total))) + [LAMBDA] * total
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda e: 1.0 if e < total * 0.8 else 1.0 - (e - total * 0.8) / (total * 0.2))
+    lambdas, factor = paper_schedules(-(-total // per_chunk))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     norms = []
     for step, x in enumerate(batches):
         out, f = model(x)
-        loss = paper_loss(out, x, f, model.fc2.weight.data, float(np.float32(lambdas[step])))
+        loss = paper_loss(out, x, f, model.fc2.weight.data, float(lambdas[step // per_chunk]))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1)
         opt.step()
-        sched.step()
+        if (step + 1) % per_chunk == 0:
+            sched.step()
         norms.append(float(model.fc2.weight.detach().norm(dim=0).mean()))
     return norms
 
@@ -163,6 +171,38 @@ def test_trajectory_follows_the_paper_loop(fused):
     assert rel(legacy.sae.W_dec.detach(), model.fc2.weight.detach().T) > 0.3
     theirs = float(legacy.sae.W_dec.detach().norm(dim=1).mean())
     assert ours > 0.1 > theirs, (ours, theirs)
+
+
+def test_chunk_schedules_are_the_papers_per_epoch_schedules():
+    """`steps_per_chunk=n`: λ and the lr of step s are the paper's values at epoch s // n (its real length:
+    1500 epochs; here 7 optimiser steps per epoch)."""
+    epochs, n = 1500, 7
+    lambdas, factor = paper_schedules(epochs)
+    cfg = vs.TrainConfig.preset("paper", d_in=D_IN, d_sae=D_SAE, total_steps=epochs * n, steps_per_chunk=n)
+    for step in range(0, epochs * n, 3):
+        assert cfg.coefficient_at(step) == pytest.approx(float(lambdas[step // n]), rel=1e-6, abs=1e-12), step
+        assert cfg.lr_at(step) == pytest.approx(5e-5 * factor(step // n), rel=1e-9, abs=1e-18), step
+    # the default unit (an optimiser step) is not the paper's: λ moves within the first epoch
+    per_step = cfg.replace(steps_per_chunk=0)
+    assert per_step.coefficient_at(n - 1) > 0 == cfg.coefficient_at(n - 1)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_chunk_trajectory_follows_the_paper_loop(fused):
+    """The paper's loop with its schedules stepped once per chunk of 2 optimiser steps (25 epochs)."""
+    total, lr, n = 50, 1e-3, 2
+    cfg = vs.TrainConfig.preset("paper", d_in=D_IN, d_sae=D_SAE, total_steps=total, batch_size=BATCH, lr=lr,
+                                fused=fused, steps_per_chunk=n)
+    xs = data(total * BATCH, seed=2).split(BATCH)
+    stepper = Stepper(cfg, log_every=1)
+    model = PaperSAE(stepper.sae)
+    lrs = [stepper.step(x)["lr"] for x in xs]
+    reference_trajectory(model, xs, lr, total, per_chunk=n)
+    _, factor = paper_schedules(total // n)
+    assert lrs == pytest.approx([lr * factor(s // n) for s in range(total)], rel=1e-9)
+    params = dict(stepper.sae.named_parameters())
+    for name, p in paper_vs_vlens(model).items():
+        assert rel(params[name].detach(), p.detach()) < 1e-5, (name, rel(params[name].detach(), p.detach()))
 
 
 def test_old_paper_checkpoint_resumes_with_its_own_loss(tmp_path):

@@ -16,13 +16,17 @@ steps (measured: 196 of 1000 lr values, up to 3.6e-15 relative; 13 of 1000 coeff
 values). Closed forms of the step number also make a resumed run bit-identical without
 saving scheduler state (`tests/test_sae.py::test_schedules_match_sae_lens_to_rounding`).
 
-Both schedules advance once per optimiser step. The paper's code advances them once per
-data chunk (an "epoch": 200 conversations harvested, shuffled into the buffer, then as
-many optimiser steps as half the buffer holds, a number that varies from chunk to chunk);
-vlens's data have no chunks, so its schedules are the same closed forms in the step
-number, which is what the chunk-wise steps approximate (the same shape: λ linear from 0
-over the first 5%, lr constant for 80% then linear to 0). The paper's λ warm-up starts at
-0 (`coefficient_warmup_from_zero`, the paper preset) where SAE-Lens's starts at λ/W.
+Both schedules advance once per optimiser step by default. The paper's code advances them
+once per data chunk (an "epoch": 200 conversations harvested, shuffled into the buffer, then
+as many optimiser steps as half the buffer holds, a number that varies from chunk to
+chunk); vlens's data have no chunks, so by default its schedules are the same closed forms
+in the step number, which is what the chunk-wise steps approximate (the same shape: λ
+linear from 0 over the first 5%, lr constant for 80% then linear to 0).
+`steps_per_chunk=n` gives the paper's unit: the closed forms are evaluated at the chunk
+number `step // n` over `ceil(total_steps / n)` chunks, so λ and the lr change once every
+n optimiser steps (a fixed n: the paper's varying count per chunk is not reproduced). The
+paper's λ warm-up starts at 0 (`coefficient_warmup_from_zero`, the paper preset) where
+SAE-Lens's starts at λ/W.
 """
 
 from __future__ import annotations
@@ -94,16 +98,35 @@ class TrainerConfig:
     seed: int = 0
     shuffle: bool = True
     fused: bool = True
+    #: The schedules' unit: 0 advances λ and the lr once per optimiser step; n >= 1 once per
+    #: chunk of n optimiser steps (the paper's code steps both once per data chunk).
+    steps_per_chunk: int = 0
+
+    def schedule_position(self, step: int) -> tuple[int, int]:
+        """(position, length) of optimiser step `step` in the schedules' unit: steps, or chunks of `steps_per_chunk`.
+
+        Example:
+            >>> TrainerConfig(total_steps=10).schedule_position(7), TrainerConfig(total_steps=10, steps_per_chunk=4).schedule_position(7)
+            ((7, 10), (1, 3))
+        """
+        n = self.steps_per_chunk
+        if n <= 0:
+            return step, self.total_steps
+        return step // n, -(-self.total_steps // n)
 
     def lr_at(self, step: int) -> float:
-        """Learning rate at `step`: linear warm-up, constant, then linear decay to 0 over the last `lr_decay_frac`."""
+        """Learning rate at `step`: linear warm-up, constant, then linear decay to 0 over the last `lr_decay_frac`.
+
+        With `steps_per_chunk` the warm-up and decay count chunks, not steps.
+        """
         lr = self.lr
-        if self.lr_warmup_steps and step < self.lr_warmup_steps:
-            lr *= (step + 1) / self.lr_warmup_steps
-        decay_steps = int(round(self.lr_decay_frac * self.total_steps))
-        start = self.total_steps - decay_steps
-        if decay_steps > 0 and step >= start:
-            lr *= (self.total_steps - step) / decay_steps
+        i, total = self.schedule_position(step)
+        if self.lr_warmup_steps and i < self.lr_warmup_steps:
+            lr *= (i + 1) / self.lr_warmup_steps
+        decay_steps = int(round(self.lr_decay_frac * total))
+        start = total - decay_steps
+        if decay_steps > 0 and i >= start:
+            lr *= (total - i) / decay_steps
         return lr
 
 
@@ -118,10 +141,15 @@ FIELDS = (
     # added in vlens 0.3 (issue 23): which loss trained the SAE. A checkpoint without them was
     # trained with `LEGACY_LOSS` (`vlens.sae.training.resume` resumes it with that loss).
     "detach_decoder_norm", "coefficient_warmup_from_zero",
+    # added with the reproduction options (issue 23); absent in older checkpoints: the default
+    "steps_per_chunk",
 )
 #: The loss fields' values of checkpoints written before they existed (SAE-Lens's penalty
 #: gradient through the decoder norms, λ warmed up from λ/W).
 LEGACY_LOSS = {"detach_decoder_norm": False, "coefficient_warmup_from_zero": False}
+#: Reproduction options added later, with the values every run before them used: a saved
+#: config without them means these (a checkpoint resumes, `from_dict` reads it).
+ADDED_LATER = {"steps_per_chunk": 0}
 if set(FIELDS) != set(_ARCH_FIELDS) | set(_TRAINER_FIELDS):  # pragma: no cover - a field added to one list only
     raise RuntimeError("vlens bug: FIELDS and the two config dataclasses disagree")
 
@@ -196,7 +224,7 @@ class TrainConfig:
         """Inverse of `to_dict` (unknown keys refused; a dict without the loss fields, written
         before they existed, gets `LEGACY_LOSS`, the loss it was trained with)."""
         _check_names(flat)
-        flat = {**{k: v for k, v in LEGACY_LOSS.items() if k not in flat}, **flat}
+        flat = {**ADDED_LATER, **{k: v for k, v in LEGACY_LOSS.items() if k not in flat}, **flat}
         return TrainConfig(sae=ArchitectureConfig(**{k: v for k, v in flat.items() if k in _ARCH_FIELDS}),
                            trainer=TrainerConfig(**{k: v for k, v in flat.items() if k in _TRAINER_FIELDS}))
 
@@ -234,10 +262,11 @@ class TrainConfig:
         """
         t = self.trainer
         final = t.l0_coefficient if self.sae.architecture == "jumprelu" else t.l1_coefficient
+        step, total = t.schedule_position(step)  # with steps_per_chunk: the chunk number and count
         if t.coefficient_warmup_from_zero:
-            warm_steps = t.coefficient_warmup_frac * t.total_steps
+            warm_steps = t.coefficient_warmup_frac * total
             return final * min(step / warm_steps, 1.0) if warm_steps > 0 else final
-        warm = int(round(t.coefficient_warmup_frac * t.total_steps))
+        warm = int(round(t.coefficient_warmup_frac * total))
         if warm > 0 and step < warm:
             return final * (step + 1) / warm
         return final
@@ -275,6 +304,7 @@ class TrainConfig:
             ("l1_coefficient", real(t.l1_coefficient, 0.0), ">= 0"),
             ("l0_coefficient", real(t.l0_coefficient, 0.0), ">= 0"),
             ("n_norm_batches", count(t.n_norm_batches, 1), ">= 1"),
+            ("steps_per_chunk", count(t.steps_per_chunk, 0), ">= 0 (0: the schedules advance every optimiser step)"),
             ("dead_window_tokens", count(t.dead_window_tokens, 1), ">= 1"),
             ("decoder_init_norm", real(a.decoder_init_norm, 0.0, open_low=True), "> 0"),
         ]

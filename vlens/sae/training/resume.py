@@ -38,7 +38,7 @@ from sae_lens.saes.sae import TrainingSAE
 
 from ..._durable import file_crc32, fsync_dir, fsync_file, json_checksum
 from ...errors import InputError
-from .config import LEGACY_LOSS, TrainConfig
+from .config import ADDED_LATER, LEGACY_LOSS, TrainConfig
 
 PREFIX = "step_"
 _STEP = re.compile(r"^step_\d{9}$")
@@ -216,7 +216,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig, sae: TrainingSAE, opt: torch.o
     if problem is not None:
         raise _Damaged(f"checkpoint {path} is damaged: {problem}")
     meta = json.loads((path / "trainer.json").read_text())
-    saved = _adopt_legacy_loss(path, meta["config"], cfg, sae)
+    saved = _adopt_legacy_loss(path, {**ADDED_LATER, **meta["config"]}, cfg, sae)
     diffs = config_difference(saved, cfg.to_dict())
     if diffs:
         raise InputError(
