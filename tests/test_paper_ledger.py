@@ -96,3 +96,54 @@ def test_steering_edit_is_the_papers_fp16_round_trip(tmp_path):
         h1 = vlm.resid_pre(2).save()
     assert h1.dtype == torch.float16
     assert torch.equal(h1, (h0.float() + k * vec).half())
+
+
+def paper_caption_nll(vlm, inputs: dict, caption: str, edit=None, layer: int = 0) -> float:
+    """eval_damage.py `compute_loss`: `logits[0][-(len(inp2)+1):-1]` against `inp2 = processor(caption).input_ids`
+    (BOS first), `F.nll_loss(log_softmax, ·, reduction='mean')`; `edit(h)` edits the output of layers[layer-1]."""
+    module = vlm._module
+    handle = None
+    if edit is not None:
+        def hook(mod, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            h.copy_(edit(h))
+            return output
+        handle = module.model.language_model.layers[layer - 1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = module(**inputs).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    targets = vlm.processor.tokenizer(caption, return_tensors="pt")["input_ids"][0]
+    sl = logits[0][-(len(targets) + 1):-1]
+    return float(torch.nn.functional.nll_loss(torch.log_softmax(sl.float(), 1), targets, reduction="mean"))
+
+
+def test_damage_scores_the_papers_bos_target_per_sample(vlm):
+    """eval_damage.py: per sample, mean NLL over BOS + the caption tokens, steered − clean; then the mean over samples.
+    Reachable as `damage(..., bos_target=True, average="sample")`."""
+    ims = images(3)
+    caps = ["a red square", "a blue circle on the left", "green"]
+    data = [Sample(im, caption=c) for im, c in zip(ims, caps)]
+    layer, k = 3, 4.0
+    vec = torch.randn(vlm.d_model, generator=torch.Generator().manual_seed(5))
+    want = []
+    for im, cap in zip(ims, caps):
+        batch = vlm.prepare([vlens.prompts.CAPTION_PROMPT], [im], answers=[cap])
+        inputs, image = dict(batch.inputs), batch.layout.image[0]
+        ids = vlm.processor.tokenizer(cap, add_special_tokens=False)["input_ids"]
+        assert batch.layout.input_ids[0, -len(ids):].tolist() == ids  # the caption closes the sequence, as in the paper
+
+        def steer(h, image=image):
+            out = h.float()
+            out[0, image] += k * vec
+            return out.to(h.dtype)
+
+        want.append(paper_caption_nll(vlm, inputs, cap, steer, layer) - paper_caption_nll(vlm, inputs, cap))
+    ours = vlens.steering.damage(vlm, data, vec, layer, k, bos_target=True, average="sample", batch_size=2)
+    assert ours == pytest.approx(sum(want) / len(want), rel=1e-4, abs=1e-5)
+    # each option matters: vlens's default (caption tokens only, pooled over tokens) and either option alone differ
+    for kw in ({}, {"bos_target": True}, {"average": "sample"}):
+        other = vlens.steering.damage(vlm, data, vec, layer, k, batch_size=2, **kw)
+        assert abs(other - ours) > 1e-2, (kw, other, ours)

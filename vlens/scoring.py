@@ -23,12 +23,15 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from .errors import InputError
+
 if TYPE_CHECKING:
     from .model import VLM
     from .tokens import Batch
 
 __all__ = [
     "token_logprobs", "answer_logprob", "answer_ce", "answer_correct", "answer_loss", "score_answers", "single_token_names",
+    "lead_logprob",
 ]
 
 
@@ -62,6 +65,28 @@ def answer_logprob(
     m = answer[:, 1:].to(logits.device)
     lp = token_logprobs(logits, input_ids)
     return (lp * m).sum(1), m.sum(1)
+
+
+def lead_logprob(
+    logits: Float[Tensor, "batch seq vocab"], answer: Bool[Tensor, "batch seq"], token: int
+) -> Float[Tensor, " batch"]:
+    """Per row: log p(`token`) read from the logits two positions before the answer's first token.
+
+    The paper's damage and loss recovered score `processor(caption).input_ids`, which start
+    with BOS, against the last len + 1 logits: one extra target, BOS, read from the logits
+    of the position before the last prompt token. This is that extra term.
+
+    Example:
+        >>> logits = torch.zeros(1, 4, 5); logits[0, 1, 0] = 10.0   # position 1 "predicts" token 0
+        >>> round(float(lead_logprob(logits, torch.tensor([[False, False, False, True]]), 0).exp()), 4)
+        0.9998
+    """
+    first = answer.to(torch.int8).argmax(1).to(logits.device)  # the first answer position of each row
+    if bool((first < 2).any()):
+        raise InputError("the extra (BOS) target is read two positions before the answer: give every row a prompt "
+                         "of at least two tokens")
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return torch.log_softmax(logits[rows, first - 2].float(), -1)[:, token]
 
 
 def answer_ce(
@@ -109,12 +134,13 @@ def answer_correct(
 
 
 def score_answers(
-    vlm: "VLM", batch: "Batch", edit: Callable[[], None] | None = None
+    vlm: "VLM", batch: "Batch", edit: Callable[[], None] | None = None, *, lead_target: int | None = None
 ) -> tuple[Float[Tensor, " batch"], Int[Tensor, " batch"]]:
     """Run `batch` (prompt + answers) once and return `answer_logprob` per row, with `edit()` applied in the trace.
 
     `edit` is any nnsight code for the same trace, e.g.
-    `lambda: vlens.interventions.add(vlm, 8, v, k=4.0, batch=batch)`.
+    `lambda: vlens.interventions.add(vlm, 8, v, k=4.0, batch=batch)`. `lead_target` (a token
+    id, e.g. BOS) adds one more scored target per row (`lead_logprob`: the paper's BOS target).
 
     Example:
         >>> import vlens; from PIL import Image
@@ -131,6 +157,8 @@ def score_answers(
             edit()
         logits = vlm.read("logits")
         total, count = answer_logprob(logits, ids, answer)
+        if lead_target is not None:
+            total, count = total + lead_logprob(logits, answer, lead_target), count + 1
         total, count = total.cpu().save(), count.cpu().save()
     return total, count
 

@@ -129,8 +129,15 @@ def caption_nll(
     prompt: str = CAPTION_PROMPT,
     tokens: Any = "image",
     batch_size: int = 16,
+    bos_target: bool = False,
+    average: str = "token",
 ) -> float:
     """Mean per-token NLL of the captions of `data` (teacher-forced after `prompt`), optionally steered.
+
+    `average="token"` pools every caption token of `data`; `"sample"` averages each
+    caption's mean NLL (the paper's `F.nll_loss(..., reduction="mean")` per sample, then
+    the mean). `bos_target=True` also scores BOS as the paper's code does (its targets are
+    `processor(caption).input_ids`, BOS first; `vlens.scoring.lead_logprob`).
 
     Example:
         >>> import vlens; from PIL import Image
@@ -139,18 +146,32 @@ def caption_nll(
         >>> caption_nll(vlm, [Sample(Image.new("RGB", (32, 32)), caption="a red square")]) > 0
         True
     """
+    if average not in ("token", "sample"):
+        raise InputError(f"average must be 'token' (pool every caption token) or 'sample' (the paper's mean of "
+                         f"per-caption means), not {average!r}")
     images, captions = _caption_items(data)
     if vector is not None:
         vector = check_vector(vector, vlm.d_model)
-    tot, cnt = 0.0, 0
+    lead = _bos_id(vlm) if bos_target else None
+    totals, counts = [], []
     for i in range(0, len(images), batch_size):
         batch = vlm.prepare([prompt] * len(images[i : i + batch_size]), images[i : i + batch_size],
                             answers=captions[i : i + batch_size])
         edit = (lambda: add(vlm, layer, vector, k, batch=batch, tokens=tokens)) if vector is not None and k else None
-        s, n = score_answers(vlm, batch, edit)
-        tot -= float(s.sum())
-        cnt += int(n.sum())
-    return tot / max(cnt, 1)
+        s, n = score_answers(vlm, batch, edit, lead_target=lead)
+        totals.append(-s)
+        counts.append(n)
+    if average == "sample":
+        return float(torch.cat([t.double() / n.clamp(min=1) for t, n in zip(totals, counts)]).mean())
+    return sum(float(t.sum()) for t in totals) / max(sum(int(n.sum()) for n in counts), 1)
+
+
+def _bos_id(vlm: VLM) -> int:
+    bos = getattr(vlm.tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise InputError("bos_target=True scores the tokenizer's BOS token, but this tokenizer has none: "
+                         "leave bos_target=False")
+    return int(bos)
 
 
 def damage(
@@ -165,7 +186,9 @@ def damage(
 ) -> float:
     """The paper's damage: steered minus clean mean caption NLL on held-out captioned data (nats/token).
 
-    Pass `clean=` (from `caption_nll(vlm, data)`) to reuse the clean NLL.
+    Pass `clean=` (from `caption_nll(vlm, data)` with the same options) to reuse the clean NLL.
+    `bos_target=True, average="sample"` (passed on to `caption_nll`) score as the paper's code
+    does: BOS as one more target, the mean of per-caption means.
 
     Example:
         >>> import vlens, torch; from PIL import Image
