@@ -540,6 +540,8 @@ def _explore_command() -> Callable:
         n_train: int = typer.Option(_default(explore, "n_train"), help="toy images for class means and probes"),
         n_pool: int = typer.Option(_default(explore, "n_pool"), help="toy images to pick from and browse latents on"),
         open_browser: bool = typer.Option(False, "--open", help="open the page in the default browser"),
+        graph: Optional[list[Path]] = typer.Option(None, help="an attribution-graph JSON for the graph panel "
+                                                   "(repeat for several)"),
         **options: Any,
     ) -> None:
         """Serve a local page to steer the model and look at its image tokens; prints its URL, Ctrl-C stops it.
@@ -553,10 +555,13 @@ def _explore_command() -> Callable:
         m = ModelChoice.pop(options)
         if sae is not None and not sae.exists():
             raise InputError(f"no SAE at {sae}: pass a directory written by vlens.sae.export (or vlens train-sae)")
+        for g in graph or ():
+            if not g.is_file():
+                raise InputError(f"no graph file {g}: pass a graph JSON (circuit-tracer's create_graph_files format)")
         plain = not (m.sizes or m.weights or m.device or m.dtype or m.seed)  # the explorer builds it (its snippets)
         model = m.model if plain else m.load(words=all_words())
         explore(model, sae=None if sae is None else str(sae), host=host, port=port, open_browser=open_browser,
-                n_train=n_train, n_pool=n_pool)
+                n_train=n_train, n_pool=n_pool, graphs=[str(g) for g in graph or ()])
 
     return run_explore
 

@@ -350,7 +350,7 @@ def example_graph() -> dict:
         >>> [n["node_id"] for n in example_graph()["nodes"]]
         ['patch-0', 'patch-1', 'tok', 'feat', 'logit']
     """
-    picture = Image.new("RGB", (8, 8), (40, 120, 200))
+    picture = Image.new("RGB", (8, 8), (110, 110, 110))
 
     def emb(node_id: str, ctx: int, patch: dict | None = None) -> dict:
         node = {"node_id": node_id, "feature": ctx, "layer": "E", "ctx_idx": ctx, "feature_type": "embedding",

@@ -9,6 +9,7 @@ reproduces it with the library. Needs the `explore` extra: `pip install 'vlens[e
 |------------|------------------------------------------------------------------------------------|
 | `session`  | `Session` (model, images, cached class features; one method per view), `Settings` |
 | `snippet`  | the settings as Python that reproduces the view                                    |
+| `graphs`   | `GraphShelf`: the attribution graphs of the graph panel, and transcoders by layer  |
 | `app`      | the FastAPI app (imported only when a server starts)                               |
 
     >>> import vlens
@@ -121,6 +122,8 @@ def explore(
     n_train: int = 240,
     n_pool: int = 40,
     warm: bool = True,
+    graphs: Sequence | None = None,
+    transcoders: dict | None = None,
 ) -> Explorer:
     """Serve the explorer page for `vlm` (default: the toy model; a string goes to `load_model`; a `Session` is
     served as it is, with its cached features) and return it.
@@ -132,7 +135,9 @@ def explore(
     class features when asked). `data` is the labelled data for class means (default `n_train` toy images),
     `pool` the images to pick from (default `n_pool` held-out toy images). `warm` reads the class features in
     the background right away. The server listens on `host`: keep the default (this machine only) unless you
-    mean to share a page that has no login.
+    mean to share a page that has no login. `graphs` (attribution-graph JSON paths or dicts, circuit-tracer's
+    format) open in the graph panel, and `transcoders` ({layer: transcoder}) give their features' dashboards;
+    `explorer.session.graphs.add(graph)` adds a graph to a running page (reload it).
 
     Example:
         >>> import vlens, urllib.request
@@ -149,8 +154,9 @@ def explore(
     if not isinstance(port, int) or not 0 <= port < 65536:
         raise InputError(f"port must be 0 (any free port) or 1..65535, not {port!r}")
     if isinstance(vlm, Session):
-        if any(x is not None for x in (sae, probes, data, pool)):
-            raise InputError("a Session already holds its SAE, probes and data: pass them to Session(...) instead")
+        if any(x is not None for x in (sae, probes, data, pool, graphs, transcoders)):
+            raise InputError("a Session already holds its SAE, probes, data and graphs: pass them to Session(...) "
+                             "instead (or session.graphs.add(graph))")
         session = vlm
     else:
         model = load_model(vlm if isinstance(vlm, str) else "toy") if vlm is None or isinstance(vlm, str) else vlm
@@ -162,7 +168,7 @@ def explore(
 
             sae_path, sae = str(sae), load_sae(sae)
         session = Session(model, sae=sae, probes=probes, data=data, pool=pool, n_train=n_train, n_pool=n_pool,
-                          model=spec, sae_path=sae_path)
+                          model=spec, sae_path=sae_path, graphs=graphs, transcoders=transcoders)
     session.closing = False
     app = create_app(session)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -4,7 +4,10 @@ Routes: `GET /` (the page, `vlens/templates/explore.html.j2`), `GET /static/plot
 from the installed plotly package: nothing is fetched from the network), `GET /api/info`,
 `POST /api/image` and `/api/vector` (uploads), `POST /api/geometry`, `/api/steer`, `/api/look`,
 `/api/latent` (model work: each starts a job and returns `{"job": id}`; with `?wait=1` it answers
-with the result), `GET /api/job/{id}` (state, current stage, result or error), `POST /api/snippet`,
+with the result; `/api/latent` with a `layer` shows that layer's transcoder feature), `GET /api/job/{id}`
+(state, current stage, result or error), `POST /api/graph` (upload an attribution-graph JSON),
+`GET /api/graph/{id}` (what the graph panel draws) and `/api/graph/{id}/page.html` (the graph as one
+stand-alone page), `POST /api/snippet`,
 `GET /api/export/{id}.html` (a job's figure as a stand-alone page), `GET /latents/...` (the SAE latent
 browser pages). Model work runs on one worker thread, so the page never freezes; a `VlensError` is
 answered `400 {"error": message}` and the server keeps running.
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import InputError, NotFoundError, VlensError
+from ..graph_view import viewer_script
 from ..viz import render
 from .session import TOKEN_CHOICES, VECTOR_KINDS, VIEWS, Session, Settings
 from .snippet import session_snippet
@@ -198,7 +202,8 @@ def _page_routes(app: Any, session: Session) -> None:
     def page() -> str:
         info = session.info()
         return render("explore.html.j2", title=f"vlens explore — {info['model']}", info=info,
-                      info_json=json.dumps(info).replace("</", "<\\/"), vector_kinds=VECTOR_KINDS, token_choices=TOKEN_CHOICES, views=VIEWS)
+                      info_json=json.dumps(info).replace("</", "<\\/"), vector_kinds=VECTOR_KINDS,
+                      token_choices=TOKEN_CHOICES, views=VIEWS, graph_script=viewer_script())
 
     @app.get("/static/plotly.min.js")
     def plotly() -> Any:
@@ -222,6 +227,18 @@ def _page_routes(app: Any, session: Session) -> None:
     @app.post("/api/vector")
     async def upload_vector(file: UploadFile = File(...)) -> dict:
         return session.add_vector(await file.read(), file.filename or "vector.pt")
+
+    @app.post("/api/graph")
+    async def upload_graph(file: UploadFile = File(...)) -> dict:
+        return session.graphs.add(await file.read(), file.filename or "graph.json")
+
+    @app.get("/api/graph/{gid}")
+    def graph_view(gid: str) -> dict:
+        return session.graphs.view(gid)
+
+    @app.get("/api/graph/{gid}/page.html", response_class=HTMLResponse)
+    def graph_page(gid: str) -> str:
+        return session.graphs.page(gid)
 
 
 async def _body(request: Any) -> dict:
@@ -273,14 +290,19 @@ def _view_routes(app: Any, session: Session, jobs: Jobs, latents_dir: Path) -> N
         body = await _body(request)
         try:
             n = int(body.get("latent", -1))
+            layer = None if body.get("layer") is None else int(body["layer"])
         except (TypeError, ValueError):
-            raise InputError(f"latent must be an integer, not {body.get('latent')!r}") from None
+            raise InputError(f"latent and layer must be integers, not {body.get('latent')!r}, "
+                             f"{body.get('layer')!r}") from None
+        if layer is not None:
+            session.graphs.transcoder(layer)  # a layer without a transcoder is refused at once
+        folder = f"latent-{n}" if layer is None else f"layer-{layer}-latent-{n}"
 
         def run() -> dict:
-            out = latents_dir / f"latent-{n}"
+            out = latents_dir / folder
             if not (out / f"latent_{n}.html").exists():
-                session.latent_page(n, out)
-            return {"url": f"/latents/latent-{n}/latent_{n}.html", "latent": n}
+                session.latent_page(n, out, layer=layer)
+            return {"url": f"/latents/{folder}/latent_{n}.html", "latent": n, "layer": layer}
 
         return _start("latent", run, wait)
 

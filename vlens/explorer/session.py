@@ -135,13 +135,18 @@ class Session:
     `data` is a labelled data set of `Sample`s for class means and probes (default: `n_train` toy training
     images); `pool` the images to pick from and to browse SAE latents on (default: `n_pool` held-out toy
     images). `probes` maps a site (or an int layer) to a fitted probe; without one for a site, a probe is
-    fit on the cached features when asked. Model work takes `lock`; `stage` says what runs now.
+    fit on the cached features when asked. `graphs` are attribution-graph JSONs (paths or dicts) for the graph
+    panel, held in `self.graphs` (`vlens.explorer.graphs.GraphShelf`: `session.graphs.add(graph)` adds one
+    later); `transcoders` maps a layer to its transcoder, for its features' dashboards. Model work takes
+    `lock`; `stage` says what runs now.
     """
 
     def __init__(self, vlm: VLM, *, sae: Any = None, probes: dict | None = None, data: Sequence | None = None,
                  pool: Sequence | None = None, n_train: int = 240, n_pool: int = 40, model: str | None = None,
-                 sae_path: str | None = None) -> None:
+                 sae_path: str | None = None, graphs: Sequence | None = None, transcoders: dict | None = None
+                 ) -> None:
         from ..toy.data import toy_dataset
+        from .graphs import GraphShelf
 
         self.vlm, self.sae, self.model, self.sae_path = vlm, sae, model, sae_path
         self.toy_data, self.toy_pool = data is None, pool is None
@@ -160,6 +165,9 @@ class Session:
         self.lock = threading.RLock()
         self.stage = "idle"
         self.closing = False  # set when the server stops: long loops end early
+        self.graphs = GraphShelf(transcoders)
+        for g in graphs or ():
+            self.graphs.add(g)
         self.sae_site = None
         if sae is not None:
             from ..sae.io import site_of
@@ -190,7 +198,8 @@ class Session:
             sae = {"site": self.sae_site, "d_sae": int(self.sae.cfg.d_sae), "latents": choose_latents(self.sae, 32)}
         return {"model": self.vlm.name, "n_layers": self.vlm.n_layers, "d_model": self.vlm.d_model,
                 "family": self.vlm.family.name, "sites": self.sites, "classes": self.class_names,
-                "images": thumbs, "sae": sae, "probes": sorted(self.probes), "n_train": self.n_train}
+                "images": thumbs, "sae": sae, "probes": sorted(self.probes), "n_train": self.n_train,
+                "graphs": self.graphs.entries(), "transcoder_layers": sorted(self.graphs.transcoders)}
 
     # -- inputs ----------------------------------------------------------------------------------
 
@@ -416,16 +425,18 @@ class Session:
                                 "highres" if g.count("highres") else "base")
         return heatmap_overlay(image, boxes, v, size=320)
 
-    def latent_page(self, latent: int, out: Any) -> Any:
-        """Write the SAE latent browser page of `latent` (`vlens.sae.dashboard` over the pool) into `out`."""
+    def latent_page(self, latent: int, out: Any, layer: int | None = None) -> Any:
+        """Write the latent browser page of `latent` (`vlens.sae.dashboard` over the pool) into `out`: of the SAE,
+        or, with `layer`, of that layer's transcoder (a graph's feature)."""
         from ..sae.dashboards import dashboard
 
-        if self.sae is None:
+        sae = self.sae if layer is None else self.graphs.transcoder(layer)
+        if sae is None:
             raise InputError("no SAE was given: start with vlens explore --sae DIR (or explore(vlm, sae=...))")
-        if not 0 <= latent < self.sae.cfg.d_sae:
-            raise InputError(f"latent {latent} is out of range 0..{self.sae.cfg.d_sae - 1}")
+        if not 0 <= latent < sae.cfg.d_sae:
+            raise InputError(f"latent {latent} is out of range 0..{sae.cfg.d_sae - 1}")
         with self.lock:
             self.stage = f"latent {latent}: top images over {len(self.pool)} pool images"
-            dashboard(self.sae, self.vlm, self.pool, out, latents=[latent], progress=False)
+            dashboard(sae, self.vlm, self.pool, out, latents=[latent], progress=False)
             self.stage = "idle"
         return out
