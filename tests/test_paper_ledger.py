@@ -147,3 +147,38 @@ def test_damage_scores_the_papers_bos_target_per_sample(vlm):
     for kw in ({}, {"bos_target": True}, {"average": "sample"}):
         other = vlens.steering.damage(vlm, data, vec, layer, k, batch_size=2, **kw)
         assert abs(other - ours) > 1e-2, (kw, other, ours)
+
+
+def test_loss_recovered_every_position_per_sample_with_bos(vlm):
+    """eval_sae_damage.py: the output of layers[L-1] replaced by `sae(h*8)/8` at every position (the released fc1/fc2
+    checkpoint), or zeroed at every position; CE as in damage (BOS target, mean per sample); then
+    `1 - (CE_sae - CE_clean)/(CE_zero - CE_clean)` per sample, averaged. Reachable as
+    `loss_recovered(..., positions="all", average="sample", bos_target=True)` on the converted checkpoint."""
+    g = torch.Generator().manual_seed(7)
+    d, m, layer = vlm.d_model, 4 * vlm.d_model, 3
+    sd = {"module.fc1.weight": torch.randn(m, d, generator=g) * 0.05, "module.fc1.bias": torch.randn(m, generator=g) * 0.01,
+          "module.fc2.weight": torch.randn(d, m, generator=g) * 0.05, "module.fc2.bias": torch.zeros(d)}
+    sae = vlens.sae.convert_paper_checkpoint(sd, hook_name=f"blocks.{layer}.hook_resid_pre")
+
+    def paper_sae(h):  # fc2(relu(fc1(h*8)))/8, in float, back to the model's dtype
+        x = h.float() * 8
+        f = torch.relu(x @ sd["module.fc1.weight"].T + sd["module.fc1.bias"])
+        return ((f @ sd["module.fc2.weight"].T + sd["module.fc2.bias"]) / 8).to(h.dtype)
+
+    ims = images(3)
+    caps = ["a red square", "a blue circle on the left", "green"]
+    want = []
+    for im, cap in zip(ims, caps):
+        inputs = dict(vlm.prepare([vlens.prompts.QUESTION], [im], answers=[cap]).inputs)
+        clean = paper_caption_nll(vlm, inputs, cap)
+        spliced = paper_caption_nll(vlm, inputs, cap, paper_sae, layer)
+        zero = paper_caption_nll(vlm, inputs, cap, lambda h: h * 0.0, layer)
+        want.append(1 - (spliced - clean) / (zero - clean))
+    data = [Sample(im, caption=c) for im, c in zip(ims, caps)]
+    r = vlens.sae.loss_recovered(vlm, sae, None, data, positions="all", average="sample", bos_target=True,
+                                 batch_size=2, progress=False)
+    assert list(r) == ["all"]
+    assert r["all"]["loss_recovered"] == pytest.approx(sum(want) / len(want), rel=1e-4, abs=1e-5)
+    # vlens's default (image + caption tokens, pooled CEs, no BOS target) is another number
+    default = vlens.sae.loss_recovered(vlm, sae, None, data, batch_size=2, progress=False)["overall"]
+    assert abs(default["loss_recovered"] - r["all"]["loss_recovered"]) > 1e-3

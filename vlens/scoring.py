@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "token_logprobs", "answer_logprob", "answer_ce", "answer_correct", "answer_loss", "score_answers", "single_token_names",
-    "lead_logprob",
+    "lead_logprob", "bos_id",
 ]
 
 
@@ -87,6 +87,21 @@ def lead_logprob(
                          "of at least two tokens")
     rows = torch.arange(logits.shape[0], device=logits.device)
     return torch.log_softmax(logits[rows, first - 2].float(), -1)[:, token]
+
+
+def bos_id(tokenizer: Any) -> int:
+    """The tokenizer's BOS id, the paper's extra target (`lead_logprob`); an error naming the fix when it has none.
+
+    Example:
+        >>> from vlens.families.wordlevel import word_tokenizer
+        >>> bos_id(word_tokenizer(["red"])) >= 0
+        True
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise InputError("bos_target=True scores the tokenizer's BOS token, but this tokenizer has none: "
+                         "leave bos_target=False")
+    return int(bos)
 
 
 def answer_ce(

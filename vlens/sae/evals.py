@@ -44,7 +44,7 @@ from ..errors import InputError, NonFiniteActivations
 from ..interventions import ablate, splice_sae
 from ..prompts import QUESTION
 from ..roles import IMAGE, TEXT
-from ..scoring import score_answers
+from ..scoring import bos_id, score_answers
 from ..sites import SiteLike
 from .sources import as_source
 from .io import site_of
@@ -175,6 +175,10 @@ def _check_finite(t: Tensor, start: int, what: str, fix: str) -> None:
         raise NonFiniteActivations(f"{what} (row(s) {rows} of the data): {fix}")
 
 
+#: The token groups of `loss_recovered`, by `positions`: where the SAE is spliced (and the residual zeroed).
+POSITION_GROUPS = {"modality": ("overall", "image", "text"), "all": ("all",)}
+
+
 @torch.no_grad()
 def loss_recovered(
     vlm: VLM,
@@ -185,6 +189,9 @@ def loss_recovered(
     prompt: str = QUESTION,
     batch_size: int = 8,
     progress: bool = True,
+    positions: str = "modality",
+    average: str = "token",
+    bos_target: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Loss recovered with `sae` spliced into its own site, by token group.
 
@@ -192,6 +199,13 @@ def loss_recovered(
     site name works) is needed only when the SAE names none, and must agree when it does.
     `samples` are `vlens.data.Sample`s with `image` and `caption` (the caption is the answer whose
     cross-entropy is measured).
+
+    `positions="modality"` (default) gives the groups "overall" (image + caption tokens),
+    "image" and "text"; `positions="all"` one group, "all", spliced and zeroed at every
+    position (the paper's `eval_sae_damage.py`). `average="token"` pools the CEs over every
+    caption token, then takes the ratio; `"sample"` takes the ratio per sample, then the mean
+    (the paper's). `bos_target=True` scores BOS as one more target, as the paper's targets
+    `processor(caption).input_ids` do (`vlens.scoring.lead_logprob`).
 
     Example:
         >>> import torch, vlens, vlens.sae as vs
@@ -203,49 +217,71 @@ def loss_recovered(
         >>> sorted(r["overall"])[:5], r["overall"]["ce_loss_score"] == r["overall"]["loss_recovered"]
         (['ce_clean', 'ce_loss_score', 'ce_loss_with_ablation', 'ce_loss_with_sae', 'ce_loss_without_sae'], True)
     """
-    if sae.cfg.d_in != vlm.d_model:
-        raise InputError(f"SAE d_in {sae.cfg.d_in} != model d_model {vlm.d_model}: this SAE belongs to another model")
-    missing = [i for i, s in enumerate(samples) if getattr(s, "caption", None) is None or getattr(s, "image", None) is None]
-    if missing:
-        raise InputError(f"samples {missing[:5]} lack an image or a caption; loss recovered needs both")
+    _check_recovery_args(vlm, sae, samples, positions, average)
     site = site_of(sae, vlm, layer)
     sae = sae.to(vlm.device)
-    groups = ("overall", "image", "text")
-    sums = {g: {k: [0.0, 0] for k in ("clean", "spliced", "zero")} for g in groups}  # [Σ CE, answer tokens]
+    lead = bos_id(vlm.tokenizer) if bos_target else None
+    runs: dict[str, dict[str, list]] = {g: {k: [] for k in ("clean", "spliced", "zero")}
+                                        for g in POSITION_GROUPS[positions]}
 
-    def ce(batch: Any, edit: Any = None) -> tuple[float, int]:
-        """Σ CE over the answer tokens and their count, with `edit()` applied in the trace."""
-        logprob, count = score_answers(vlm, batch, edit)
-        return -float(logprob.sum()), int(count.sum())
+    def ce(batch: Any, edit: Any = None) -> tuple[Tensor, Tensor]:
+        """Per row: Σ CE over the scored targets and their count, with `edit()` applied in the trace."""
+        logprob, count = score_answers(vlm, batch, edit, lead_target=lead)
+        return -logprob, count
 
     chunks = range(0, len(samples), batch_size)
     for s in tqdm(chunks, desc="loss recovered", disable=(not progress) or None):
         part = samples[s : s + batch_size]
         batch = vlm.prepare([prompt] * len(part), [x.image for x in part], answers=[x.caption for x in part])
-        lay = batch.layout
-        masks = {"overall": lay.image | lay.answer, "image": lay.image, "text": lay.answer}
         clean = ce(batch)
-        for g in groups:
-            mask = masks[g]
-            runs = {"clean": clean,
-                    "spliced": ce(batch, lambda: splice_sae(vlm, site, sae, batch=batch, tokens=mask)),
-                    "zero": ce(batch, lambda: ablate(vlm, site, batch=batch, tokens=mask))}
-            for k, (total, count) in runs.items():
-                sums[g][k][0] += total
-                sums[g][k][1] += count
-    out: dict[str, dict[str, float]] = {}
-    for g in groups:
-        mean = {k: v[0] / max(v[1], 1) for k, v in sums[g].items()}
+        for g, mask in _group_masks(batch.layout, positions).items():
+            runs[g]["clean"].append(clean)
+            runs[g]["spliced"].append(ce(batch, lambda: splice_sae(vlm, site, sae, batch=batch, tokens=mask)))
+            runs[g]["zero"].append(ce(batch, lambda: ablate(vlm, site, batch=batch, tokens=mask)))
+    return {g: _recovered(r, average) for g, r in runs.items()}
+
+
+def _check_recovery_args(vlm: VLM, sae: SAE, samples: Sequence[Any], positions: str, average: str) -> None:
+    if sae.cfg.d_in != vlm.d_model:
+        raise InputError(f"SAE d_in {sae.cfg.d_in} != model d_model {vlm.d_model}: this SAE belongs to another model")
+    missing = [i for i, s in enumerate(samples) if getattr(s, "caption", None) is None or getattr(s, "image", None) is None]
+    if missing:
+        raise InputError(f"samples {missing[:5]} lack an image or a caption; loss recovered needs both")
+    if positions not in POSITION_GROUPS:
+        raise InputError(f"positions must be 'modality' (image + caption, image, text tokens) or 'all' (every "
+                         f"position, the paper's), not {positions!r}")
+    if average not in ("token", "sample"):
+        raise InputError(f"average must be 'token' (pooled CEs) or 'sample' (the paper's mean of per-sample ratios), "
+                         f"not {average!r}")
+
+
+def _group_masks(lay: Any, positions: str) -> dict[str, Tensor]:
+    """Where each group splices the SAE: image + caption / image / caption tokens, or every position."""
+    if positions == "all":
+        return {"all": ~lay.pad}
+    return {"overall": lay.image | lay.answer, "image": lay.image, "text": lay.answer}
+
+
+def _recovered(runs: dict[str, list[tuple[Tensor, Tensor]]], average: str) -> dict[str, float]:
+    """One group's CEs (clean, spliced, zero-ablated) and loss recovered, pooled over tokens or per sample."""
+    n_tokens = sum(int(c.sum()) for _, c in runs["clean"])
+    if average == "sample":
+        per = {k: torch.cat([t.double() / c.clamp(min=1) for t, c in v]) for k, v in runs.items()}
+        ratio = 1 - (per["spliced"] - per["clean"]) / (per["zero"] - per["clean"])
+        mean = {k: float(v.mean()) for k, v in per.items()}
+        recovered = float(ratio.mean())
+    else:
+        mean = {k: sum(float(t.sum()) for t, _ in v) / max(sum(int(c.sum()) for _, c in v), 1)
+                for k, v in runs.items()}
         denom = mean["zero"] - mean["clean"]
         recovered = 1 - (mean["spliced"] - mean["clean"]) / denom if abs(denom) > 1e-12 else float("nan")
-        out[g] = {
-            "ce_clean": mean["clean"], "ce_spliced": mean["spliced"], "ce_zero": mean["zero"],
-            "loss_recovered": recovered, "n_tokens": sums[g]["clean"][1],
-            # SAE-Bench `core` names
-            "ce_loss_score": recovered, "ce_loss_with_sae": mean["spliced"], "ce_loss_without_sae": mean["clean"],
-            "ce_loss_with_ablation": mean["zero"], "total_tokens_eval_reconstruction": sums[g]["clean"][1],
-        }
-    return out
+    return {
+        "ce_clean": mean["clean"], "ce_spliced": mean["spliced"], "ce_zero": mean["zero"],
+        "loss_recovered": recovered, "n_tokens": n_tokens,
+        # SAE-Bench `core` names
+        "ce_loss_score": recovered, "ce_loss_with_sae": mean["spliced"], "ce_loss_without_sae": mean["clean"],
+        "ce_loss_with_ablation": mean["zero"], "total_tokens_eval_reconstruction": n_tokens,
+    }
 
 
 def sae_bench_core(*results: dict[str, dict[str, float]], group: str = "overall") -> dict[str, dict[str, float]]:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError, NotFoundError
 from ..interventions import add, check_vector
 from ..prompts import CAPTION_PROMPT, TWO_CHOICE
-from ..scoring import score_answers
+from ..scoring import bos_id, score_answers
 from .generation import steered_generate
 from .vectors import name_ids, random_like
 from .vectors import normalize as _unit
@@ -152,7 +152,7 @@ def caption_nll(
     images, captions = _caption_items(data)
     if vector is not None:
         vector = check_vector(vector, vlm.d_model)
-    lead = _bos_id(vlm) if bos_target else None
+    lead = bos_id(vlm.tokenizer) if bos_target else None
     totals, counts = [], []
     for i in range(0, len(images), batch_size):
         batch = vlm.prepare([prompt] * len(images[i : i + batch_size]), images[i : i + batch_size],
@@ -164,14 +164,6 @@ def caption_nll(
     if average == "sample":
         return float(torch.cat([t.double() / n.clamp(min=1) for t, n in zip(totals, counts)]).mean())
     return sum(float(t.sum()) for t in totals) / max(sum(int(n.sum()) for n in counts), 1)
-
-
-def _bos_id(vlm: VLM) -> int:
-    bos = getattr(vlm.tokenizer, "bos_token_id", None)
-    if bos is None:
-        raise InputError("bos_target=True scores the tokenizer's BOS token, but this tokenizer has none: "
-                         "leave bos_target=False")
-    return int(bos)
 
 
 def damage(
