@@ -182,3 +182,27 @@ def test_loss_recovered_every_position_per_sample_with_bos(vlm):
     # vlens's default (image + caption tokens, pooled CEs, no BOS target) is another number
     default = vlens.sae.loss_recovered(vlm, sae, None, data, batch_size=2, progress=False)["overall"]
     assert abs(default["loss_recovered"] - r["all"]["loss_recovered"]) > 1e-3
+
+
+def test_text_only_pass_keeps_every_token_of_processor_caption(vlm, tmp_path):
+    """sae_trainer.py `compute_activations`: after the image pass, `processor(caption)` alone through the model, and
+    every row of `layers[L].input` kept, BOS included. Reachable as `harvest(..., text_only=True, text_tokens="all")`."""
+    caps = ["a red square", "a blue circle on the left"]
+    data = [Sample(im, caption=c) for im, c in zip(images(2), caps)]
+    layer = 2
+    store = harvest(vlm, data, [layer], tokens="image+answer", captions=True, text_only=True, text_tokens="all",
+                    batch_size=2, out=tmp_path / "s", progress=False)
+    txt = store.filter(text_only=True)
+    for i, cap in enumerate(caps):
+        inp = vlm.processor.tokenizer(cap, return_tensors="pt")
+        assert int(inp["input_ids"][0, 0]) == vlm.tokenizer.bos_token_id
+        with torch.no_grad():
+            want = vlm._module(**inp, output_hidden_states=True).hidden_states[layer][0]
+        ours = txt.activations(layer)[txt.meta["sample"] == i].float()
+        assert ours.shape == want.shape  # BOS + the caption tokens: every token
+        assert torch.allclose(ours, want.float(), atol=1e-5), (ours - want).abs().max()
+    # vlens's default text pass keeps the caption tokens only: one row fewer per caption (BOS)
+    default = harvest(vlm, data, [layer], tokens="image+answer", captions=True, text_only=True, batch_size=2,
+                      out=tmp_path / "d", progress=False).filter(text_only=True)
+    assert len(txt) - len(default) == len(caps)
+

@@ -32,7 +32,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence, TYPE_CHECKING
 
@@ -90,6 +90,7 @@ def harvest(
     captions: bool = False,
     text_only: bool = False,
     text_prompt: str = "",
+    text_tokens: TokenSelection | None = None,
     overwrite: bool = False,
     progress: bool = True,
     shard_mb: float = 128.0,
@@ -131,6 +132,9 @@ def harvest(
         captions: append each `Sample.caption` as the answer.
         text_only: also run a text-only pass over the captions.
         text_prompt: what precedes the caption in the text-only pass.
+        text_tokens: the selection kept in the text-only pass (default: `tokens`, which keeps the
+            caption tokens); `"all"` keeps every token, BOS included: the paper's pass over
+            `processor(caption)` (with `text_prompt=""`).
         overwrite: replace a store of another configuration or other data at `out`, or write into a
             non-empty folder that is not a store (vlens deletes only its own files there).
         progress: show a progress bar with images/s and tokens/s.
@@ -169,7 +173,8 @@ def harvest(
                          "out=None for a temporary one")
     if not isinstance(shard_mb, (int, float)) or isinstance(shard_mb, bool) or not shard_mb > 0:
         raise InputError(f"shard_mb must be a positive number of megabytes, not {shard_mb!r}")
-    stream = StreamPlan(tokens, prompt, template, captions, text_only, text_prompt, batch_size, dtype)
+    stream = StreamPlan(tokens, prompt, template, captions, text_only, text_prompt, batch_size, dtype,
+                        text_tokens=text_tokens)
     plan = _Plan(kind, layer_ints, pool, stream.check(vlm, data, what="harvest"), int(shard_mb * 2**20), progress,
                  callback)
     env = distributed.info()
@@ -219,6 +224,8 @@ def _config(vlm: VLM, plan: _Plan, n: int, rank_of: str | None) -> dict[str, Any
         "text_prompt": st.text_prompt,
         "n_samples": n,
     }
+    if st.text_tokens is not None:  # recorded only when set, so stores written before it still resume
+        config["text_tokens"] = replace(st, tokens=st.text_tokens).token_description
     if rank_of is not None:
         config["rank_of"] = rank_of
     return config

@@ -63,8 +63,10 @@ class StreamPlan:
     Fields as `vlens.harvest` names them: `tokens` (the selection kept), `prompt`
     (with `<image>`), `template`, `captions` (append each caption as the answer),
     `text_only` (a second pass over the captions alone, after `text_prompt`),
-    `batch_size` (samples per forward) and `dtype` (of the activations read;
-    `check(vlm)` resolves None to the model's).
+    `batch_size` (samples per forward), `dtype` (of the activations read;
+    `check(vlm)` resolves None to the model's) and `text_tokens` (the selection kept in
+    the text-only pass; None: `tokens`; `"all"` keeps every token, BOS included, as the
+    paper's pass over `processor(caption)` does).
 
     Example:
         >>> from vlens.errors import SelectionError
@@ -83,6 +85,7 @@ class StreamPlan:
     text_prompt: str = ""
     batch_size: int = 8
     dtype: Any = None
+    text_tokens: Any = None
 
     def check(self, vlm: "VLM | None" = None, data: Any = None, *, what: str = "harvest",
               batch_name: str = "batch_size") -> "StreamPlan":
@@ -105,7 +108,9 @@ class StreamPlan:
         if data is not None:
             _check_data(data, what)
         check_selection(self.tokens)  # a bad name fails now, not after the first forward
-        if isinstance(self.tokens, Tensor) and self.tokens.dtype == torch.bool:
+        if self.text_tokens is not None:
+            check_selection(self.text_tokens)
+        if any(isinstance(t, Tensor) and t.dtype == torch.bool for t in (self.tokens, self.text_tokens)):
             raise InputError("a fixed [batch, seq] mask cannot select tokens in every forward: pass a selection name "
                              "or a function layout -> mask")
         if vlm is not None and vlm.family.image_token(vlm.processor) not in self.prompt:
@@ -195,7 +200,8 @@ def read_chunk(vlm: "VLM", data: Sequence[Any], plan: StreamPlan, pass_name: str
     samples = [load_sample(data, i, at(i)) for i in span]
     images = [sample_image(s, at(i)) for i, s in zip(span, samples)] if pass_name == "main" else None
     batch = _prepare(vlm, samples, images, b0, pass_name, plan, at)
-    return Chunk(pass_name, b0, samples, images, batch, select(batch, plan.tokens))
+    tokens = plan.text_tokens if pass_name == "text" and plan.text_tokens is not None else plan.tokens
+    return Chunk(pass_name, b0, samples, images, batch, select(batch, tokens))
 
 
 def batches(vlm: "VLM", data: Sequence[Any], plan: StreamPlan, start: dict[str, int] | None = None,
