@@ -6,9 +6,11 @@ a layer's output), never vlens itself.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import vlens
 from vlens.activations import harvest
@@ -206,3 +208,86 @@ def test_text_only_pass_keeps_every_token_of_processor_caption(vlm, tmp_path):
                       out=tmp_path / "d", progress=False).filter(text_only=True)
     assert len(txt) - len(default) == len(caps)
 
+
+# -- hard-concrete probes and approximations (probing_approximation/*.py), written out -----------------
+
+
+def paper_gate(mask: torch.Tensor) -> torch.Tensor:
+    """The gate sample of both scripts: u clipped to [1e-4, 0.9999], s = σ(1.5 (log(u/(1−u)) + log α)),
+    z = clip(1.2 s − 0.1, 0, 1)."""
+    u = torch.clip(torch.rand(mask.shape[0]), 0.0001, 0.9999)
+    s = torch.sigmoid(1.5 * ((u / (1 - u)).log() + mask))
+    return torch.clip(s * 1.2 - 0.1, 0, 1)
+
+
+def paper_l0(mask: torch.Tensor) -> torch.Tensor:
+    return torch.sum(torch.sigmoid(mask - np.log(0.1 / 1.1) / 1.5))
+
+
+def test_paper_split_is_sklearns_train_test_split():
+    from sklearn.model_selection import train_test_split
+
+    for n in (10, 37, 1000):
+        tr, te = vlens.sparsity.paper_split(n)
+        want_tr, want_te = train_test_split(np.arange(n), test_size=0.2, random_state=42)
+        assert tr.tolist() == want_tr.tolist() and te.tolist() == want_te.tolist()
+
+
+def test_sparse_probe_paper_recipe_is_the_papers_loop():
+    """train_sparse_linear_probe.py: stacked classes (0 then 1), `train_test_split(test_size=0.2,
+    random_state=42)`, sigmoid probe + BCE + λ Σ σ(log α − log(0.1/1.1)/1.5), Adam 1e-3 on minibatches of 32
+    (`randperm` per epoch), log α from 0; at test time one random gate sample > 0.5 multiplies the weights."""
+    from sklearn.model_selection import train_test_split
+
+    g = torch.Generator().manual_seed(11)
+    n, d, lam, epochs = 60, 24, 0.005, 3
+    y = torch.arange(2).repeat_interleave(n // 2)
+    Z = torch.rand(n, d, generator=g) + 0.5 * y[:, None] * (torch.arange(d) < 3)
+    torch.manual_seed(0)
+    X_train, X_test, y_train, y_test = (torch.as_tensor(a) for a in train_test_split(
+        Z.numpy(), y.float()[:, None].numpy(), test_size=0.2, random_state=42))
+    linear = nn.Linear(d, 1)
+    mask = torch.zeros(d, requires_grad=True)
+    opt = torch.optim.Adam(list(linear.parameters()) + [mask], lr=0.001)
+    for _ in range(epochs):
+        permutation = torch.randperm(X_train.size()[0])
+        for i in range(0, X_train.size()[0], 32):
+            idx = permutation[i:i + 32]
+            loss = nn.BCELoss()(torch.sigmoid(linear(X_train[idx] * paper_gate(mask))), y_train[idx])
+            loss = loss + lam * paper_l0(mask)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        z = 1.0 * (paper_gate(mask) > 0.5)
+        linear.weight.data *= z
+        accuracy = float((torch.round(torch.sigmoid(linear(X_test))) == y_test).float().mean())
+    row = vlens.sparsity.sparse_probe(Z, y, [lam], recipe="paper", epochs=epochs, seed=0).rows[0]
+    assert row["latents"] == z.nonzero().flatten().tolist() and 0 < row["n_latents"] < d
+    assert row["test_accuracy"] == pytest.approx(accuracy)
+
+
+def test_sparse_approximation_paper_recipe_is_the_papers_loop():
+    """approximate_steering_vectors.py: c ~ randn, log α = 0, loss −⟨normalise(W_dec (c ⊙ z)), v̂⟩ + λ Σ σ(·),
+    Adam 1e-3; the final gates are the last training sample thresholded at 0.5 (no refit)."""
+    g = torch.Generator().manual_seed(12)
+    W = torch.randn(64, 16, generator=g)  # vlens's W_dec [d_sae, d_model]; the paper's fc2.weight is its transpose
+    v = 2 * W[3] - W[40] + 0.1 * torch.randn(16, generator=g)
+    lam, steps = 1e-3, 40
+    torch.manual_seed(0)
+    target = torch.nn.functional.normalize(v, dim=0)
+    mask = torch.zeros(64, requires_grad=True)
+    coefs = torch.randn_like(mask, requires_grad=True)
+    opt = torch.optim.Adam([coefs, mask], lr=0.001)
+    for _ in range(steps):
+        z = paper_gate(mask)
+        out = torch.nn.functional.normalize(torch.matmul(W.T, coefs * z), dim=0)
+        loss = -torch.dot(out, target) + lam * paper_l0(mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    z = 1.0 * (z > 0.5)
+    want = torch.dot(torch.nn.functional.normalize(torch.matmul(W.T, coefs * z), dim=0), target).item()
+    row = vlens.sparsity.sparse_approximation(v, W, [lam], steps=steps, seed=0, recipe="paper").rows[0]
+    assert sorted(row["latents"]) == z.nonzero().flatten().tolist() and 0 < row["n_latents"] < 64
+    assert row["cosine"] == pytest.approx(want, rel=1e-5)

@@ -11,6 +11,13 @@ hard-concrete gate (Louizos et al. 2018; temperature 1/1.5, stretched to
 
 Both run the same gate-fitting loop, `fit_gates`: Adam on
 `loss(sampled gates) + penalty · E[L0]`, then the deterministic gates.
+
+`recipe="paper"` runs instead the optimisation of the paper's code
+(`probing_approximation/train_sparse_linear_probe.py`, `approximate_steering_vectors.py`):
+Adam lr 1e-3, gates from log α = 0 with noise clipped at 1e-4, and one random gate sample
+thresholded at 0.5 at the end. The probe: a sigmoid linear probe (BCE) on the raw latents,
+1000 epochs of minibatches of 32, `train_test_split(test_size=0.2, random_state=42)`
+(`paper_split`). The approximation: coefficients from `randn`, 20 000 steps, no refit.
 """
 
 from __future__ import annotations
@@ -29,11 +36,14 @@ from ._fitdata import check_xy, device_of, labelled, split, standardise
 from .errors import InputError
 from .interventions import check_vector
 
+RECIPES = ("vlens", "paper")
+
 __all__ = [
     "HardConcrete",
     "SparseApproximation",
     "SparseProbeResult",
     "fit_gates",
+    "paper_split",
     "sparse_approximation",
     "sparse_probe",
 ]
@@ -53,15 +63,17 @@ class HardConcrete(torch.nn.Module):
         (torch.Size([5]), True)
     """
 
-    def __init__(self, n: int, beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1, init: float = 2.0):
+    def __init__(self, n: int, beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1, init: float = 2.0,
+                 eps: float = 1e-6):
         super().__init__()
         self.log_alpha = torch.nn.Parameter(torch.full((n,), float(init)))
-        self.beta, self.gamma, self.zeta = beta, gamma, zeta
+        self.beta, self.gamma, self.zeta, self.eps = beta, gamma, zeta, eps
 
     def forward(self) -> Float[Tensor, " n"]:
-        """A stochastic gate sample in training mode, the deterministic gate in eval mode."""
+        """A stochastic gate sample in training mode (uniform noise clipped to [eps, 1 − eps]; the paper's
+        code clips at 1e-4), the deterministic gate in eval mode."""
         if self.training:
-            u = torch.rand_like(self.log_alpha).clamp(1e-6, 1 - 1e-6)
+            u = torch.rand_like(self.log_alpha).clamp(self.eps, 1 - self.eps)
             s = torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha) / self.beta)
         else:
             s = torch.sigmoid(self.log_alpha)
@@ -156,6 +168,9 @@ def sparse_probe(
     test_size: float = 0.2,
     seed: int = 0,
     device: Any = None,
+    recipe: str = "vlens",
+    epochs: int = 1000,
+    batch_size: int = 32,
 ) -> SparseProbeResult:
     """Probes over SAE latents, each latent behind a hard-concrete gate, with an expected-L0 penalty.
 
@@ -166,6 +181,13 @@ def sparse_probe(
     (per expected active latent, added to the mean cross-entropy) a probe is
     trained with Adam (`fit_gates`); the held-out accuracy uses the
     deterministic gates and `n_latents` counts the open ones.
+
+    `recipe="paper"` trains as the paper's `train_sparse_linear_probe.py` (binary pairs
+    only; see the module docstring): rows are split in the order given (the paper stacks
+    the first class, label 0, then the second, label 1) by `paper_split`, the probe sees the
+    raw latents for `epochs` epochs of minibatches of `batch_size`, and the held-out
+    accuracy uses one random gate sample thresholded at 0.5 (`steps`, `lr`, `test_size`
+    are then unused).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -189,9 +211,12 @@ def sparse_probe(
             raise InputError(f"pair {pair}: both classes need examples in y")
     if not len(penalties):
         raise InputError("no penalties given: pass penalties=[...] (e.g. [1e-3, 1e-2, 1e-1])")
+    _check_recipe(recipe)
     dev = device_of(device, Z)
     classes = torch.unique(y)
     yi = torch.searchsorted(classes, y).to(dev)
+    if recipe == "paper":
+        return _paper_probes(Z.to(dev, torch.float32), yi, penalties, epochs, batch_size, seed)
     tr, te = split(y, test_size, seed)
     tr, te = tr.to(dev), te.to(dev)
     Zd = Z.to(dev, torch.float32)
@@ -215,6 +240,63 @@ def sparse_probe(
                 latents=used.tolist(),
                 test_accuracy=float((pred[te] == yi[te]).float().mean()),
                 train_accuracy=float((pred[tr] == yi[tr]).float().mean()),
+            ))
+    return out
+
+
+def _check_recipe(recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise InputError(f"recipe must be 'vlens' (full-batch Adam, deterministic gates) or 'paper' (the paper's "
+                         f"code: Adam 1e-3, one random final gate), not {recipe!r}")
+
+
+def paper_split(n: int, test_size: float = 0.2, random_state: int = 42) -> tuple[Tensor, Tensor]:
+    """(train, test) row indices as scikit-learn's `train_test_split(..., random_state=42)` draws them (unstratified).
+
+    The paper's probes split this way; written here so vlens needs no scikit-learn at run time.
+
+    Example:
+        >>> tr, te = paper_split(10)
+        >>> len(tr), len(te), sorted(tr.tolist() + te.tolist()) == list(range(10))
+        (8, 2, True)
+    """
+    import numpy as np
+
+    n_test = math.ceil(test_size * n)
+    perm = np.random.RandomState(random_state).permutation(n)
+    return torch.from_numpy(perm[n_test:].copy()), torch.from_numpy(perm[:n_test].copy())
+
+
+def _paper_probes(Z: Tensor, yi: Tensor, penalties: Sequence[float], epochs: int, batch_size: int,
+                  seed: int) -> SparseProbeResult:
+    """`train_sparse_linear_probe.py` at each penalty: sigmoid probe, BCE, minibatches, a random final gate."""
+    if int(yi.max()) != 1:
+        raise InputError("recipe='paper' trains binary probes: give two classes (e.g. pair=(a, b))")
+    tr, te = (i.to(Z.device) for i in paper_split(len(yi)))
+    y01 = yi.float()[:, None]
+    out = SparseProbeResult()
+    torch.manual_seed(seed)
+    for lam in tqdm(list(penalties), desc="sparse probes (paper)", disable=None, leave=False):
+        lin = torch.nn.Linear(Z.shape[1], 1).to(Z.device)
+        gates = HardConcrete(Z.shape[1], init=0.0, eps=1e-4).to(Z.device)
+        opt = torch.optim.Adam([*lin.parameters(), gates.log_alpha], lr=1e-3)
+        for _ in range(epochs):
+            perm = torch.randperm(len(tr))
+            for i in range(0, len(tr), batch_size):
+                rows = tr[perm[i : i + batch_size].to(Z.device)]
+                p = torch.sigmoid(lin(Z[rows] * gates()))
+                loss = F.binary_cross_entropy(p, y01[rows]) + lam * gates.expected_l0()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            z = (gates() > 0.5).float()  # one random sample, thresholded: the paper's test-time gate
+            pred = torch.round(torch.sigmoid(Z @ (lin.weight[0] * z) + lin.bias))
+            used = z.nonzero().flatten()
+            out.rows.append(dict(
+                penalty=float(lam), n_latents=int(used.numel()), latents=used.tolist(),
+                test_accuracy=float((pred[te] == y01[te, 0]).float().mean()),
+                train_accuracy=float((pred[tr] == y01[tr, 0]).float().mean()),
             ))
     return out
 
@@ -259,6 +341,7 @@ def sparse_approximation(
     lr: float = 0.05,
     refit: bool = True,
     seed: int = 0,
+    recipe: str = "vlens",
 ) -> SparseApproximation:
     """Approximate `v` by a few SAE decoder directions.
 
@@ -268,6 +351,10 @@ def sparse_approximation(
     `refit` the coefficients are then re-solved by least squares on those
     latents, so `coefficients @ W_dec[latents] ≈ v` in scale too. `sae` is
     anything with `W_dec` [d_sae, d_model] (an SAE-Lens SAE) or that matrix itself.
+
+    `recipe="paper"` optimises as the paper's `approximate_steering_vectors.py`: c from
+    `randn`, Adam lr 1e-3 for `steps` steps (the paper's 20 000: pass `steps=20000`), and
+    the final gates the last training sample thresholded at 0.5; `refit` and `lr` are unused.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -286,9 +373,14 @@ def sparse_approximation(
         raise InputError("cannot approximate the zero vector")
     if not len(penalties):
         raise InputError("no penalties given: pass penalties=[...] (e.g. [1e-3, 1e-2])")
+    _check_recipe(recipe)
     vn = v / v.norm()
     torch.manual_seed(seed)
     out = SparseApproximation()
+    if recipe == "paper":
+        out.rows = sorted((_paper_approximation(W, v, vn, float(lam), steps) for lam in penalties),
+                          key=lambda r: r["n_latents"])
+        return out
     for lam in tqdm(list(penalties), desc="sparse approximation", disable=None, leave=False):
         c = torch.nn.Parameter((W @ vn).clone())
         z = fit_gates(W.shape[0], lambda g: -F.cosine_similarity((c * g) @ W, vn, dim=0), lam, [c],
@@ -316,3 +408,24 @@ def sparse_approximation(
             ))
     out.rows.sort(key=lambda r: r["n_latents"])
     return out
+
+
+def _paper_approximation(W: Tensor, v: Tensor, vn: Tensor, lam: float, steps: int) -> dict:
+    """`approximate_steering_vectors.py` at one penalty: c ~ randn, Adam 1e-3, the last gate sample > 0.5."""
+    gates = HardConcrete(W.shape[0], init=0.0, eps=1e-4).to(W.device)
+    c = torch.nn.Parameter(torch.randn(W.shape[0], device=W.device))
+    opt = torch.optim.Adam([c, gates.log_alpha], lr=1e-3)
+    z = gates.log_alpha.detach()
+    for _ in tqdm(range(steps), desc=f"sparse approximation (paper, penalty {lam:g})", disable=None, leave=False):
+        z = gates()
+        loss = -(F.normalize((c * z) @ W, dim=0) @ vn) + lam * gates.expected_l0()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        idx = (z > 0.5).nonzero().flatten()
+        a = c[idx]
+        order = a.abs().argsort(descending=True)
+        cos = float(F.cosine_similarity(a @ W[idx], v, dim=0)) if idx.numel() else 0.0
+        return dict(penalty=lam, n_latents=int(idx.numel()), latents=idx[order].tolist(),
+                    coefficients=a[order].tolist(), cosine=cos)
