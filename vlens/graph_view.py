@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from jaxtyping import Float
 from PIL import Image
 
@@ -145,7 +146,10 @@ def path_influence(graph: dict, sources: Sequence[str] | None = None) -> Float[n
     """`B[:, sources]` with `B = A + A² + … = (I − A)⁻¹ − I`: column j is the influence of `sources[j]`
     (default: every node) on every node, summed over all paths (circuit-tracer's `compute_influence`).
 
-    Computed by walking the links once per path length (a graph is acyclic: that ends); a cycle is refused.
+    Computed in one pass over the nodes in order of depth (the longest path that reaches them): a node's column
+    is the sparse product of its input links with its inputs' columns (plus 1 on a source itself), so each link
+    is read once (walking one path length at a time read a 96k-link, 1657-node graph with 1176 patches 10 times:
+    4.2 s against 1.7 s here, on 2 busy CPU cores). An attribution graph is acyclic; a cycle is refused.
 
     Example:
         >>> g = example_graph()
@@ -155,16 +159,30 @@ def path_influence(graph: dict, sources: Sequence[str] | None = None) -> Float[n
     index = _index(graph)
     cols = [index[_known(index, s)] for s in sources] if sources is not None else list(range(len(index)))
     tgt, src, w = _edges(graph)
-    step = np.zeros((len(index), len(cols)))
-    step[cols, np.arange(len(cols))] = 1.0
-    total = np.zeros_like(step)
-    for _ in range(len(index) + 1):
-        nxt = np.zeros_like(step)
-        np.add.at(nxt, tgt, w[:, None] * step[src])
-        step = nxt
-        if not step.any():
-            return total
-        total += step
+    depth = _depths(len(index), tgt, src)
+    seed = torch.zeros(len(index), len(cols), dtype=torch.float64)
+    seed[cols, torch.arange(len(cols))] = 1.0
+    total = torch.zeros_like(seed)
+    for d in range(1, int(depth.max(initial=0)) + 1):
+        rows = np.flatnonzero(depth == d)
+        local = np.full(len(index), -1)
+        local[rows] = np.arange(len(rows))
+        on = local[tgt] >= 0
+        a = torch.sparse_coo_tensor(torch.from_numpy(np.stack([local[tgt[on]], src[on]])), torch.from_numpy(w[on]),
+                                    (len(rows), len(index)), check_invariants=True)
+        total[torch.from_numpy(rows)] = torch.sparse.mm(a, total + seed)
+    return total.numpy()
+
+
+def _depths(n: int, tgt: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """Each node's depth: 0 without inputs, else 1 + its deepest input's; a cycle is refused."""
+    depth = np.zeros(n, dtype=np.int64)
+    for _ in range(n + 1):
+        new = np.zeros(n, dtype=np.int64)
+        np.maximum.at(new, tgt, depth[src] + 1)
+        if (new == depth).all():
+            return depth
+        depth = new
     raise InputError("the graph's links form a cycle: an attribution graph's links go from earlier to later nodes")
 
 
@@ -265,9 +283,10 @@ def _rows(graph: dict) -> list[int]:
             for n in graph["nodes"]]
 
 
-def view_data(graph: dict, digits: int = 4) -> dict[str, Any]:
+def view_data(graph: dict, digits: int = 4, floor: float = 1e-3) -> dict[str, Any]:
     """What the page's script draws, all computed here: nodes (label, row, position, kind), links, patches,
-    each node's patch influence (`heat`: `[patch, influence]` pairs, `digits` significant) and image share.
+    each node's patch influence (`heat`: `[patch, influence]` pairs, `digits` significant, those under `floor`
+    times the node's largest left out: they paint nothing) and its image share (`image_share`).
 
     Example:
         >>> v = view_data(example_graph())
@@ -279,26 +298,35 @@ def view_data(graph: dict, digits: int = 4) -> dict[str, Any]:
     patches = _patch_nodes(graph)
     index = _index(graph)
     infl = path_influence(graph, [p["node_id"] for p in patches]) if patches else np.zeros((len(index), 0))
-    for k, p in enumerate(patches):
-        infl[index[p["node_id"]], k] += 1.0  # a patch node lights up its own box
-    fmt = lambda x: float(f"{x:.{digits}g}")  # noqa: E731
+    share = infl.sum(axis=1)  # before a patch's own box is added: that is not input influence
+    own = [index[p["node_id"]] for p in patches]
+    infl[own, np.arange(len(patches))] += 1.0  # a patch node lights up its own box
     nodes = [{"id": n["node_id"], "label": _label(n, tokens), "row": r, "ctx": int(n["ctx_idx"]),
               "kind": n["feature_type"], "layer": str(n["layer"]), "feature": _feature_index(n),
               "influence": n.get("influence"), "activation": n.get("activation"),
               "target": bool(n.get("is_target_logit")), "patch": n.get("vlens_patch")}
              for n, r in zip(graph["nodes"], _rows(graph))]
-    index_of_patch = {p["node_id"]: k for k, p in enumerate(patches)}
+    keep = infl > floor * infl.max(axis=1, keepdims=True, initial=0.0)
     return {
         "ids": [n["node_id"] for n in graph["nodes"]], "nodes": nodes, "tokens": tokens,
-        "links": [[index[link["source"]], index[link["target"]], fmt(float(link["weight"]))] for link in graph["links"]],
+        "links": [[index[link["source"]], index[link["target"]], w] for link, w in
+                  zip(graph["links"], _significant(np.array([float(x["weight"]) for x in graph["links"]]), digits))],
         "patches": [{"image": p["vlens_patch"].get("image", 0), "box": list(p["vlens_patch"]["box"])} for p in patches],
-        "heat": [[[k, fmt(v)] for k, v in enumerate(row) if v > 0] for row in infl],
-        "share": [fmt(sum(v for k, v in enumerate(row) if index_of_patch.get(i) != k))
-                  for i, row in zip(index, infl)],
+        "heat": [[[k, v] for k, v in zip(np.flatnonzero(mask).tolist(), row[mask].tolist())]
+                 for row, mask in zip(_significant(infl, digits), keep)],
+        "share": _significant(share, digits),
         "images": [{"src": u, "size": list(s)} for u, s in
                    zip(graph["metadata"].get("vlens_images", []), _image_sizes(graph))],
-        "prompt": str(graph["metadata"].get("prompt", "")), "patch_node": [index_of_patch.get(i) for i in index],
+        "prompt": str(graph["metadata"].get("prompt", "")),
     }
+
+
+def _significant(x: np.ndarray, digits: int) -> Any:
+    """`x` rounded to `digits` significant digits (what the page needs, in a few bytes each): a list for a vector,
+    an array for a matrix."""
+    scale = 10.0 ** (digits - 1 - np.floor(np.log10(np.where(x == 0, 1.0, np.abs(x)))))
+    out = np.round(x * scale) / scale
+    return out.tolist() if out.ndim == 1 else out
 
 
 def viewer_script() -> str:
