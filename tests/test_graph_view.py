@@ -236,3 +236,45 @@ def test_the_static_page_draws_and_paints_the_python_heat(tmp_path):
         share = float(page.get_attribute("#graph .vg-info", "data-share"))
         assert share == 0.0  # a patch's own box is not input influence
         assert "image patches: 0.0%" in page.inner_text("#graph .vg-info")
+
+
+def test_shared_node_ids_are_one_node_with_a_warning():
+    """circuit-tracer's ids collide: feature 1 of layer 0 and the layer-1 error node at position 5 are both 0_1_5."""
+    from vlens.graph_view import GraphWarning
+
+    nodes = [_node("E_9_5", "E", 5, "embedding", vlens_patch={"image": 0, "box": [0, 0, 8, 8], "tile": 0, "row": 0,
+                                                               "col": 0}),
+             _node("0_1_5", 1, 5, "mlp reconstruction error"), _node("0_1_5", 0, 5, "cross layer transcoder"),
+             _node("3_4_5", 2, 5, "logit", is_target_logit=True)]
+    links = [{"source": "E_9_5", "target": "0_1_5", "weight": 2.0}, {"source": "0_1_5", "target": "3_4_5",
+                                                                    "weight": 1.0},
+             {"source": "E_9_5", "target": "3_4_5", "weight": 0.0}]  # a zero link, as at edge threshold 1.0
+    g = _graph(nodes, links, [Image.new("RGB", (8, 8))])
+    with pytest.warns(GraphWarning, match="0_1_5"):
+        kept = read_graph(g)
+    assert [n["feature_type"] for n in kept["nodes"]] == ["embedding", "cross layer transcoder", "logit"]
+    with pytest.warns(GraphWarning):
+        assert [p["influence"] for p in patch_influence(g, "3_4_5")] == [1.0]  # patch → feature → logit
+        assert len(view_data(g)["links"]) == 2  # the zero link is not drawn
+
+
+def test_graphs_of_vlens_circuits_open_and_their_influence_is_the_exporters():
+    """A graph of `vlens.circuits` (tiny model, random transcoders, nothing pruned): the view's patch influence on
+    the target logit is the exporter's own circuit-tracer influence (`vlens_influence`, weighted by the logit's
+    probability), and the page holds it."""
+    from vlens.circuits import attribute, graph_json, random_transcoders
+    import vlens
+
+    vlm = vlens.tiny(n_layers=1, words=["red", "blue"])
+    picture = Image.new("RGB", (32, 32), "red")
+    batch = vlm.prepare(["<image>\nWhat colour?"], [picture])
+    graph = attribute(vlm, random_transcoders(vlm, d_sae=8), batch, target="red", images=[picture], progress=False)
+    g = json.loads(json.dumps(graph_json(graph, "tiny", node_threshold=1.0, edge_threshold=1.0)))
+    ids = [n["node_id"] for n in g["nodes"]]
+    assert len(set(ids)) == len(ids)  # one layer: no shared ids (see the test above)
+    logit = next(n["node_id"] for n in g["nodes"] if n["is_target_logit"])
+    theirs = {n["node_id"]: n["vlens_influence"] / float(graph.logit_probs[0]) for n in g["nodes"]}
+    ours = patch_influence(g, logit)
+    assert len(ours) == sum("vlens_patch" in n for n in g["nodes"]) > 0
+    np.testing.assert_allclose([p["influence"] for p in ours], [theirs[p["node_id"]] for p in ours], rtol=1e-5)
+    assert patch_heat(g, logit).shape == (32, 32) and "vlensGraphView(" in graph_page(g)

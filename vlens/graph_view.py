@@ -35,6 +35,7 @@ import io
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,7 +47,7 @@ from PIL import Image
 from .errors import InputError, NotFoundError
 from .viz import image_data_uri, render, save_html
 
-__all__ = ["read_graph", "adjacency", "path_influence", "patch_influence", "image_share", "patch_heat",
+__all__ = ["GraphWarning", "read_graph", "adjacency", "path_influence", "patch_influence", "image_share", "patch_heat",
            "view_data", "viewer_script", "graph_page", "export_html", "example_graph"]
 
 _NODE_KEYS = ("node_id", "layer", "ctx_idx", "feature_type")
@@ -55,6 +56,10 @@ _LINK_KEYS = ("source", "target", "weight")
 
 def read_graph(source: str | os.PathLike | dict) -> dict:
     """A graph JSON (a path, the JSON text, or the parsed dict), checked: nodes, links and vlens patches.
+
+    Node ids that appear twice are drawn as one node, with a `GraphWarning`: circuit-tracer's ids collide
+    (feature f of layer 0 and the error node of layer f at one position are both `0_f_<pos>`), and a link
+    names only the id. The feature is kept (an error node has no inputs, so the links into the id are its).
 
     Example:
         >>> len(read_graph(example_graph())["nodes"])
@@ -69,20 +74,39 @@ def read_graph(source: str | os.PathLike | dict) -> dict:
     if missing:
         raise InputError(f"the graph has no {', '.join(map(repr, missing))}: expected circuit-tracer's graph JSON "
                          "(create_graph_files) with top-level metadata, nodes and links")
-    ids = set()
     for i, node in enumerate(graph["nodes"]):
         lost = [k for k in _NODE_KEYS if k not in node]
         if lost:
             raise InputError(f"node {i} ({node.get('node_id', '?')}) lacks {lost}: every node needs {list(_NODE_KEYS)}")
-        if node["node_id"] in ids:
-            raise InputError(f"node id {node['node_id']!r} appears twice: node ids must be unique (circuit-tracer's "
-                             "feature 0 of layer 0 and its layer-0 error node at one position are both 0_0_<pos>)")
-        ids.add(node["node_id"])
         _check_patch(node, len(graph["metadata"].get("vlens_images", [])))
+    graph = _one_node_per_id(graph)
+    ids = {n["node_id"] for n in graph["nodes"]}
     for j, link in enumerate(graph["links"]):
         if any(k not in link for k in _LINK_KEYS) or link["source"] not in ids or link["target"] not in ids:
             raise InputError(f"link {j} {link} must have source, target (ids of nodes of the graph) and weight")
     return graph
+
+
+class GraphWarning(UserWarning):
+    """Something of a graph JSON that the view had to interpret (shared node ids)."""
+
+
+def _one_node_per_id(graph: dict) -> dict:
+    """The graph with one node per id: the first that is not an error node, else the first."""
+    kept: dict[str, dict] = {}
+    for node in graph["nodes"]:
+        old = kept.get(node["node_id"])
+        if old is None or ("error" in old["feature_type"] and "error" not in node["feature_type"]):
+            kept[node["node_id"]] = node
+    if len(kept) == len(graph["nodes"]):
+        return graph
+    shared = sorted({n["node_id"] for n in graph["nodes"] if kept[n["node_id"]] is not n})
+    warnings.warn(f"{len(shared)} node id(s) name two nodes ({', '.join(shared[:4])}...): circuit-tracer's ids "
+                  "collide (feature f of layer 0 and the layer-f error node at one position are both 0_f_<pos>); "
+                  "each is drawn as its feature node, which receives the links that name it", GraphWarning,
+                  stacklevel=3)
+    order = {id(n): i for i, n in enumerate(graph["nodes"])}
+    return {**graph, "nodes": sorted(kept.values(), key=lambda n: order[id(n)])}
 
 
 def _load_json(source: str | os.PathLike) -> dict:
@@ -117,12 +141,19 @@ def _index(graph: dict) -> dict[str, int]:
     return {n["node_id"]: i for i, n in enumerate(graph["nodes"])}
 
 
+def _live(graph: dict) -> list[dict]:
+    return [link for link in graph["links"] if float(link["weight"]) != 0.0]
+
+
 def _edges(graph: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(target index, source index, normalised |weight|) of every link; each target's inputs sum to 1."""
+    """(target index, source index, normalised |weight|) of every link of non-zero weight (circuit-tracer's JSON
+    at edge threshold 1.0 lists zero links too, self-links among them: they carry no influence); each target's
+    inputs sum to 1."""
     index = _index(graph)
-    tgt = np.array([index[link["target"]] for link in graph["links"]], dtype=np.int64)
-    src = np.array([index[link["source"]] for link in graph["links"]], dtype=np.int64)
-    w = np.abs(np.array([float(link["weight"]) for link in graph["links"]], dtype=np.float64))
+    links = _live(graph)
+    tgt = np.array([index[link["target"]] for link in links], dtype=np.int64)
+    src = np.array([index[link["source"]] for link in links], dtype=np.int64)
+    w = np.abs(np.array([float(link["weight"]) for link in links], dtype=np.float64))
     total = np.zeros(len(graph["nodes"]))
     np.add.at(total, tgt, w)
     return tgt, src, w / np.maximum(total[tgt], 1e-10)  # circuit-tracer's normalize_matrix clamps at 1e-10
@@ -135,6 +166,7 @@ def adjacency(graph: dict) -> Float[np.ndarray, "n n"]:
         >>> adjacency(example_graph()).sum(axis=1).round(6).tolist()
         [0.0, 0.0, 0.0, 1.0, 1.0]
     """
+    graph = read_graph(graph)
     n = len(graph["nodes"])
     a = np.zeros((n, n))
     tgt, src, w = _edges(graph)
@@ -156,6 +188,7 @@ def path_influence(graph: dict, sources: Sequence[str] | None = None) -> Float[n
         >>> path_influence(g, ["patch-0", "patch-1"])[-1].round(3).tolist()   # on the logit (last node)
         [0.6, 0.2]
     """
+    graph = read_graph(graph)
     index = _index(graph)
     cols = [index[_known(index, s)] for s in sources] if sources is not None else list(range(len(index)))
     tgt, src, w = _edges(graph)
@@ -203,6 +236,7 @@ def patch_influence(graph: dict, node: str) -> list[dict[str, Any]]:
         >>> [(p["node_id"], p["box"]) for p in patch_influence(example_graph(), "feat")][:1]
         [('patch-0', [0, 0, 4, 8])]
     """
+    graph = read_graph(graph)
     index = _index(graph)
     _known(index, node)
     patches = _patch_nodes(graph)
@@ -241,6 +275,7 @@ def patch_heat(graph: dict, node: str, image: int = 0) -> Float[np.ndarray, "h w
         >>> h.shape, round(float(h[0, 0]), 3), round(float(h[0, 7]), 3)
         ((8, 8), 0.6, 0.2)
     """
+    graph = read_graph(graph)
     sizes = _image_sizes(graph)
     if not 0 <= image < len(sizes):
         raise InputError(f"picture {image} is not in the graph (metadata.vlens_images holds {len(sizes)})")
@@ -284,7 +319,8 @@ def _rows(graph: dict) -> list[int]:
 
 
 def view_data(graph: dict, digits: int = 4, floor: float = 1e-3) -> dict[str, Any]:
-    """What the page's script draws, all computed here: nodes (label, row, position, kind), links, patches,
+    """What the page's script draws, all computed here: nodes (label, row, position, kind), links (of non-zero
+    weight), patches,
     each node's patch influence (`heat`: `[patch, influence]` pairs, `digits` significant, those under `floor`
     times the node's largest left out: they paint nothing) and its image share (`image_share`).
 
@@ -310,7 +346,7 @@ def view_data(graph: dict, digits: int = 4, floor: float = 1e-3) -> dict[str, An
     return {
         "ids": [n["node_id"] for n in graph["nodes"]], "nodes": nodes, "tokens": tokens,
         "links": [[index[link["source"]], index[link["target"]], w] for link, w in
-                  zip(graph["links"], _significant(np.array([float(x["weight"]) for x in graph["links"]]), digits))],
+                  zip(_live(graph), _significant(np.array([float(x["weight"]) for x in _live(graph)]), digits))],
         "patches": [{"image": p["vlens_patch"].get("image", 0), "box": list(p["vlens_patch"]["box"])} for p in patches],
         "heat": [[[k, v] for k, v in zip(np.flatnonzero(mask).tolist(), row[mask].tolist())]
                  for row, mask in zip(_significant(infl, digits), keep)],
