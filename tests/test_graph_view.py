@@ -278,3 +278,50 @@ def test_graphs_of_vlens_circuits_open_and_their_influence_is_the_exporters():
     assert len(ours) == sum("vlens_patch" in n for n in g["nodes"]) > 0
     np.testing.assert_allclose([p["influence"] for p in ours], [theirs[p["node_id"]] for p in ours], rtol=1e-5)
     assert patch_heat(g, logit).shape == (32, 32) and "vlensGraphView(" in graph_page(g)
+
+
+def test_the_example_and_test_graphs_fit_circuit_tracers_models():
+    """The fixtures above are circuit-tracer graphs: its frontend's pydantic models (circuit_tracer/frontend/
+    graph_models.py 0.5.0, copied with their fields and defaults) read them; vlens's keys are extra."""
+    from pydantic import BaseModel
+
+    class Metadata(BaseModel):
+        slug: str
+        scan: str
+        transcoder_list: list[str]
+        prompt_tokens: list[str]
+        prompt: str
+        node_threshold: float | None = None
+        schema_version: int | None = 1
+
+    class QParams(BaseModel):
+        pinnedIds: list[str]
+        supernodes: list[list[str]]
+        linkType: str
+        clickedId: str
+        sg_pos: str
+
+    class Node(BaseModel):
+        node_id: str
+        feature: int
+        layer: str
+        ctx_idx: int
+        feature_type: str
+        token_prob: float = 0.0
+        is_target_logit: bool = False
+        run_idx: int = 0
+        reverse_ctx_idx: int = 0
+        jsNodeId: str
+        clerp: str = ""
+        influence: float | None = None
+        activation: float | None = None
+
+    class Model(BaseModel):
+        metadata: Metadata
+        qParams: QParams
+        nodes: list[Node]
+        links: list[dict]
+
+    for g in (example_graph(), random_graph(0)):
+        m = Model.model_validate(g)
+        assert len(m.nodes) == len(g["nodes"]) and {n.feature_type for n in m.nodes} >= {"embedding", "logit"}
