@@ -228,6 +228,8 @@ def test_the_static_page_draws_and_paints_the_python_heat(tmp_path):
         assert page.eval_on_selector_all("#graph .vg-node", "els => els.length") == len(g["nodes"])
         assert page.eval_on_selector_all("#graph .vg-link", "els => els.length") == len(g["links"])
         assert page.get_attribute("#graph", "data-selected") == "logit"  # the target logit, selected at first
+        into_logit = sum(link["target"] == "logit" for link in g["links"])
+        assert page.eval_on_selector_all("#graph .vg-link-on", "els => els.length") == into_logit
         np.testing.assert_allclose(canvas_alpha(page, "#graph-heat-0"), expected_alpha(g, "logit"), atol=1)
         for node in ("1_2_9", "p3"):
             page.click(f"#graph .vg-node[data-id='{node}']")

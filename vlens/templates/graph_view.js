@@ -28,7 +28,7 @@ function vlensGraphView(root, data, options) {
   for (const key in cells) { const c = +key.split(":")[1]; colWidth[c] = Math.max(colWidth[c], 14 * cells[key].length + 12); }
   const colX = {}; let x = 60;
   ctxs.forEach((c) => { colX[c] = x; x += colWidth[c]; });
-  const nRows = Math.max(...data.nodes.map((n) => n.row)) + 1, rowH = 46, top = 16;
+  const nRows = data.nodes.reduce((m, n) => Math.max(m, n.row), 0) + 1, rowH = 46, top = 16;
   const height = top + nRows * rowH + 70, width = x + 20;
   const pos = data.nodes.map(() => null);
   for (const key in cells) {
@@ -47,11 +47,16 @@ function vlensGraphView(root, data, options) {
                           transform: `rotate(45 ${colX[c] + colWidth[c] / 2} ${height - 60})`}, svg);
     t.textContent = (data.tokens[c] === undefined ? "#" + c : data.tokens[c]).slice(0, 14);
   });
-  const maxW = Math.max(1e-12, ...data.links.map((l) => Math.abs(l[2])));
-  const linkG = el("g", {}, svg), nodeG = el("g", {}, svg);
-  const links = data.links.map(([s, t, w]) => el("line", {x1: pos[s][0], y1: pos[s][1], x2: pos[t][0], y2: pos[t][1],
-    stroke: w >= 0 ? "#1f5fa6" : "#b0306a", "stroke-width": 0.5 + 2.5 * Math.abs(w) / maxW,
-    "stroke-opacity": 0.08 + 0.25 * Math.abs(w) / maxW, class: "vg-link"}, linkG));
+  const maxW = data.links.reduce((m, l) => Math.max(m, Math.abs(l[2])), 1e-12);
+  // the strongest MAX_LINKS links are drawn faintly; the selected node's links are drawn over them
+  const MAX_LINKS = 4000;
+  const linkG = el("g", {}, svg), selG = el("g", {}, svg), nodeG = el("g", {}, svg);
+  const line = ([s, t, w], opacity, cls, parent) => el("line", {x1: pos[s][0], y1: pos[s][1], x2: pos[t][0],
+    y2: pos[t][1], stroke: w >= 0 ? "#1f5fa6" : "#b0306a", "stroke-width": 0.5 + 2.5 * Math.abs(w) / maxW,
+    "stroke-opacity": opacity, class: cls}, parent);
+  const strongest = data.links.length <= MAX_LINKS ? data.links
+    : [...data.links].sort((a, b) => Math.abs(b[2]) - Math.abs(a[2])).slice(0, MAX_LINKS);
+  strongest.forEach((l) => line(l, 0.04 + 0.12 * Math.abs(l[2]) / maxW, "vg-link", linkG));
   const marks = data.nodes.map((n, i) => {
     const k = kindOf(n), [cx, cy] = pos[i], size = n.target ? 7 : 5;
     const m = k === "embedding" || k === "patch" ? el("rect", {x: cx - size, y: cy - size, width: 2 * size, height: 2 * size})
@@ -100,10 +105,8 @@ function vlensGraphView(root, data, options) {
   function select(i) {
     const n = data.nodes[i];
     marks.forEach((m, j) => m.setAttribute("stroke-width", j === i ? 2.5 : 0.6));
-    data.links.forEach(([s, t, w], j) => {
-      const on = s === i || t === i, a = Math.abs(w) / maxW;
-      links[j].setAttribute("stroke-opacity", on ? 0.35 + 0.65 * a : 0.04 + 0.1 * a);
-    });
+    selG.innerHTML = "";
+    data.links.forEach((l) => { if (l[0] === i || l[1] === i) line(l, 0.35 + 0.65 * Math.abs(l[2]) / maxW, "vg-link-on", selG); });
     root.dataset.selected = n.id;
     const facts = [`<b></b>`, `layer ${n.layer} · position ${n.ctx} · ${n.kind}`];
     if (n.activation !== null && n.activation !== undefined) facts.push(`activation ${(+n.activation).toPrecision(3)}`);
