@@ -37,20 +37,18 @@ def toy():
 
 
 @pytest.fixture(scope="module")
-def transcoder(toy):
-    """An SAE reading mlp_in.0 (a transcoder's input site), for the dashboards of layer-0 features."""
-    import vlens.sae as vs
+def transcoders(toy):
+    """SAE-Lens transcoders (mlp_in.L -> mlp_out.L), one per layer, for the dashboards of the graphs' features."""
+    from vlens.circuits import random_transcoders
 
-    sae = vs.train(torch.randn(512, toy.d_model), "paper", d_sae=16, steps=2, batch_size=256, progress=False)
-    sae.cfg.metadata.hook_name = toy.hook_name("mlp_in.0")
-    return sae
+    return random_transcoders(toy, d_sae=16)
 
 
 @pytest.fixture(scope="module")
-def session(toy, transcoder, tmp_path_factory):
+def session(toy, transcoders, tmp_path_factory):
     path = tmp_path_factory.mktemp("graphs") / "example.json"
     path.write_text(json.dumps(example_graph()))
-    return Session(toy, n_train=20, n_pool=2, graphs=[str(path)], transcoders={0: transcoder})
+    return Session(toy, n_train=20, n_pool=2, graphs=[str(path)], transcoders=transcoders)
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +59,14 @@ def client(session):
         yield c
 
 
-def test_graphs_from_a_path_the_session_and_an_upload(client, session):
+def test_graphs_from_a_path_the_session_and_an_upload(client, session, toy):
     info = client.get("/api/info").json()
     assert info["graphs"][0]["name"] == "example.json" and info["graphs"][0]["n_nodes"] == 5
-    assert info["transcoder_layers"] == [0]
+    assert info["transcoder_layers"] == list(range(toy.n_layers))
     assert 'id="graph-panel"' in client.get("/").text
     view = client.get("/api/graph/graph-0").json()
     assert {k: view[k] for k in view if k != "dashboards"} == json.loads(json.dumps(view_data(example_graph())))
-    assert view["dashboards"] == [0]
+    assert view["dashboards"] == list(range(toy.n_layers))
     # produced in the session (from Python), then uploaded as a file
     made = session.graphs.add(random_graph(1), "made in python")
     assert client.get(f"/api/graph/{made['id']}").json()["ids"][-1] == "logit"
@@ -84,8 +82,8 @@ def test_bad_graphs_answer_with_the_fix(client):
     half = client.post("/api/graph", files={"file": ("half.json", b'{"nodes": []}', "application/json")})
     assert half.status_code == 400 and "no 'links', 'metadata'" in half.json()["error"]
     assert client.get("/api/graph/graph-99").status_code == 404
-    nope = client.post("/api/latent?wait=1", json={"latent": 7, "layer": 3})
-    assert nope.status_code == 404 and "no transcoder for layer 3" in nope.json()["error"]
+    nope = client.post("/api/latent?wait=1", json={"latent": 7, "layer": 30})
+    assert nope.status_code == 404 and "no transcoder for layer 30" in nope.json()["error"]
     assert "page" in client.get("/").text  # the server goes on
 
 

@@ -136,8 +136,8 @@ def explore(
     `pool` the images to pick from (default `n_pool` held-out toy images). `warm` reads the class features in
     the background right away. The server listens on `host`: keep the default (this machine only) unless you
     mean to share a page that has no login. `graphs` (attribution-graph JSON paths or dicts, circuit-tracer's
-    format) open in the graph panel, and `transcoders` ({layer: transcoder}) give their features' dashboards;
-    `explorer.session.graphs.add(graph)` adds a graph to a running page (reload it).
+    format) open in the graph panel, and `transcoders` ({layer: transcoder}, or a list by layer) give their
+    features' dashboards; `explorer.session.graphs.add(graph)` adds a graph to a running page (reload it).
 
     Example:
         >>> import vlens, urllib.request

@@ -4,7 +4,8 @@ A graph comes from a file (`vlens explore --graph PATH`, `explore(graphs=[...])`
 is produced in the session (`explorer.session.graphs.add(graph_dict)`). Every number the panel shows is
 `vlens.graph_view.view_data` (the influence of each image patch on each node, in Python). A transcoder
 feature's dashboard (`vlens.sae.dashboards.dashboard`) opens when the session has the transcoder of its
-layer (`transcoders={layer: sae}`, any SAE-Lens SAE or transcoder whose `hook_name` names its site).
+layer (`transcoders={layer: sae}`, or a list indexed by layer as `vlens.circuits.attribute` takes them: any
+SAE-Lens SAE or transcoder whose `hook_name` names its site).
 
     >>> from vlens.graph_view import example_graph
     >>> shelf = GraphShelf()
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from ..errors import InputError, NotFoundError
 from ..graph_view import graph_page, read_graph, view_data
@@ -28,13 +29,15 @@ __all__ = ["GraphShelf"]
 
 
 class GraphShelf:
-    """The graphs of a session by id (`graph-0`, ...), their cached `view_data`, and the transcoders by layer."""
+    """The graphs of a session by id (`graph-0`, ...), their cached `view_data`, and the transcoders by layer
+    (a mapping, or a sequence indexed by layer)."""
 
-    def __init__(self, transcoders: dict | None = None) -> None:
+    def __init__(self, transcoders: Mapping[int, Any] | Sequence[Any] | None = None) -> None:
         self.graphs: dict[str, dict] = {}
         self.names: dict[str, str] = {}
         self._views: dict[str, dict] = {}
-        self.transcoders = {int(k): v for k, v in (transcoders or {}).items()}
+        items = transcoders.items() if isinstance(transcoders, Mapping) else enumerate(transcoders or ())
+        self.transcoders = {int(k): v for k, v in items}
 
     def add(self, graph: "dict | bytes | str | os.PathLike", name: str | None = None) -> dict[str, Any]:
         """Hold a graph (a dict, JSON bytes from an upload, or a file path); return its entry for the page."""

@@ -137,8 +137,8 @@ class Session:
     images). `probes` maps a site (or an int layer) to a fitted probe; without one for a site, a probe is
     fit on the cached features when asked. `graphs` are attribution-graph JSONs (paths or dicts) for the graph
     panel, held in `self.graphs` (`vlens.explorer.graphs.GraphShelf`: `session.graphs.add(graph)` adds one
-    later); `transcoders` maps a layer to its transcoder, for its features' dashboards. Model work takes
-    `lock`; `stage` says what runs now.
+    later); `transcoders` maps a layer to its transcoder (or lists them by layer), for its features'
+    dashboards. Model work takes `lock`; `stage` says what runs now.
     """
 
     def __init__(self, vlm: VLM, *, sae: Any = None, probes: dict | None = None, data: Sequence | None = None,
