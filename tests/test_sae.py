@@ -75,10 +75,11 @@ def test_split_config_and_flat_compatibility(acts):
         "adam_beta1", "adam_beta2", "grad_clip", "l1_coefficient", "coefficient_warmup_frac", "k",
         "aux_loss_coefficient", "l0_coefficient", "jumprelu_init_threshold", "jumprelu_bandwidth",
         "apply_b_dec_to_input", "decoder_init_norm", "normalize", "n_norm_batches", "dead_window_tokens", "seed",
-        "shuffle", "fused", "detach_decoder_norm", "coefficient_warmup_from_zero", "steps_per_chunk"]
+        "shuffle", "fused", "detach_decoder_norm", "coefficient_warmup_from_zero", "steps_per_chunk",
+        "scale_mode"]
     assert vs.TrainConfig.from_dict(cfg.to_dict()) == cfg
     # a config saved before the reproduction options reads with their defaults
-    older = {k: v for k, v in cfg.to_dict().items() if k != "steps_per_chunk"}
+    older = {k: v for k, v in cfg.to_dict().items() if k not in ("steps_per_chunk", "scale_mode")}
     assert vs.TrainConfig.from_dict(older) == cfg
     assert vs.TrainConfig() == vs.PRESETS["paper"]
     with pytest.raises(ValueError, match="unknown training option"):

@@ -240,3 +240,65 @@ def test_activation_scale_is_sqrt_d_over_the_mean_norm():
     sae = vs.train(x, "paper", d_sae=32, steps=1, batch_size=64, n_norm_batches=8, progress=False, stats_tokens=0)
     want = 16 ** 0.5 / float(x.double().norm(dim=1).mean())
     assert sae.cfg.metadata.vlens_training["activation_scale"] == pytest.approx(want, rel=1e-5)
+
+
+def test_running_scale_is_the_papers_drifting_factor():
+    """sae_trainer.py: before training on a chunk, `normsum += Σ‖x‖` and `cnt += rows` over its activations, and
+    every batch of the chunk is multiplied by 64 / (normsum / cnt) (√d_in here): a factor that drifts from chunk to
+    chunk. `scale_mode="running", steps_per_chunk=S` reads each chunk's S batches ahead and does the same."""
+    S, chunks, B, lr = 3, 4, 64, 1e-3
+    total = S * chunks
+    x = data(total * B, seed=4) * torch.linspace(1.0, 3.0, total * B)[:, None]  # norms grow along the data
+    sae = vs.train(x, "paper", d_sae=D_SAE, steps=total, batch_size=B, shuffle=False, lr=lr, steps_per_chunk=S,
+                   scale_mode="running", progress=False, stats_tokens=0)
+    model = PaperSAE(vs.make_training_sae(vs.TrainConfig.preset("paper", d_in=D_IN, d_sae=D_SAE)))
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
+    lambdas, factor = paper_schedules(chunks)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    normsum, cnt, factors = 0.0, 0, []
+    for c in range(chunks):
+        chunk = x[c * S * B:(c + 1) * S * B]
+        normsum += float(torch.linalg.norm(chunk, dim=1).sum())
+        cnt += chunk.shape[0]
+        factors.append(D_IN ** 0.5 / (normsum / cnt))
+        for j in range(S):
+            inputs = factors[-1] * chunk[j * B:(j + 1) * B]
+            out, f = model(inputs)
+            loss = paper_loss(out, inputs, f, model.fc2.weight.data, float(lambdas[c]))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1)
+            opt.step()
+        sched.step()
+    assert factors[0] > 1.2 * factors[-1]  # the factor drifts
+    assert sae.cfg.metadata.vlens_training["activation_scale"] == pytest.approx(factors[-1], rel=1e-6)
+    # the exported SAE reads raw activations: the last factor is folded in, fc2(relu(fc1(x · s))) / s
+    xt = x[:200]
+    with torch.no_grad():
+        feats = torch.relu(model.fc1(xt * factors[-1]))
+        recon = model.fc2(feats) / factors[-1]
+    assert torch.allclose(sae.encode(xt), feats, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(sae.decode(sae.encode(xt)), recon, rtol=1e-4, atol=1e-5)
+    # the default fixed factor (here over every row: the running factor's last value) trains another SAE
+    fixed = vs.train(x, "paper", d_sae=D_SAE, steps=total, batch_size=B, shuffle=False, lr=lr, steps_per_chunk=S,
+                     progress=False, stats_tokens=0)
+    assert fixed.cfg.metadata.vlens_training["activation_scale"] == pytest.approx(factors[-1], rel=1e-5)
+    assert rel(fixed.W_enc.detach(), sae.W_enc.detach()) > 1e-3
+
+
+def test_running_scale_resumes_inside_a_chunk(tmp_path):
+    """Interrupted inside a chunk, a running-scale run resumes with the same factor and ends bit-identical."""
+    x = data(12 * 32, seed=5) * torch.linspace(1.0, 2.0, 12 * 32)[:, None]
+    kw = dict(d_sae=64, steps=12, batch_size=32, shuffle=False, steps_per_chunk=3, scale_mode="running",
+              progress=False, stats_tokens=0, log_every=1)
+    whole = vs.train(x, "paper", **kw)
+
+    def stop(step, metrics):
+        if step == 4:  # the second step of the second chunk
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        vs.train(x, "paper", checkpoint_dir=tmp_path, callback=stop, **kw)
+    resumed = vs.train(x, "paper", checkpoint_dir=tmp_path, **kw)
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k

@@ -101,6 +101,11 @@ class TrainerConfig:
     #: The schedules' unit: 0 advances λ and the lr once per optimiser step; n >= 1 once per
     #: chunk of n optimiser steps (the paper's code steps both once per data chunk).
     steps_per_chunk: int = 0
+    #: With `normalize`: "fixed" multiplies every batch by one factor, √d_in / the mean norm of
+    #: `n_norm_batches · batch_size` rows, estimated before the first step; "running" by √d_in /
+    #: the mean norm of every row read so far, refreshed at each chunk (`steps_per_chunk`, or
+    #: every step) with that chunk's rows read ahead: the paper's drifting `64 / (normsum / cnt)`.
+    scale_mode: str = "fixed"
 
     def schedule_position(self, step: int) -> tuple[int, int]:
         """(position, length) of optimiser step `step` in the schedules' unit: steps, or chunks of `steps_per_chunk`.
@@ -142,14 +147,14 @@ FIELDS = (
     # trained with `LEGACY_LOSS` (`vlens.sae.training.resume` resumes it with that loss).
     "detach_decoder_norm", "coefficient_warmup_from_zero",
     # added with the reproduction options (issue 23); absent in older checkpoints: the default
-    "steps_per_chunk",
+    "steps_per_chunk", "scale_mode",
 )
 #: The loss fields' values of checkpoints written before they existed (SAE-Lens's penalty
 #: gradient through the decoder norms, λ warmed up from λ/W).
 LEGACY_LOSS = {"detach_decoder_norm": False, "coefficient_warmup_from_zero": False}
 #: Reproduction options added later, with the values every run before them used: a saved
 #: config without them means these (a checkpoint resumes, `from_dict` reads it).
-ADDED_LATER = {"steps_per_chunk": 0}
+ADDED_LATER = {"steps_per_chunk": 0, "scale_mode": "fixed"}
 if set(FIELDS) != set(_ARCH_FIELDS) | set(_TRAINER_FIELDS):  # pragma: no cover - a field added to one list only
     raise RuntimeError("vlens bug: FIELDS and the two config dataclasses disagree")
 
@@ -305,6 +310,8 @@ class TrainConfig:
             ("l0_coefficient", real(t.l0_coefficient, 0.0), ">= 0"),
             ("n_norm_batches", count(t.n_norm_batches, 1), ">= 1"),
             ("steps_per_chunk", count(t.steps_per_chunk, 0), ">= 0 (0: the schedules advance every optimiser step)"),
+            ("scale_mode", t.scale_mode in ("fixed", "running") and (t.normalize or t.scale_mode == "fixed"),
+             "'fixed' or 'running' ('running' rescales inputs, so it needs normalize=True)"),
             ("dead_window_tokens", count(t.dead_window_tokens, 1), ">= 1"),
             ("decoder_init_norm", real(a.decoder_init_norm, 0.0, open_low=True), "> 0"),
         ]

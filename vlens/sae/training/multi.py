@@ -310,6 +310,9 @@ def _runs(vlm: "VLM", saes: Any, dtype: torch.dtype, buffer: int | None, steps: 
             cfg = resolve_config(int(vlm.width(s)), preset, d_sae, expansion, *length, None, ov)
         except InputError as e:
             raise InputError(f"SAE {name!r}: {e}") from None
+        if cfg.trainer.scale_mode != "fixed":
+            raise InputError(f"SAE {name!r}: train_many scales with one fixed factor; scale_mode='running' (the "
+                             "paper's drifting factor) needs vlens.sae.train on stored activations")
         bs = cfg.trainer.batch_size
         rows = 8 * bs if rows is None else rows
         if not isinstance(rows, int) or isinstance(rows, bool) or rows < bs:

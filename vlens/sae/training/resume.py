@@ -60,6 +60,9 @@ class TrainState:
     scale: float = 1.0
     mix: dict[str, int] = field(default_factory=lambda: {"image": 0, "text": 0, "unknown": 0})
     since_fired: torch.Tensor | None = None
+    #: scale_mode="running": the sum and count of the row norms read so far.
+    norm_sum: float = 0.0
+    norm_count: int = 0
 
 
 def checkpoints(directory: Path) -> list[Path]:
@@ -150,6 +153,7 @@ def save_checkpoint(directory: Path, cfg: TrainConfig, sae: TrainingSAE, opt: to
             opt_tensors["since_fired"] = state.since_fired.contiguous()
         save_file(opt_tensors, tmp / _FILES[1])
         meta = {"config": cfg.to_dict(), "step": state.step, "tokens": state.tokens, "scale": state.scale,
+                "norm_sum": state.norm_sum, "norm_count": state.norm_count,
                 "mix": state.mix, "sae_metadata": sae.cfg.metadata.to_dict(),
                 "files": {name: file_crc32(tmp / name) for name in _FILES}}
         meta = json.loads(json.dumps(meta, default=str))
@@ -240,6 +244,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig, sae: TrainingSAE, opt: torch.o
     except Exception as e:  # a file of a vlens 0.1 checkpoint (no checksums) damaged
         raise _Damaged(f"checkpoint {path} is damaged: {type(e).__name__}: {str(e)[:300]}") from e
     return TrainState(step=meta["step"], tokens=meta["tokens"], scale=meta["scale"], mix=meta["mix"],
+                      norm_sum=meta.get("norm_sum", 0.0), norm_count=meta.get("norm_count", 0),
                       since_fired=tensors["since_fired"].clone() if "since_fired" in tensors else None)
 
 

@@ -23,7 +23,8 @@ What it keeps, and why:
 - the scale estimate (`estimate_scale`): SAE-Lens's `ActivationScaler.estimate_scaling_factor`
   averages norms in float64 over consecutive batches, vlens averages float32 norms of
   randomly drawn rows (NaN rows skipped), so the factors differ in the last bits and the
-  trained weights would too;
+  trained weights would too; `scale_mode="running"` instead refreshes the factor at each
+  chunk from every row read so far (`Stepper.observe`: the paper's drifting factor);
 - the schedules (see `vlens.sae.training.config`).
 """
 
@@ -245,7 +246,7 @@ def train(
     restored = resume_from(ckdir, cfg, sae, opt) if ckdir is not None and resume else None
     if restored is not None:
         stepper.state = restored
-    elif t.normalize:
+    elif t.normalize and t.scale_mode == "fixed":
         stepper.state.scale = estimate_scale(source, cfg)
     state = stepper.state
     if isinstance(source, IterSource):
@@ -258,10 +259,11 @@ def train(
                desc=f"SAE {arch.architecture} d_sae={arch.d_sae}", dynamic_ncols=True)
     t0 = time.perf_counter()
     stepper.begin()
+    pending: list = []  # scale_mode="running": the rest of the chunk, read ahead
     try:
         while state.step < t.total_steps:
             step = state.step
-            x, mod, rows = _next_batch(source, stepper, step, env)
+            x, mod, rows = _take_batch(source, stepper, step, env, pending)
             logged = stepper.step(x, mod, rows)
             bar.update(1)
             if logged is not None:
@@ -305,6 +307,9 @@ def _distribute(stepper: "Stepper", source: Any, env: Any) -> None:
     if arch.architecture == "batchtopk":
         raise InputError("batchtopk picks its top-k over the whole batch, so it cannot be split across ranks; "
                          "use 'topk' or 'jumprelu' with torchrun")
+    if t.scale_mode == "running":
+        raise InputError("scale_mode='running' reads each rank's rows only, so the ranks' factors would differ; "
+                         "use scale_mode='fixed' with torchrun")
     stepper.distribute()
 
 
@@ -321,6 +326,20 @@ def _next_batch(source: Any, stepper: "Stepper", step: int, env: Any) -> tuple[t
     rows = rows.chunk(env.world_size)[env.rank]
     x, mod = _fetch(source, rows)
     return x, mod, rows
+
+
+def _take_batch(source: Any, stepper: "Stepper", step: int, env: Any, pending: list) -> tuple[torch.Tensor, Any, Any]:
+    """Batch `step`; with scale_mode="running", its chunk's batches are read ahead and their norms counted first."""
+    t = stepper.cfg.trainer
+    if t.scale_mode != "running":
+        return _next_batch(source, stepper, step, env)
+    if not pending:
+        n = max(t.steps_per_chunk, 1)
+        end = min((step // n + 1) * n, t.total_steps)
+        pending.extend(_next_batch(source, stepper, s, env) for s in range(step, end))
+        if step % n == 0:  # a run resumed inside a chunk has counted that chunk already
+            stepper.observe([x for x, _, _ in pending])
+    return pending.pop(0)
 
 
 class Stepper:
@@ -364,6 +383,17 @@ class Stepper:
         """Fix the activation scale (`state.scale`, estimated or restored) and put the SAE in training mode."""
         self._scaler = ActivationScaler(self.state.scale if self.state.scale != 1.0 else None)
         self.sae.train()
+
+    def observe(self, xs: list[torch.Tensor]) -> None:
+        """scale_mode="running": add the rows `xs` to the running mean norm; the factor becomes √d_in / that mean."""
+        for x in xs:
+            norms = x.float().norm(dim=-1)
+            self.state.norm_sum += float(norms.sum())
+            self.state.norm_count += norms.numel()
+        if self.state.norm_count and self.state.norm_sum > 0:
+            self.state.scale = math.sqrt(self.cfg.sae.d_in) / (self.state.norm_sum / self.state.norm_count)
+            if self._scaler is not None:
+                self._scaler.scaling_factor = self.state.scale
 
     def step(self, x: Float[torch.Tensor, "batch d_in"], mod: Int[torch.Tensor, " batch"] | None = None,
              rows: torch.Tensor | None = None) -> dict[str, float] | None:
