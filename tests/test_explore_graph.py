@@ -143,5 +143,26 @@ def test_the_graph_panel_in_chromium(session, tmp_path):
             np.testing.assert_allclose(canvas_alpha(page, "#graph-view-heat-0"), expected_alpha(uploaded, "2_0_9"),
                                        atol=1)
             assert page.get_attribute("#graph-export", "href").endswith("/page.html")
+            page.click("#snippet-graph")
+            page.wait_for_function("document.getElementById('snippet').textContent.includes(\"node = '2_0_9'\")")
     finally:
         ex.stop()
+
+
+def test_the_graph_snippet_prints_what_the_panel_shows(client, session, tmp_path, monkeypatch, capsys):
+    from vlens.graph_view import image_share, patch_influence
+
+    g = random_graph(3)
+    (tmp_path / "made.json").write_text(json.dumps(g))
+    gid = session.graphs.add(str(tmp_path / "made.json"))["id"]
+    code = client.get(f"/api/graph/{gid}/snippet", params={"node": "2_1_9"}).json()["code"]
+    assert f"read_graph({str(tmp_path / 'made.json')!r})" in code
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    exec(compile(code, "graph_snippet.py", "exec"), {})
+    printed = capsys.readouterr().out
+    assert f"image share: {round(image_share(g, '2_1_9'), 4)}" in printed
+    top = max(patch_influence(g, "2_1_9"), key=lambda p: p["influence"])
+    assert f"{top['node_id']} {top['box']} {round(top['influence'], 4)}" in printed
+    assert (tmp_path / "heat.png").exists()
+    assert client.get(f"/api/graph/{gid}/snippet", params={"node": "nope"}).status_code == 404

@@ -6,8 +6,8 @@ from the installed plotly package: nothing is fetched from the network), `GET /a
 `/api/latent` (model work: each starts a job and returns `{"job": id}`; with `?wait=1` it answers
 with the result; `/api/latent` with a `layer` shows that layer's transcoder feature), `GET /api/job/{id}`
 (state, current stage, result or error), `POST /api/graph` (upload an attribution-graph JSON),
-`GET /api/graph/{id}` (what the graph panel draws) and `/api/graph/{id}/page.html` (the graph as one
-stand-alone page), `POST /api/snippet`,
+`GET /api/graph/{id}` (what the graph panel draws), `/api/graph/{id}/page.html` (the graph as one
+stand-alone page) and `/api/graph/{id}/snippet?node=` (Python that prints a node's patches), `POST /api/snippet`,
 `GET /api/export/{id}.html` (a job's figure as a stand-alone page), `GET /latents/...` (the SAE latent
 browser pages). Model work runs on one worker thread, so the page never freezes; a `VlensError` is
 answered `400 {"error": message}` and the server keeps running.
@@ -33,7 +33,7 @@ from ..errors import InputError, NotFoundError, VlensError
 from ..graph_view import viewer_script
 from ..viz import render
 from .session import TOKEN_CHOICES, VECTOR_KINDS, VIEWS, Session, Settings
-from .snippet import session_snippet
+from .snippet import graph_snippet, session_snippet
 
 __all__ = ["Jobs", "build_app"]
 
@@ -239,6 +239,12 @@ def _page_routes(app: Any, session: Session) -> None:
     @app.get("/api/graph/{gid}/page.html", response_class=HTMLResponse)
     def graph_page(gid: str) -> str:
         return session.graphs.page(gid)
+
+    @app.get("/api/graph/{gid}/snippet")
+    def graph_code(gid: str, node: str) -> dict:
+        if node not in session.graphs.view(gid)["ids"]:
+            raise NotFoundError(f"no node {node!r} in graph {gid}: click one of its nodes")
+        return {"code": graph_snippet(session.graphs.files[gid], node)}
 
 
 async def _body(request: Any) -> dict:

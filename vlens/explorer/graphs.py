@@ -35,13 +35,16 @@ class GraphShelf:
     def __init__(self, transcoders: Mapping[int, Any] | Sequence[Any] | None = None) -> None:
         self.graphs: dict[str, dict] = {}
         self.names: dict[str, str] = {}
+        self.files: dict[str, str | None] = {}  # the file a graph came from (None: a dict given in Python)
         self._views: dict[str, dict] = {}
         items = transcoders.items() if isinstance(transcoders, Mapping) else enumerate(transcoders or ())
         self.transcoders = {int(k): v for k, v in items}
 
     def add(self, graph: "dict | bytes | str | os.PathLike", name: str | None = None) -> dict[str, Any]:
         """Hold a graph (a dict, JSON bytes from an upload, or a file path); return its entry for the page."""
+        file = None  # where the graph came from, for the snippet: an upload's name, a path as given
         if isinstance(graph, (bytes, bytearray)):
+            file = name
             try:
                 graph = json.loads(bytes(graph).decode("utf-8"))
             except (ValueError, UnicodeDecodeError) as e:
@@ -50,12 +53,13 @@ class GraphShelf:
             if not isinstance(graph, dict):
                 raise InputError(f"{name or 'the upload'} holds JSON but not a graph object")
         elif not isinstance(graph, dict):
-            name = name or Path(graph).name
+            file, name = str(graph), name or Path(graph).name
         graph = read_graph(graph)
         view = view_data(graph)  # checked and drawn once, here: a bad graph is refused at once
         key = f"graph-{len(self.graphs)}"
         self.graphs[key], self._views[key] = graph, view
         self.names[key] = name or str(graph["metadata"].get("slug") or key)
+        self.files[key] = file
         return self.entry(key)
 
     def entry(self, key: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from .session import Settings
 
-__all__ = ["snippet", "session_snippet", "model_code"]
+__all__ = ["snippet", "session_snippet", "model_code", "graph_snippet"]
 
 
 def model_code(model: str | None) -> str:
@@ -184,3 +184,29 @@ def session_snippet(session: Any, s: Settings, what: str = "steer") -> str:
                    toy_data=session.toy_data, toy_pool=session.toy_pool, image_names=session.image_names,
                    sae_path=session.sae_path, vector_names=session.vector_names,
                    given_probe=session.vlm.site(s.site).name in session.given_probes)
+
+
+def graph_snippet(file: str | None, node: str) -> str:
+    """Python that prints what the graph panel shows for `node` of the graph JSON `file` (None: a graph given as
+    a dict), and saves its pixel heat.
+
+    Example:
+        >>> code = graph_snippet("red-square.json", "logit")
+        >>> "patch_influence(g, node)" in code and "node = 'logit'" in code
+        True
+    """
+    return "\n".join([
+        "import numpy as np",
+        "from PIL import Image",
+        "",
+        "from vlens.graph_view import image_share, patch_heat, patch_influence, read_graph",
+        "",
+        f"g = read_graph({file!r})  # the graph JSON you loaded" if file else
+        "g = read_graph(...)  # the graph you gave the explorer (a dict, or its JSON file)",
+        f"node = {node!r}",
+        "for p in sorted(patch_influence(g, node), key=lambda p: -p[\"influence\"])[:10]:",
+        "    print(p[\"node_id\"], p[\"box\"], round(p[\"influence\"], 4))",
+        "print(\"image share:\", round(image_share(g, node), 4))",
+        "heat = patch_heat(g, node)  # [height, width] of picture 0",
+        "Image.fromarray(np.uint8(255 * heat / max(heat.max(), 1e-12))).save(\"heat.png\")",
+    ]) + "\n"
