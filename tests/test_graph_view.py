@@ -327,3 +327,39 @@ def test_the_example_and_test_graphs_fit_circuit_tracers_models():
     for g in (example_graph(), random_graph(0)):
         m = Model.model_validate(g)
         assert len(m.nodes) == len(g["nodes"]) and {n.feature_type for n in m.nodes} >= {"embedding", "logit"}
+
+
+def two_picture_graph() -> dict:
+    """Patch a (all of an 8×8 picture) and b (the right half of a 12×6 one) feed f with weights 1 and 3; f the logit."""
+    pics = [Image.new("RGB", (8, 8)), Image.new("RGB", (12, 6))]
+    nodes = [_node("a", "E", 0, "embedding", vlens_patch={"image": 0, "box": [0, 0, 8, 8], "tile": 0, "row": 0,
+                                                           "col": 0}),
+             _node("b", "E", 1, "embedding", vlens_patch={"image": 1, "box": [6, 0, 12, 6], "tile": 0, "row": 0,
+                                                           "col": 1}),
+             _node("f", 0, 2, "cross layer transcoder"), _node("logit", 2, 2, "logit", is_target_logit=True)]
+    links = [{"source": "a", "target": "f", "weight": 1.0}, {"source": "b", "target": "f", "weight": 3.0},
+             {"source": "f", "target": "logit", "weight": 1.0}]
+    return _graph(nodes, links, pics)
+
+
+def test_two_pictures_each_get_their_patches():
+    g = two_picture_graph()
+    expected1 = np.zeros((6, 12))
+    expected1[:, 6:] = 0.75  # b has 3/4 of f's inputs
+    np.testing.assert_allclose(patch_heat(g, "logit", image=1), expected1)
+    np.testing.assert_allclose(patch_heat(g, "logit", image=0), np.full((8, 8), 0.25))
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(chromium() is None, reason="chromium is not on PATH (apt-get install -y chromium)")
+@pytest.mark.skipif(not playwright_available(), reason="playwright is not installed (pip install playwright)")
+def test_the_page_scales_both_pictures_by_one_maximum(tmp_path):
+    from browser_utils import browser_page
+
+    g = two_picture_graph()
+    with browser_page((1300, 900)) as page:
+        page.goto(Path(export_html(g, tmp_path / "two.html")).as_uri())
+        page.wait_for_selector("#graph svg .vg-node")
+        for j in range(2):
+            heat = patch_heat(g, "logit", image=j)
+            np.testing.assert_allclose(canvas_alpha(page, f"#graph-heat-{j}"), np.round(170 * heat / 0.75), atol=1)
