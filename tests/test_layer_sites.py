@@ -72,14 +72,20 @@ def test_residual_identity_against_hf_hidden_states(vlm, batch, sites):
             torch.testing.assert_close(sites[f"resid_pre.{L}"], hs[L])
 
 
-def test_pattern_equals_hf_eager_attentions(vlm, batch, sites):
+@pytest.fixture(scope="module")
+def eager(vlm, batch):
+    """HF's own eager attention weights (`output_attentions`), per layer."""
     model = vlm._module
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            ref = model(**hf_inputs(vlm, batch), output_attentions=True).attentions
+            return model(**hf_inputs(vlm, batch), output_attentions=True).attentions
     finally:
         model.set_attn_implementation("sdpa")
+
+
+def test_pattern_equals_hf_eager_attentions(vlm, batch, sites, eager):
+    ref = eager
     keep = ~batch.layout.pad  # left-padded query rows attend to nothing real: compare the real rows
     for L in range(vlm.n_layers):
         p = sites[f"pattern.{L}"]
@@ -90,6 +96,21 @@ def test_pattern_equals_hf_eager_attentions(vlm, batch, sites):
             rows = p[r][:, q]
             torch.testing.assert_close(rows.sum(-1), torch.ones_like(rows.sum(-1)))
             assert float(rows[..., ~q].abs().sum()) == 0.0  # no weight on padding
+
+
+def test_chosen_query_rows_equal_hf_eager_rows(vlm, batch, eager):
+    """Rows read with queries= (the last position, a middle one, an image token) are HF eager's rows."""
+    image_pos = int(batch.layout.image[0].nonzero()[0])
+    rows = [-1, batch.layout.shape[1] // 2, image_pos]
+    got = []
+    with torch.no_grad(), vlm.trace(batch):
+        for L in range(vlm.n_layers):
+            got.append(vlm.read(f"pattern.{L}", queries=rows).save())
+    idx = torch.tensor(rows) % batch.layout.shape[1]
+    for L in range(vlm.n_layers):
+        assert got[L].shape == (len(batch), vlm.n_heads, len(rows), batch.layout.shape[1])
+        torch.testing.assert_close(got[L][0], eager[L][0][:, idx], rtol=1e-4, atol=1e-5)  # row 0 is not padded
+        torch.testing.assert_close(got[L][1][:, 0], eager[L][1][:, -1], rtol=1e-4, atol=1e-5)  # the last row
 
 
 def test_pattern_is_causal_and_windowed(vlm, batch, sites):
@@ -165,3 +186,21 @@ def test_hook_names_round_trip(vlm):
     assert from_hook_name("blocks.2.ln2.hook_normalized") == vlm.site("mlp_in.2")
     for k in IN_LAYER:
         assert from_hook_name(vlm.hook_name(f"{k}.1")) == vlm.site(f"{k}.1")
+
+
+def test_pattern_of_an_unpadded_prompt_equals_hf_eager(vlm):
+    """One prompt, no padding: SDPA may get no mask at all (its causal fast path); the pattern is still eager's."""
+    one = vlm.prepare([PROMPTS[0]], [noise(40, 32, 0)])
+    model = vlm._module
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            ref = model(**hf_inputs(vlm, one), output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    got = []
+    with torch.no_grad(), vlm.trace(one):
+        for L in range(vlm.n_layers):
+            got.append(vlm.read(f"pattern.{L}").save())
+    for L in range(vlm.n_layers):
+        torch.testing.assert_close(got[L], ref[L], rtol=1e-4, atol=1e-5)

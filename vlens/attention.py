@@ -3,24 +3,32 @@
 `pattern.L` is `[batch, heads, query, key]`, the softmax probabilities HF's
 eager attention returns as `output_attentions`. The forward itself keeps the
 model's own attention implementation (SDPA by default), so reading a pattern
-changes no logit. When a trace reads `pattern.L`, the layer's attention block
-is called a second time, ad hoc, on the very inputs the forward gave it
-(hidden states, rotary embeddings, mask), with `config._attn_implementation`
-set to `"eager"` for that one call and the mask turned into eager's additive
-form. Every family-specific detail therefore comes from the model's own code:
-Qwen's M-RoPE (the position embeddings the model computed), Gemma 3's q/k
-norms, query scaling and sliding windows (each layer's own mask), grouped-
-query heads (`repeat_kv`), Gemma 3's bidirectional image attention.
+changes no logit. When a trace reads `pattern.L`, vlens reads what the layer
+handed its attention function (nnsight's operation-level `source`: the call
+`attention_interface(self, query, key, value, mask, scaling=...)` every HF
+family makes): the queries and keys AFTER the q/k norms and the rotary
+embedding (Qwen's M-RoPE included), the mask the layer really used (causal,
+padding, Gemma 3's sliding windows and bidirectional image blocks, any
+knockout), and the layer's `scaling` (Gemma 3's `query_pre_attn_scalar`) and
+`softcap` when the family passes one. It then computes only the rows asked
+for, `softmax(q[rows] · Kᵀ · scaling + mask[rows])`, in float32 as eager does,
+with grouped-query keys shared across their heads (HF's `repeat_kv`, done
+as a grouped product without copying the keys).
 
-Why recompute rather than switch the whole forward to eager: the forward's
-numbers stay the model's (bit-identical logits), only the layers read pay, and
-nothing has to be set before the trace starts. The cost is one extra attention
-block (q/k/v/o projections and an eager softmax) per layer read: about a third
-of a layer's compute at toy width, and a transient `heads × seq²` float
-tensor per layer (32 × 2,940² fp32 is 1.1 GB at llava-v1.6 width for one
-672² image). `queries` keeps only the rows asked for, so a trace that reads
-every layer's last-position row holds `layers × heads × seq` floats, not
-`layers × heads × seq²`. The overhead is measured by `benchmarks/flow.py`.
+Why this design. The first design called the layer's attention block a
+second time under eager attention and cut the requested rows out of the full
+pattern: it measured 1.70-1.76x a plain forward for every layer's pattern on
+the toy model, against a goal of 1.5x, and paid the q/k/v/o projections, the
+value product and a `heads × seq²` tensor per layer even for one row. Reading
+the attention function's inputs costs one `rows × seq` product per head and
+nothing else: a trace that reads every layer's last-position row holds
+`layers × heads × seq` floats (at llava-v1.6 width and one 672² image, 32 ×
+2,940 per layer instead of 32 × 2,940², 1.1 GB fp32). Reading the source
+makes nnsight instrument that attention module's forward (permanently, inert
+outside a trace, a few dictionary look-ups per operation inside one).
+`benchmarks/flow.py --time` measures both designs side by side (this one and
+the eager re-call, `eager_recall_overhead`), for all queries and for the last
+row only.
 
 Attention knockout (Geva et al. 2023; Zhang et al. 2024, "cross-modal
 information flow") removes the edges from a group of key tokens to a group of
@@ -52,7 +60,7 @@ from .tokens import Batch, TokenLayout, TokenSelection, select
 if TYPE_CHECKING:
     from .model import VLM
 
-__all__ = ["pattern", "eager_mask", "knockout_mask", "knockout", "block_edges"]
+__all__ = ["pattern", "pattern_rows", "knockout_mask", "knockout", "block_edges"]
 
 
 def _attn_inputs(attn: Any) -> tuple[tuple, dict, Tensor]:
@@ -65,34 +73,67 @@ def _attn_inputs(attn: Any) -> tuple[tuple, dict, Tensor]:
     return tuple(args), dict(kwargs), hidden
 
 
-def _allowed(mask: Tensor | None, q: int, k: int, device: torch.device) -> Bool[Tensor, "b 1 q k"]:
-    """Which key each query may attend to, from the mask a layer received (None: plain causal, as SDPA skips it)."""
-    if mask is None:
-        return torch.ones(q, k, dtype=torch.bool, device=device).tril(k - q)[None, None]
-    if mask.dtype == torch.bool:
-        return mask
-    return mask > torch.finfo(mask.dtype).min / 2
+def _interface_call(attn: Any) -> Any:
+    """The nnsight handle of the layer's call of its attention function (the last `attention_interface_N`)."""
+    source = attn.source
+    calls = [n for n in source.names if n.startswith("attention_interface_")]
+    if not calls:
+        raise InputError(f"{type(attn._module).__name__}.forward calls no `attention_interface`: pattern sites need "
+                         "an HF attention module of transformers 5 (LLaVA, Qwen, Gemma 3 and their kin)")
+    return getattr(source, calls[-1])
 
 
-def eager_mask(mask: Tensor | None, q: int, k: int, dtype: torch.dtype,
-               device: torch.device) -> Float[Tensor, "b 1 q k"]:
-    """The additive float mask HF's eager attention takes, from the mask a layer received (bool, float or None).
+def _rows(idx: Tensor | None, n: int, device: torch.device) -> Tensor | None:
+    return None if idx is None else torch.as_tensor(idx, dtype=torch.long, device=device).reshape(-1) % n
+
+
+def _allowed_rows(mask: Tensor | None, rows: Tensor | None, q: int, k: int,
+                  device: torch.device) -> Tensor:
+    """Which key each kept query may attend to, `[b | 1, 1, rows, key]`, from the mask the attention function got."""
+    if mask is None:  # SDPA's causal fast path: query i sees keys up to i + (k - q)
+        pos = torch.arange(q, device=device) if rows is None else rows
+        return (torch.arange(k, device=device)[None, :] <= pos[:, None] + (k - q))[None, None]
+    mask = mask if rows is None else mask.index_select(-2, rows)
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def pattern_rows(module: torch.nn.Module, query: Float[Tensor, "batch heads q d"],
+                 key: Float[Tensor, "batch kv_heads k d"], mask: Tensor | None,
+                 queries: Sequence[int] | Tensor | None = None, *, scaling: float | None = None,
+                 softcap: float | None = None) -> Float[Tensor, "batch heads rows k"]:
+    """Eager attention probabilities of the chosen query rows, from an attention function's own arguments.
+
+    `query`/`key` are what HF passes its attention function (after q/k norms
+    and rotary embeddings, key/value heads not yet repeated); `mask` is that
+    call's mask (bool: True attends; float: additive; None: causal).
 
     Example:
         >>> import torch
-        >>> eager_mask(None, 2, 2, torch.float32, torch.device("cpu"))[0, 0, 0, 1] == torch.finfo(torch.float32).min
-        tensor(True)
+        >>> attn = torch.nn.Module(); attn.head_dim = 2
+        >>> q, k = torch.randn(1, 4, 3, 2), torch.randn(1, 2, 3, 2)  # 4 query heads share 2 key heads
+        >>> p = pattern_rows(attn, q, k, None, [-1])
+        >>> tuple(p.shape), bool(torch.allclose(p.sum(-1), torch.ones(1, 4, 1)))
+        ((1, 4, 1, 3), True)
     """
-    allowed = _allowed(mask, q, k, device)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
+    b, h, q, d = query.shape
+    kv, k = key.shape[1], key.shape[2]
+    rows = _rows(queries, q, query.device)
+    qr = query if rows is None else query.index_select(2, rows)
+    scaling = getattr(module, "head_dim", d) ** -0.5 if scaling is None else scaling
+    # [b, kv, group, rows, d] @ [b, kv, 1, d, k]: each key head serves its `group` query heads, as repeat_kv does
+    scores = (qr.unflatten(1, (kv, h // kv)) @ key[:, :, None].transpose(-1, -2)).flatten(1, 2) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    allowed = _allowed_rows(mask, rows, q, k, query.device)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
 
 
 def pattern(attn: Any, queries: Sequence[int] | Tensor | None = None) -> Float[Tensor, "batch heads query key"]:
-    """Attention probabilities of one layer, recomputed inside a trace from its attention block's inputs.
+    """Attention probabilities of one layer inside a trace, from the queries and keys its attention function got.
 
     `attn` is the nnsight envoy of the layer's attention block (what
-    `vlm.read("pattern.L")` passes); `queries` keeps those query rows.
+    `vlm.read("pattern.L")` passes); `queries` computes only those query rows.
 
     Example:
         >>> import vlens, torch; from PIL import Image
@@ -103,22 +144,11 @@ def pattern(attn: Any, queries: Sequence[int] | Tensor | None = None) -> Float[T
         >>> tuple(p.shape) == (1, vlm.n_heads, b.layout.shape[1], b.layout.shape[1])
         True
     """
-    args, kwargs, hidden = _attn_inputs(attn)
-    q = k = hidden.shape[-2]
-    kwargs.pop("hidden_states", None)
-    kwargs["attention_mask"] = eager_mask(kwargs.get("attention_mask"), q, k, hidden.dtype, hidden.device)
-    kwargs["past_key_values"] = None  # never write the trace's KV cache twice
-    config = attn._module.config
-    before = config._attn_implementation
-    config._attn_implementation = "eager"
-    try:
-        _, weights = attn(hidden, *args[1:], **kwargs)
-    finally:
-        config._attn_implementation = before
-    if queries is None:
-        return weights
-    idx = torch.as_tensor(queries, dtype=torch.long, device=weights.device).reshape(-1)
-    return weights.index_select(2, idx % q)
+    args, kwargs = _interface_call(attn).inputs
+    names = ("module", "query", "key", "value", "attention_mask")
+    given = dict(zip(names, args)) | {n: kwargs[n] for n in names if n in kwargs}
+    return pattern_rows(given["module"], given["query"], given["key"], given.get("attention_mask"), queries,
+                        scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"))
 
 
 def knockout_mask(batch: Batch | TokenLayout, source: TokenSelection,
@@ -192,6 +222,6 @@ def block_edges(vlm: "VLM", blocks: Mapping[int, Bool[Tensor, "batch 1 seq seq"]
         if mask is not None and mask.dtype != torch.bool:
             new = mask.masked_fill(cut, torch.finfo(mask.dtype).min)
         else:
-            new = _allowed(mask, q, k, hidden.device) & ~cut
+            new = _allowed_rows(mask, None, q, k, hidden.device) & ~cut
         kwargs["attention_mask"] = new
         attn.inputs = (args, kwargs)

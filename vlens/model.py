@@ -278,8 +278,9 @@ class VLM(TransformersModel):
         The returned tensor is the live one: edit it in place to intervene.
         `z.L` comes as `[batch, seq, heads, d_head]` (a view: `z[:, :, h] = 0`
         ablates head h). `pattern.L` is `[batch, heads, query, key]`,
-        recomputed (`vlens.attention.pattern`); `queries` (int positions or a
-        1-D index tensor) keeps only those query rows.
+        recomputed from the queries and keys of the layer's attention function
+        (`vlens.attention.pattern`); `queries` (int positions or a 1-D index
+        tensor) computes only those query rows.
 
         Example:
             >>> import vlens; from PIL import Image

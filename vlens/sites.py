@@ -12,7 +12,7 @@ its hook name is what SAE-Lens and TransformerLens call it:
 | `mlp_in.L`     | `….layers.L.mlp`                         | input  | `blocks.L.hook_mlp_in` (alias `blocks.L.ln2.hook_normalized`) |
 | `mlp_out.L`    | `….layers.L.mlp` (Gemma 3: `….layers.L.post_feedforward_layernorm`) | output | `blocks.L.hook_mlp_out` |
 | `z.L`          | `….layers.L.self_attn.o_proj`            | input, `[batch, seq, heads, d_head]` | `blocks.L.attn.hook_z` |
-| `pattern.L`    | `….layers.L.self_attn` (recomputed)      | `[batch, heads, query, key]` | `blocks.L.attn.hook_pattern` |
+| `pattern.L`    | `….layers.L.self_attn` (its attention function's q, k) | `[batch, heads, query, key]` | `blocks.L.attn.hook_pattern` |
 | `vision.J`     | `model.vision_tower.encoder.layers.J`    | output | `vision.blocks.J.hook_resid_post`|
 | `embed`        | `model.language_model.embed_tokens`      | output | `hook_embed`                     |
 | `projector`    | `model.multi_modal_projector`            | output | `hook_projector`                 |
@@ -33,10 +33,11 @@ outputs before `o_proj`: `o_proj(z.flatten(-2))` is `attn_out` in every
 family except Gemma 3, where it is `attn_out` BEFORE the post-attention norm.
 Grouped-query models have `heads` query heads in `z` and `pattern` (the
 key/value heads are shared, as HF's `repeat_kv` does). `pattern.L` is
-recomputed from the attention block's own inputs (see `vlens.attention`);
-it is read-only: block attention edges with `vlens.attention.knockout`.
-Qwen's M-RoPE, Gemma's q/k norms, sliding windows and image-bidirectional
-masks all come from the model's own code and mask.
+computed from the queries, keys and mask the layer handed its attention
+function (see `vlens.attention`), only for the query rows asked for; it is
+read-only: block attention edges with `vlens.attention.knockout`. Qwen's
+M-RoPE, Gemma's q/k norms, sliding windows and image-bidirectional masks
+all come from the model's own code and mask.
 
     >>> from vlens.sites import parse, hook_name, from_hook_name
     >>> parse(8), parse("resid_post.3").hook_name
