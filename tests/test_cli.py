@@ -56,6 +56,11 @@ def test_harvest_command(tmp_path, capsys):
     store = ActivationStore(tmp_path / "cli")
     assert store.layers == [1, 2] and len(store) == 4 and store.config["model"] == "toy"
     assert "ActivationStore" in capsys.readouterr().out
+    # the paper's text-only pass: every token of the caption alone, BOS included
+    assert main(["harvest", "--model", "toy", "--data", "toy", "--n", "2", "--layers", "1", "--tokens", "image+answer",
+                 "--captions", "--text-only", "--text-tokens", "all", "--out", str(tmp_path / "text")]) == 0
+    text = ActivationStore(tmp_path / "text")
+    assert text.config["text_tokens"] == "all" and len(text.filter(text_only=True)) > 0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -63,6 +68,7 @@ def test_harvest_command(tmp_path, capsys):
     (["harvest", "--layers", "1,a", "--out", "x"], "comma-separated ints"),
     (["harvest", "--layers", "1", "--n", "0", "--out", "x"], "--n must be at least 1"),
     (["harvest", "--layers", "1", "--tokens", "pixels", "--out", "x"], "unknown token selection 'pixels'"),
+    (["harvest", "--layers", "1", "--text-tokens", "pixels", "--out", "x"], "unknown token selection 'pixels'"),
     (["harvest", "--layers", "1", "--site", "resid_mid", "--out", "x"], "--site is resid_pre or resid_post"),
     (["harvest", "--layers", "1", "--dtype", "float17", "--out", "x"], "unknown dtype 'float17'"),
     (["harvest", "--layers", "1", "--data", "/no/such/folder", "--out", "x"], "--data is 'toy' or an image folder"),

@@ -261,6 +261,8 @@ def _harvest_command() -> Callable:
         pool: Optional[str] = typer.Option(None, help="mean: one row per sample"),
         captions: bool = typer.Option(False, "--captions", help="append each sample's caption as the answer"),
         text_only: bool = typer.Option(False, "--text-only", help="also run a text-only pass over the captions"),
+        text_tokens: Optional[str] = typer.Option(None, help="what the text-only pass keeps (default: --tokens); "
+                                                  "all: every token, BOS included, as the paper's code"),
         prompt: str = typer.Option(_default(harvest, "prompt"), help="the prompt, with <image>"),
         batch_size: int = typer.Option(_default(harvest, "batch_size"), help="samples per forward"),
         store_dtype: Optional[str] = typer.Option(None, help="storage dtype, e.g. bfloat16 (default: the model's)"),
@@ -281,7 +283,7 @@ def _harvest_command() -> Callable:
         if pool not in (None, "mean"):
             raise InputError(f"--pool is mean (or absent), not {pool!r}")
         # the harvest's own check of its stream (token selection, storage dtype), before the model loads
-        StreamPlan(tokens, prompt, True, captions, text_only, "", batch_size, store_dtype).check(
+        StreamPlan(tokens, prompt, True, captions, text_only, "", batch_size, store_dtype, text_tokens).check(
             batch_name="--batch-size")
         if not str(out).strip():
             raise InputError("--out must name a directory")
@@ -291,7 +293,7 @@ def _harvest_command() -> Callable:
         vlm = m.load(words=dataset, device=_device(m.device, env))
         store = harvest(vlm, dataset, [f"{site}.{L}" for L in layer_ids], tokens=tokens, pool=pool,
                         batch_size=batch_size, dtype=store_dtype, out=out, prompt=prompt, captions=captions,
-                        text_only=text_only, overwrite=overwrite, progress=env.is_main)
+                        text_only=text_only, text_tokens=text_tokens, overwrite=overwrite, progress=env.is_main)
         if env.is_main:
             print(store)
         distributed.cleanup()
