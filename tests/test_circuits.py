@@ -354,3 +354,27 @@ def test_interventions_forward_checks(case):
     # a small change in the real model moves the logit the way the graph says, to first order
     small = intervene(vlm, tcs, b, g, [f], value=0.99 * float(g.activations[j]))
     assert small.model * small.predicted > 0
+
+
+def test_max_feature_nodes_keeps_a_subgraph_of_the_full_graph(case):
+    vlm, img, b, tcs, g = case
+    small = attribute(vlm, tcs, b, target="red", max_feature_nodes=20, chunk=8, progress=False)
+    assert small.n_features == 20
+    idx = [g.feature_index(*f) for f in small.features.tolist()]
+    assert torch.allclose(small.adjacency[:20, :20], g.adjacency[idx][:, idx], atol=1e-6)
+    rest = list(range(g.n_features, g.adjacency.shape[0]))
+    assert torch.allclose(small.adjacency[20:, 20:], g.adjacency[rest][:, rest], atol=1e-6)
+    total = float(small.adjacency[small.logit_index(0)].sum() + small.dropped_logit_effect[0])
+    assert total == pytest.approx(float(g.logit_values[0]), rel=1e-3, abs=1e-5)
+
+
+def test_the_graph_panel_reads_the_json(case, tmp_path):
+    from vlens import graph_view
+
+    vlm, img, b, tcs, g = case
+    data = graph_view.read_graph(write_graph_files(g, "red", tmp_path))
+    logit = next(n["node_id"] for n in data["nodes"] if n["feature_type"] == "logit")
+    patches = graph_view.patch_influence(data, logit)
+    assert len(patches) == len(g.patch_positions()) - sum(
+        int(k) == vlens.tokens.NEWLINE for k in b.layout.image_token_table()["kind"])
+    assert all(p["influence"] >= 0 for p in patches)

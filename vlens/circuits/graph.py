@@ -60,6 +60,9 @@ class Graph:
     circuit-tracer), `logit_probs` the logit nodes' weights and
     `logit_values` their demeaned logits (`final_norm` at the predicting
     position dotted with `logit_directions`, the demeaned unembedding rows).
+    `dropped_logit_effect`: with `max_feature_nodes`, the direct effect on
+    each logit node of the active features left out (zero otherwise), so
+    `adjacency[logit].sum() + dropped_logit_effect == logit_values`.
     """
 
     adjacency: Float[Tensor, "n n"]
@@ -78,6 +81,7 @@ class Graph:
     prompt: str = ""
     scan: str = "vlens"
     transcoder_list: list[str] = field(default_factory=list)
+    dropped_logit_effect: Float[Tensor, " k"] | None = None
 
     @property
     def n_pos(self) -> int:
@@ -261,9 +265,30 @@ def _rows(state: ReplacementState, y: Tensor, feats: Tensor, dec: Tensor, errors
     return torch.cat([f, e, t], 1)
 
 
+def _visit_order(R: Tensor, row_nodes: Tensor, filled: int, visited: Tensor, probs: Tensor, budget: int,
+                 batch: int) -> Tensor:
+    """The next features to visit: highest influence on the logits through the rows computed so far
+    (circuit-tracer's `compute_partial_influences`: rows [filled, sources], `row_nodes` their node indices)."""
+    normed = R[:filled].abs()
+    normed = normed / normed.sum(1, keepdim=True).clamp(min=1e-8)
+    n_src = R.shape[1]
+    prod = torch.zeros(n_src + len(probs))
+    prod[n_src:] = probs
+    infl = torch.zeros(n_src)
+    for _ in range(128):
+        step = prod[row_nodes[:filled]] @ normed
+        if not step.any():
+            break
+        infl += step
+        prod = torch.cat([step, torch.zeros(len(probs))])
+    infl = infl[: len(visited)]
+    infl[visited] = -1.0
+    return torch.argsort(infl, descending=True)[: min(batch, budget - int(visited.sum()))]
+
+
 def attribute(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: Batch, target: Any = None, *,
-              max_n_logits: int = 10, desired_logit_prob: float = 0.95, images: Sequence[Image.Image] | None = None,
-              chunk: int = 64, progress: bool = True) -> Graph:
+              max_n_logits: int = 10, desired_logit_prob: float = 0.95, max_feature_nodes: int | None = None,
+              images: Sequence[Image.Image] | None = None, chunk: int = 64, progress: bool = True) -> Graph:
     """The attribution graph of one prompt + image: direct effects between all nodes (see the module docs).
 
     `target`: None (the top tokens), a token (str or id) or a pair of tokens
@@ -271,6 +296,11 @@ def attribute(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: B
     `predicting_position` (before the batch's answer, if it has one).
     `images` (the PIL images given to `vlm.prepare`) are kept for the JSON
     export's `vlens_images`. `chunk` targets share one batched backward pass.
+    `max_feature_nodes` keeps only that many features, visited in order of
+    their influence on the logits as circuit-tracer does (every 4 chunks the
+    order is recomputed); the dropped features' edges are dropped with them,
+    so edge sums then fall short of the logit by their direct effects
+    (exact completeness needs every feature: the default).
 
     Example:
         >>> import vlens; from PIL import Image
@@ -280,6 +310,8 @@ def attribute(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: B
         >>> g = attribute(vlm, random_transcoders(vlm, d_sae=8), b, target=("red", "blue"), progress=False)
         >>> g.logit_targets[0][0], g.adjacency.shape[0] == g.logit_index(0) + 1
         ('red − blue', True)
+        >>> attribute(vlm, random_transcoders(vlm, d_sae=8), b, max_feature_nodes=10, progress=False).n_features
+        10
     """
     rm = LocalReplacement(vlm, transcoders)
     state = rm.run(batch)
@@ -287,24 +319,57 @@ def attribute(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: B
     n_pos = pos + 1
     labels, probs, U = logit_targets(vlm, state.logits[pos], target, max_n_logits, desired_logit_prob)
     feats, acts = _active(state, n_pos)
-    W_dec = {L: rm.transcoders[L].W_dec.detach().float() for L in rm.transcoders}
+    n_f, k = len(feats), len(labels)
     W_enc = {L: rm.transcoders[L].W_enc.detach().float() for L in rm.transcoders}
-    dec = torch.stack([W_dec[int(L)][int(f)] for L, _, f in feats.tolist()]) * acts[:, None] if len(feats) else \
-        torch.zeros(0, vlm.d_model)
+    dec = torch.stack([rm.transcoders[L].W_dec[f].detach().float() for L, _, f in feats.tolist()]) * acts[:, None] \
+        if n_f else torch.zeros(0, vlm.d_model)
     errors = torch.stack([e[:n_pos].float() for e in state.errors])
-    n_f = len(feats)
-    N = n_f + (vlm.n_layers + 1) * n_pos + len(labels)
-    A = torch.zeros(N, N)
+    N = n_f + (vlm.n_layers + 1) * n_pos + k
+    budget = n_f if max_feature_nodes is None else min(max_feature_nodes, n_f)
+    # rows: logits first, then features in visiting order (circuit-tracer's edge_matrix + row_to_node_index)
+    R = torch.zeros(k + budget, N - k)
+    row_nodes = torch.zeros(k + budget, dtype=torch.long)
     final = state.final[pos].float()
-    values = final.detach() @ U.T
-    A[N - len(labels):, : N - len(labels)] = _rows(state, final @ U.T, feats, dec, errors, n_pos)
-    with tqdm(total=n_f, desc="feature edges", disable=not progress) as bar:
-        for j in range(0, n_f, chunk):
-            fs = feats[j: j + chunk]
-            x = torch.stack([state.mlp_in[L][p] for L, p, _ in fs.tolist()]).float()
-            enc = torch.stack([W_enc[L][:, f] for L, _, f in fs.tolist()])
-            A[j: j + len(fs), : N - len(labels)] = _rows(state, (x * enc).sum(-1), feats, dec, errors, n_pos)
-            bar.update(len(fs))
+    R[:k] = _rows(state, final @ U.T, feats, dec, errors, n_pos)
+    row_nodes[:k] = torch.arange(N - k, N)
+    visited = torch.zeros(n_f, dtype=torch.bool)
+    filled = k
+    with tqdm(total=budget, desc="feature edges", disable=not progress) as bar:
+        while filled - k < budget:
+            todo = _visit_order(R, row_nodes, filled, visited, probs, budget, 4 * chunk) if budget < n_f \
+                else torch.arange(n_f)
+            for j in range(0, len(todo), chunk):
+                idx = todo[j: j + chunk]
+                x = torch.stack([state.mlp_in[L][p] for L, p, _ in feats[idx].tolist()]).float()
+                enc = torch.stack([W_enc[L][:, f] for L, _, f in feats[idx].tolist()])
+                R[filled: filled + len(idx)] = _rows(state, (x * enc).sum(-1), feats, dec, errors, n_pos)
+                row_nodes[filled: filled + len(idx)] = idx
+                visited[idx] = True
+                filled += len(idx)
+                bar.update(len(idx))
+    return _assemble(vlm, rm, batch, R, row_nodes, visited, feats, acts, labels, probs, final.detach() @ U.T, U,
+                     n_pos, images)
+
+
+def _assemble(vlm: VLM, rm: LocalReplacement, batch: Batch, R: Tensor, row_nodes: Tensor, visited: Tensor,
+              feats: Tensor, acts: Tensor, labels: list, probs: Tensor, values: Tensor, U: Tensor, n_pos: int,
+              images: Sequence[Image.Image] | None) -> Graph:
+    """The square adjacency over the visited features (sorted) and every other node, rows in node order."""
+    n_f, k = len(visited), len(labels)
+    chosen = visited.nonzero()[:, 0]
+    cols = torch.cat([chosen, torch.arange(n_f, R.shape[1])])
+    n = len(cols) + k
+    A = torch.zeros(n, n)
+    feat_rows = R[k:][torch.argsort(row_nodes[k:])]   # visited features in ascending order
+    A[: len(chosen), : n - k] = feat_rows[:, cols]
+    A[n - k:, : n - k] = R[:k][:, cols]
+    g = _graph(vlm, rm, batch, A, feats[chosen], acts[chosen], labels, probs, values, U, n_pos, images)
+    g.dropped_logit_effect = R[:k, :n_f][:, ~visited].sum(1)
+    return g
+
+
+def _graph(vlm: VLM, rm: LocalReplacement, batch: Batch, A: Tensor, feats: Tensor, acts: Tensor, labels: list,
+           probs: Tensor, values: Tensor, U: Tensor, n_pos: int, images: Sequence[Image.Image] | None) -> Graph:
     tok = vlm.processor.tokenizer
     ids = batch.layout.input_ids[0, :n_pos]
     return Graph(adjacency=A.detach(), features=feats, activations=acts, input_ids=ids,
