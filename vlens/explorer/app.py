@@ -186,6 +186,7 @@ def build_app(session: Session) -> Any:
         return _error(e)
 
     _page_routes(app, session)
+    _graph_routes(app, session)
     _view_routes(app, session, jobs, Path(tempfile.mkdtemp(prefix="vlens-explore-latents-")))
     return app
 
@@ -228,6 +229,12 @@ def _page_routes(app: Any, session: Session) -> None:
     async def upload_vector(file: UploadFile = File(...)) -> dict:
         return session.add_vector(await file.read(), file.filename or "vector.pt")
 
+
+def _graph_routes(app: Any, session: Session) -> None:
+    """The graph panel: uploads, what it draws, the stand-alone page, the snippet of a node."""
+    from fastapi import File, UploadFile
+    from fastapi.responses import HTMLResponse
+
     @app.post("/api/graph")
     async def upload_graph(file: UploadFile = File(...)) -> dict:
         return session.graphs.add(await file.read(), file.filename or "graph.json")
@@ -245,6 +252,19 @@ def _page_routes(app: Any, session: Session) -> None:
         if node not in session.graphs.view(gid)["ids"]:
             raise NotFoundError(f"no node {node!r} in graph {gid}: click one of its nodes")
         return {"code": graph_snippet(session.graphs.files[gid], node)}
+
+
+def _latent_of(body: dict, session: Session) -> tuple[int, int | None]:
+    """(latent, layer or None) of a latent request; a layer without a transcoder is refused at once."""
+    try:
+        n = int(body.get("latent", -1))
+        layer = None if body.get("layer") is None else int(body["layer"])
+    except (TypeError, ValueError):
+        raise InputError(f"latent and layer must be integers, not {body.get('latent')!r}, {body.get('layer')!r}"
+                         ) from None
+    if layer is not None:
+        session.graphs.transcoder(layer)
+    return n, layer
 
 
 async def _body(request: Any) -> dict:
@@ -293,15 +313,7 @@ def _view_routes(app: Any, session: Session, jobs: Jobs, latents_dir: Path) -> N
 
     @app.post("/api/latent")
     async def latent(request: Request, wait: int = 0) -> Any:
-        body = await _body(request)
-        try:
-            n = int(body.get("latent", -1))
-            layer = None if body.get("layer") is None else int(body["layer"])
-        except (TypeError, ValueError):
-            raise InputError(f"latent and layer must be integers, not {body.get('latent')!r}, "
-                             f"{body.get('layer')!r}") from None
-        if layer is not None:
-            session.graphs.transcoder(layer)  # a layer without a transcoder is refused at once
+        n, layer = _latent_of(await _body(request), session)
         folder = f"latent-{n}" if layer is None else f"layer-{layer}-latent-{n}"
 
         def run() -> dict:
