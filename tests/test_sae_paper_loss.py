@@ -219,9 +219,12 @@ def test_old_paper_checkpoint_resumes_with_its_own_loss(tmp_path):
         resumed = vs.train(x, "paper", checkpoint_dir=tmp_path / "ck", **kw)
     old_loss = vs.train(x, "paper", detach_decoder_norm=False, coefficient_warmup_from_zero=False, **kw)
     new_loss = vs.train(x, "paper", **kw)
+    # The fixture's first two steps ran on another CPU, whose BLAS kernels round differently in the last bits
+    # (measured here on an AMD EPYC: at most 2e-8 apart), so "the same loss" is a tolerance far below the gap
+    # to the other loss (at least 2e-3 in every parameter).
     for k, v in old_loss.state_dict().items():
-        assert torch.equal(v, resumed.state_dict()[k]), k
-    assert not torch.equal(new_loss.W_dec, resumed.W_dec)
+        assert (v - resumed.state_dict()[k]).abs().max() < 1e-6, k
+        assert (new_loss.state_dict()[k] - resumed.state_dict()[k]).abs().max() > 1e-3, k
     meta = resumed.cfg.metadata.vlens_training
     assert meta["config"]["detach_decoder_norm"] is False and meta["loss"].startswith("SAE-Lens standard")
     assert new_loss.cfg.metadata.vlens_training["loss"].startswith("paper code")
