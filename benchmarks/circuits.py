@@ -114,7 +114,6 @@ def kept_share(g):
 
 
 def faithfulness(vlm, tcs, b, g, k: int):
-    idx = g.logit_index(0)
     preds = []
     for j in range(g.n_features):
         f = tuple(g.features[j].tolist())
@@ -124,7 +123,6 @@ def faithfulness(vlm, tcs, b, g, k: int):
     for j in order.tolist():
         r = intervene(vlm, tcs, b, g, [tuple(g.features[j].tolist())])
         rows.append((r.predicted, r.replacement, r.model))
-    del idx
     return rows
 
 

@@ -47,7 +47,9 @@ def case():
     return vlm, img, b, tcs, g
 
 
-@pytest.mark.parametrize("family,skip", [("llava-next", False), ("llava-next", True), ("gemma3", False)])
+@pytest.mark.parametrize("family,skip", [("llava-next", False), ("llava-next", True), ("gemma3", False),
+                                         ("llava", False), ("llava-onevision", False), ("qwen2.5-vl", False),
+                                         ("qwen3-vl", False)])
 def test_replacement_model_reproduces_hf_logits(family, skip):
     vlm = vlens.tiny(family=family, n_layers=2, words=["red"])
     b = vlm.prepare(["<image>\nred"], [Image.new("RGB", (32, 32), "blue")])
@@ -378,3 +380,15 @@ def test_the_graph_panel_reads_the_json(case, tmp_path):
     assert len(patches) == len(g.patch_positions()) - sum(
         int(k) == vlens.tokens.NEWLINE for k in b.layout.image_token_table()["kind"])
     assert all(p["influence"] >= 0 for p in patches)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llava", "llava-onevision", "qwen2.5-vl"])
+def test_completeness_in_other_families(family):
+    vlm = vlens.tiny(family=family, n_layers=2, words=["red"])
+    b = vlm.prepare(["<image>\nred"], [Image.new("RGB", (32, 32), "red")])
+    g = attribute(vlm, random_transcoders(vlm, d_sae=4), b, target="red", progress=False)
+    with torch.no_grad():
+        logits = vlm.hf_model(**b.inputs).logits[0, g.position]
+    red = vlm.processor.tokenizer.encode("red", add_special_tokens=False)[0]
+    want = float(logits[red] - logits.mean())
+    assert float(g.adjacency[g.logit_index(0)].sum()) == pytest.approx(want, rel=1e-3, abs=1e-5)

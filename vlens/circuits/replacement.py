@@ -38,6 +38,12 @@ difference: circuit-tracer's error vector is `mlp_out - (Σ a W_dec + skip +
 b_dec)` and the decoder bias is then no node; here `b_dec` is folded into the
 error node, so the graph's edge sums reproduce the target logit exactly.
 
+Families: the logits are exact in every family's tiny build (tested). Qwen3-VL's
+"deepstack" adds visual features into the residual stream after its first
+layers; those additions are no node of the graph here (they are constants of
+the linear model), so its graphs' edge sums miss them (0.6% of the logit in
+the tiny build) and its completeness is not exact.
+
     >>> import vlens, torch; from PIL import Image
     >>> from vlens.circuits.replacement import LocalReplacement, random_transcoders
     >>> vlm = vlens.tiny(n_layers=2)
@@ -325,7 +331,7 @@ class LocalReplacement:
                 x0 = frozen.mlp_in[L].detach().to(W.dtype)
                 delta = (acts - frozen.acts[L]) @ W + skip_term(tc, x.to(W.dtype)) - skip_term(tc, x0)
                 new = (frozen.mlp_out[L].to(W.dtype) + delta).to(out.dtype)
-            st.mlp_out.append(out[0].detach())
+            st.mlp_out.append(new.detach())   # the replacement's MLP output (= the MLP's, unedited)
             st.acts.append(acts.detach())
             st.errors.append(err.detach())
             return new[None]
