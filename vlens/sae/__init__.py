@@ -13,10 +13,11 @@ SAE-Lens format (`export`, `load`, `convert_paper_checkpoint`,
 | `modality`   | `ModalityStats`, `as_multimodal`, `modality_stats`, sharing by layer, plots  |
 | `standard`   | the paper's SAE as a registered SAE-Lens training class; its fused step      |
 | `topk`       | the fused TopK step (sparse decoder products, AuxK on dead latents)          |
+| `transcoder` | transcoders (mlp_in → mlp_out): training classes, `TopKTranscoder`, specs    |
 | `fused`      | which architectures take a fused step, and the dispatch                      |
 | `data`       | activation sources (tensors, stores, iterables)                              |
 | `training`   | `config`, `trainer` (the loop, `Stepper`), `multi` (`train_many`), `buffer`  |
-| `evals`      | `evaluate`, `loss_recovered`                                                 |
+| `evals`      | `evaluate`, `loss_recovered`; transcoders: per layer, whole-model replacement |
 | `io`         | `export`, `load`, converters                                                 |
 | `dashboards` | `dashboard`: static HTML pages per latent                                    |
 
@@ -31,7 +32,7 @@ from ..errors import NonFiniteActivations
 from .dashboards import dashboard
 from ..roles import IMAGE, TEXT
 from .sources import StoreSource, TensorSource, as_source
-from .evals import evaluate, loss_recovered, sae_bench_core
+from .evals import evaluate, evaluate_transcoders, loss_recovered, replacement_loss_recovered, sae_bench_core
 from .features import export_features, feature_logits
 from .io import convert_paper_checkpoint, convert_sparsify_checkpoint, convert_sparsify_run, export, load, site_of
 from .modality import (
@@ -46,6 +47,7 @@ from .modality import (
     sharing_by_layer,
 )
 from .standard import PaperTrainingSAE, PaperTrainingSAEConfig, fused_standard_step
+from .transcoder import is_transcoder, transcoder_specs
 from .training import PRESETS, ArchitectureConfig, TrainConfig, TrainerConfig, make_training_sae, train, train_many
 
 __all__ = [
@@ -57,4 +59,5 @@ __all__ = [
     "NonFiniteActivations", "evaluate", "loss_recovered", "sae_bench_core", "export_features", "feature_logits",
     "convert_sparsify_run", "site_of", "firing_density",
     "export", "load", "convert_paper_checkpoint", "convert_sparsify_checkpoint", "dashboard",
+    "transcoder_specs", "is_transcoder", "evaluate_transcoders", "replacement_loss_recovered",
 ]

@@ -26,6 +26,11 @@ SAE-Bench's names: `ce_loss_score` (= loss recovered), `ce_loss_with_sae`,
 `ce_loss_without_sae`, `ce_loss_with_ablation`, `total_tokens_eval_reconstruction`.
 `sae_bench_core` nests one group of both results as SAE-Bench's `eval_result_metrics`.
 
+Transcoders (`vlens.sae.transcoder`): `evaluate_transcoders(vlm, transcoders, samples)` gives
+the same metrics per layer and modality for the prediction of `mlp_out.L` from `mlp_in.L`
+on the clean model; `replacement_loss_recovered(vlm, transcoders, samples)` replaces every
+MLP by its transcoder in one forward, with and without error terms.
+
 Why not SAE-Lens's `sae_lens.evals`: it runs a TransformerLens `HookedTransformer` on text
 token batches; a VLM runs through nnsight with images, and the metrics here are split by
 modality.
@@ -41,13 +46,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import InputError, NonFiniteActivations
-from ..interventions import ablate, splice_sae
+from ..activations import read_layers
+from ..interventions import ablate, splice_sae, splice_transcoder
 from ..prompts import QUESTION
 from ..roles import IMAGE, TEXT
 from ..scoring import bos_id, score_answers
-from ..sites import SiteLike
+from ..sites import Site, SiteLike, from_hook_name
 from .sources import as_source
 from .io import site_of
+from .transcoder import is_transcoder
 
 if TYPE_CHECKING:
     from ..model import VLM
@@ -305,3 +312,145 @@ def sae_bench_core(*results: dict[str, dict[str, float]], group: str = "overall"
         flat.update(r[group])
     out = {cat: {k: flat[k] for k in keys if k in flat} for cat, keys in SAE_BENCH_CORE.items()}
     return {cat: fields for cat, fields in out.items() if fields}
+
+
+# -- transcoders ---------------------------------------------------------------------------------
+
+
+def _by_layer(vlm: "VLM", transcoders: Any) -> list[tuple[int, SAE, Site, Site]]:
+    """(layer, transcoder, input site, output site), in layer order; a layer twice, or no hook names, refused."""
+    items = list(transcoders.values()) if isinstance(transcoders, dict) else list(transcoders)
+    if not items:
+        raise InputError("no transcoders given: pass {name: transcoder} or a list (e.g. vlens.sae.train_many's result)")
+    out = []
+    for tc in items:
+        meta = tc.cfg.metadata
+        if not is_transcoder(tc) or not meta.hook_name or not meta.hook_name_out:
+            raise InputError(f"{type(tc).__name__} is not a transcoder that names its sites: a transcoder sets "
+                             "cfg.metadata.hook_name (blocks.L.hook_mlp_in) and hook_name_out (blocks.L.hook_mlp_out)")
+        site_in, site_out = vlm.site(from_hook_name(meta.hook_name)), vlm.site(from_hook_name(meta.hook_name_out))
+        out.append((int(site_out.index), tc, site_in, site_out))
+    layers = [x[0] for x in out]
+    if len(set(layers)) != len(layers):
+        raise InputError(f"two transcoders write the same layer's MLP output (layers {sorted(layers)}): one per layer")
+    return sorted(out, key=lambda x: x[0])
+
+
+def _batches(vlm: "VLM", samples: Sequence[Any], prompt: str, batch_size: int, desc: str, progress: bool):
+    """Image + caption batches of `samples` (the caption is the answer), with a progress bar."""
+    missing = [i for i, s in enumerate(samples) if getattr(s, "caption", None) is None or getattr(s, "image", None) is None]
+    if missing:
+        raise InputError(f"samples {missing[:5]} lack an image or a caption; transcoder evaluation needs both")
+    for s in tqdm(range(0, len(samples), batch_size), desc=desc, disable=(not progress) or None):
+        part = samples[s: s + batch_size]
+        yield vlm.prepare([prompt] * len(part), [x.image for x in part], answers=[x.caption for x in part])
+
+
+@torch.no_grad()
+def evaluate_transcoders(vlm: "VLM", transcoders: Any, samples: Sequence[Any], *, prompt: str = QUESTION,
+                         batch_size: int = 8, progress: bool = True) -> dict[str, dict[str, dict[str, float]]]:
+    """Each transcoder's prediction of its MLP's output on the clean model, overall and per modality.
+
+    For every transcoder (layer L), on the image and caption tokens of `samples`: the
+    metrics of `evaluate` with x̂ the prediction from `mlp_in.L` and x the MLP's true
+    output `mlp_out.L` (`explained_variance` of mlp_out, `l0`, `dead`, `mse`, ...). Returns
+    `{"layer L": {"overall" | "image" | "text": metrics}}`.
+
+    Example:
+        >>> import vlens
+        >>> from PIL import Image
+        >>> from vlens.data import Sample
+        >>> from vlens.sae.transcoder import transcoder_specs
+        >>> vlm = vlens.tiny(words=["a", "red", "square"])
+        >>> data = [Sample(Image.new("RGB", (32, 32), (90 * i, 0, 0)), caption="a red square") for i in range(3)]
+        >>> tcs = vlens.sae.train_many(vlm, data, transcoder_specs(vlm, "topk", [1], k=4, d_sae=32), steps=2,
+        ...                            batch_size=32, buffer=32, progress=False, tokens="image+answer", captions=True)
+        >>> r = evaluate_transcoders(vlm, tcs, data, progress=False)
+        >>> sorted(r), r["layer 1"]["image"]["l0"]
+        (['layer 1'], 4.0)
+    """
+    layers = _by_layer(vlm, transcoders)
+    groups = {L: {g: _Group(tc.cfg.d_sae) for g in ("overall", "image", "text")} for L, tc, _, _ in layers}
+    sites = [s for _, _, si, so in layers for s in (si, so)]
+    for batch in _batches(vlm, samples, prompt, batch_size, "evaluate transcoders", progress):
+        lay = batch.layout
+        mask = lay.image | lay.answer
+        acts = read_layers(vlm, batch, sites, tokens=mask, dtype=torch.float32)
+        image = lay.image[mask].to(torch.bool)
+        for L, tc, si, so in layers:
+            x = acts[si].to(tc.device, tc.dtype)
+            y = acts[so].to(tc.device, tc.dtype)
+            f = tc.encode(x)
+            y_hat = tc(x)  # with a skip transcoder's affine term
+            for g, sel in (("overall", None), ("image", image), ("text", ~image)):
+                if sel is None:
+                    groups[L][g].add(y, y_hat, f)
+                else:
+                    sel = sel.to(y.device)
+                    groups[L][g].add(y[sel], y_hat[sel], f[sel])
+    return {f"layer {L}": {g: acc.result(tc.cfg.d_sae) for g, acc in groups[L].items()} for L, tc, _, _ in layers}
+
+
+@torch.no_grad()
+def replacement_loss_recovered(vlm: "VLM", transcoders: Any, samples: Sequence[Any], *, prompt: str = QUESTION,
+                               batch_size: int = 8, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Loss recovered when every MLP that has a transcoder is replaced by it, with and without error terms.
+
+    In one forward, each layer's `mlp_out` at the selected tokens becomes its transcoder's
+    prediction from that layer's (already changed) `mlp_in` (`vlens.interventions.splice_transcoder`,
+    layer by layer). With error terms (`ce_with_error`) the MLP's true output minus the
+    prediction is added back, so the forward is the clean one and `ce_with_error` equals
+    `ce_clean`. Loss recovered = 1 − (CE_replaced − CE_clean) / (CE_zero − CE_clean), CE_zero
+    with every such MLP's output zero-ablated at the same tokens. Groups as `loss_recovered`:
+    "overall" (image and caption tokens), "image", "text"; `layers` lists the replaced layers.
+
+    Example:
+        >>> import vlens
+        >>> from PIL import Image
+        >>> from vlens.data import Sample
+        >>> from vlens.sae.transcoder import transcoder_specs
+        >>> vlm = vlens.tiny(words=["a", "red", "square"])
+        >>> data = [Sample(Image.new("RGB", (32, 32), (90 * i, 0, 0)), caption="a red square") for i in range(3)]
+        >>> tcs = vlens.sae.train_many(vlm, data, transcoder_specs(vlm, "standard", d_sae=32), steps=2,
+        ...                            batch_size=32, buffer=32, progress=False, tokens="image+answer", captions=True)
+        >>> r = replacement_loss_recovered(vlm, tcs, data, progress=False)
+        >>> r["overall"]["layers"], abs(r["overall"]["ce_with_error"] - r["overall"]["ce_clean"]) < 1e-4
+        ([0, 1, 2, 3], True)
+    """
+    layers = _by_layer(vlm, transcoders)
+    for _, tc, _, _ in layers:
+        tc.to(vlm.device)
+    groups = ("overall", "image", "text")
+    kinds = ("clean", "replaced", "with_error", "zero")
+    sums = {g: {k: [0.0, 0] for k in kinds} for g in groups}
+
+    def ce(batch: Any, edit: Any = None) -> tuple[float, int]:
+        logprob, count = score_answers(vlm, batch, edit)
+        return -float(logprob.sum()), int(count.sum())
+
+    for batch in _batches(vlm, samples, prompt, batch_size, "replacement loss", progress):
+        lay = batch.layout
+        clean = ce(batch)
+        for g, mask in (("overall", lay.image | lay.answer), ("image", lay.image), ("text", lay.answer)):
+            def splice(error: bool, mask: Tensor = mask, batch: Any = batch) -> None:
+                for _, tc, _, _ in layers:
+                    splice_transcoder(vlm, tc, batch=batch, tokens=mask, error=error)
+
+            def zero(mask: Tensor = mask, batch: Any = batch) -> None:
+                for _, _, _, so in layers:
+                    ablate(vlm, so, batch=batch, tokens=mask)
+
+            runs = {"clean": clean, "replaced": ce(batch, lambda: splice(False)),
+                    "with_error": ce(batch, lambda: splice(True)), "zero": ce(batch, zero)}
+            for k, (total, count) in runs.items():
+                sums[g][k][0] += total
+                sums[g][k][1] += count
+    out: dict[str, dict[str, Any]] = {}
+    for g in groups:
+        mean = {k: v[0] / max(v[1], 1) for k, v in sums[g].items()}
+        denom = mean["zero"] - mean["clean"]
+        recovered = 1 - (mean["replaced"] - mean["clean"]) / denom if abs(denom) > 1e-12 else float("nan")
+        out[g] = {"ce_clean": mean["clean"], "ce_replaced": mean["replaced"], "ce_with_error": mean["with_error"],
+                  "ce_zero": mean["zero"], "loss_recovered": recovered, "n_tokens": sums[g]["clean"][1],
+                  "layers": [L for L, _, _, _ in layers]}
+    return out

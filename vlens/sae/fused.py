@@ -64,11 +64,14 @@ def has_fused_step(architecture: str, d_sae: int, k: float | None = None) -> boo
 
 
 def fused_step(sae: Any, x: Float[Tensor, "batch d_in"], coefficient: float,
-               dead: Bool[Tensor, " d_sae"] | None = None) -> tuple[StepStats, tuple[Tensor, Tensor, Tensor, Tensor]]:
+               dead: Bool[Tensor, " d_sae"] | None = None,
+               target: Float[Tensor, "batch d_out"] | None = None) -> tuple[StepStats, tuple[Tensor, ...]]:
     """Loss statistics and `(dW_enc, db_enc, dW_dec, db_dec)` of SAE-Lens training SAE `sae` on batch `x`.
 
     `coefficient` is the L1 coefficient (standard / paper); `dead` the dead-latent mask
     (TopK's AuxK loss). Settings come from `sae.cfg`, as SAE-Lens's own training pass reads them.
+    For a transcoder (`vlens.sae.transcoder`) `target` is the output it predicts; a skip
+    transcoder's `x W_skipᵀ` is taken off the target first, and `dW_skip` is a fifth gradient.
 
     Example:
         >>> import torch
@@ -82,12 +85,20 @@ def fused_step(sae: Any, x: Float[Tensor, "batch d_in"], coefficient: float,
     # the step's [batch, d_sae] temporaries live as long as the SAE (`workspace_buffer` says why)
     workspace = sae.__dict__.setdefault("_vlens_fused_workspace", _Workspace())
     W_enc, b_enc, W_dec, b_dec = sae.W_enc.data, sae.b_enc.data, sae.W_dec.data, sae.b_dec.data
+    W_skip = sae.W_skip.data if hasattr(sae, "W_skip") else None
+    goal = target if W_skip is None else (x if target is None else target) - x @ W_skip.T
     arch = c.architecture()
     if arch in ("vlens_paper", "standard"):
-        return fused_standard_step(W_enc, b_enc, W_dec, b_dec, x, coefficient, c.apply_b_dec_to_input, workspace,
-                                   detach_decoder_norm=getattr(c, "detach_decoder_norm", False))
-    if arch == "topk":
-        return fused_topk_step(W_enc, b_enc, W_dec, b_dec, x, int(c.k), c.apply_b_dec_to_input,
-                               c.rescale_acts_by_decoder_norm, dead, c.aux_loss_coefficient, workspace)
-    raise InputError(f"no fused step for the {arch!r} architecture: train it with fused=False "
-                     "(SAE-Lens's autograd training pass); see vlens.sae.fused.has_fused_step")
+        stats, grads = fused_standard_step(W_enc, b_enc, W_dec, b_dec, x, coefficient, c.apply_b_dec_to_input,
+                                           workspace, detach_decoder_norm=getattr(c, "detach_decoder_norm", False),
+                                           target=goal)
+    elif arch == "topk":
+        stats, grads = fused_topk_step(W_enc, b_enc, W_dec, b_dec, x, int(c.k), c.apply_b_dec_to_input,
+                                       c.rescale_acts_by_decoder_norm, dead, c.aux_loss_coefficient, workspace,
+                                       target=goal)
+    else:
+        raise InputError(f"no fused step for the {arch!r} architecture: train it with fused=False "
+                         "(SAE-Lens's autograd training pass); see vlens.sae.fused.has_fused_step")
+    if W_skip is not None:
+        grads = (*grads, stats.g_out.T @ x)  # type: ignore[union-attr]
+    return stats, grads

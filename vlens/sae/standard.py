@@ -122,6 +122,7 @@ class StepStats:
     l0: Tensor
     sse: Tensor  # Σ squared error
     n_active: int
+    g_out: Tensor | None = None  # [batch, d_out]: d loss / d x̂ of the reconstruction term (a skip term's gradient)
 
 
 _SPARSE_DENSITY = 0.15  # below this fraction of active (token, latent) pairs, use the sparse kernels
@@ -167,6 +168,7 @@ def fused_standard_step(
     apply_b_dec_to_input: bool,
     workspace: dict | None = None,
     detach_decoder_norm: bool = False,
+    target: Float[Tensor, "batch d_out"] | None = None,
 ) -> tuple[StepStats, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Loss and gradients of the standard SAE on one batch, without autograd.
 
@@ -176,6 +178,7 @@ def fused_standard_step(
     `StandardTrainingSAE.training_forward_pass` (`lp_norm=1`), whose gradient on W_dec
     has the extra term λ/B · (Σ_t f_ti) · W_dec,i/||W_dec,i||. `workspace`: a dict kept
     across steps for the [batch, d_sae] temporaries (`workspace_buffer`); same results.
+    `target`: what x̂ reconstructs (a transcoder's output rows, `vlens.sae.transcoder`); default `x`.
 
     Example:
         >>> import torch
@@ -188,6 +191,7 @@ def fused_standard_step(
     """
     B = x.shape[0]
     sae_in = x - b_dec if apply_b_dec_to_input else x
+    goal = x if target is None else target
     m = W_enc.shape[1]
     pre = torch.addmm(b_enc, sae_in, W_enc, out=workspace_buffer(workspace, "pre", (B, m), x))  # [B, m]
     active = torch.gt(pre, 0, out=workspace_buffer(workspace, "active", (B, m), x, torch.bool))
@@ -205,7 +209,7 @@ def fused_standard_step(
         counts_r = torch.bincount(r, minlength=B)
         offs_r = counts_r.cumsum(0) - counts_r
         x_hat = F.embedding_bag(j, W_dec, offs_r, per_sample_weights=vals, mode="sum") + b_dec
-        err = x_hat - x
+        err = x_hat - goal
         g_xhat = err * (2.0 * inv_b)
         order = torch.argsort(j, stable=True)
         flat_o, j_o, r_o = flat[order], j[order], r[order]
@@ -224,7 +228,7 @@ def fused_standard_step(
     else:
         f = torch.clamp_min(pre, 0, out=workspace_buffer(workspace, "f", (B, m), x))
         x_hat = torch.addmm(b_dec, f, W_dec)
-        err = x_hat - x
+        err = x_hat - goal
         g_xhat = err * (2.0 * inv_b)
         g_pre = torch.addmm(dec_norm.unsqueeze(0) * (l1_coefficient * inv_b), g_xhat, W_dec.T,
                             out=workspace_buffer(workspace, "g_pre", (B, m), x))
@@ -249,5 +253,6 @@ def fused_standard_step(
         l0=torch.tensor(n_active * inv_b),
         sse=sse,
         n_active=n_active,
+        g_out=g_xhat,
     )
     return stats, (dW_enc, db_enc, dW_dec, db_dec)

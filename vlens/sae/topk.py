@@ -73,6 +73,7 @@ def fused_topk_step(
     dead: Bool[Tensor, " d_sae"] | None = None,
     aux_coefficient: float = 1.0,
     workspace: dict | None = None,
+    target: Float[Tensor, "batch d_out"] | None = None,
 ) -> tuple[StepStats, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Loss and gradients of SAE-Lens's TopK training SAE on one batch, without autograd.
 
@@ -81,6 +82,8 @@ def fused_topk_step(
     activation. `dead` is the [d_sae] bool mask of dead latents (SAE-Lens's
     `dead_neuron_mask`); None or all False means no auxiliary loss. `workspace`: a dict
     kept across steps for the [batch, d_sae] pre-activations (`vlens.sae.standard.workspace_buffer`).
+    `target`: what x̂ reconstructs (a transcoder's output rows); default `x`. AuxK's k_aux is
+    half the target's width, as SAE-Lens reads it from the reconstruction target.
 
     Example:
         >>> import torch
@@ -96,7 +99,7 @@ def fused_topk_step(
     inv_b = 1.0 / B
     rescale = rescale_acts_by_decoder_norm
     # the forward as SAE-Lens writes it (in place, same values), so the top-k picks the same latents
-    sae_in = x - b_dec * apply_b_dec_to_input
+    sae_in = x - b_dec if apply_b_dec_to_input else x  # (x − 0·b_dec is x bit for bit)
     hidden = torch.mm(sae_in, W_enc, out=workspace_buffer(workspace, "pre", (B, m), x))  # the one dense product
     hidden += b_enc
     norm = W_dec.norm(dim=-1)
@@ -108,7 +111,8 @@ def fused_topk_step(
     a = v.relu()
     c = a * inv_norm[idx] if rescale else a  # decoder coefficients of the k latents
     x_hat = F.embedding_bag(idx, W_dec, per_sample_weights=c, mode="sum") + b_dec
-    err = x_hat - x
+    goal = x if target is None else target
+    err = x_hat - goal
     sse = err.pow(2).sum()
     g_xhat = err * (2.0 * inv_b)
 
@@ -128,7 +132,7 @@ def fused_topk_step(
     n_dead = int(dead.sum()) if dead is not None else 0
     if n_dead:
         # AuxK on the dead latents' columns: dense products of width n_dead
-        k_aux = x.shape[1] // 2
+        k_aux = goal.shape[1] // 2
         scale = min(n_dead / k_aux, 1.0)
         k_aux = min(k_aux, n_dead)
         cols = dead.nonzero().squeeze(1)
@@ -157,5 +161,6 @@ def fused_topk_step(
         db_dec = db_dec - db_enc @ W_enc.T
     fired = torch.zeros(m, dtype=torch.bool, device=x.device)
     fired[idx[live]] = True
-    stats = StepStats(mse=sse * inv_b, l1=aux, fired=fired, l0=live.sum() * inv_b, sse=sse, n_active=int(idx.numel()))
+    stats = StepStats(mse=sse * inv_b, l1=aux, fired=fired, l0=live.sum() * inv_b, sse=sse, n_active=int(idx.numel()),
+                      g_out=g_xhat)
     return stats, (dW_enc_t.T, db_enc, dW_dec, db_dec)

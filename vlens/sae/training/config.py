@@ -42,6 +42,7 @@ from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 from ...errors import InputError
 from .. import standard as _standard  # noqa: F401  (registers "vlens_paper" with SAE-Lens)
 from ..fused import has_fused_step
+from ..transcoder import TRANSCODER_ARCHITECTURES, training_transcoder
 
 TRAINING_ARCHITECTURES = ("vlens_paper", "standard", "topk", "batchtopk", "jumprelu")
 
@@ -66,6 +67,11 @@ class ArchitectureConfig:
     #: gradient, as the paper's code reads them (`fc2.weight.data`); False is SAE-Lens's form
     #: (the penalty's gradient reaches W_dec through its norms). See `vlens.sae.standard`.
     detach_decoder_norm: bool = True
+    #: a transcoder (`vlens.sae.transcoder`): reads one site, predicts another of width `d_out`
+    #: (0: d_in), with SAE-Lens's skip connection when `skip`. Left out of `to_dict` for SAEs.
+    transcoder: bool = False
+    skip: bool = False
+    d_out: int = 0
 
 
 @dataclass
@@ -148,7 +154,10 @@ FIELDS = (
     "detach_decoder_norm", "coefficient_warmup_from_zero",
     # added with the reproduction options (issue 23); absent in older checkpoints: the default
     "steps_per_chunk", "scale_mode",
+    # added in vlens 0.4 (issue 25): transcoders; written only for transcoders (`TrainConfig.to_dict`)
+    "transcoder", "skip", "d_out",
 )
+TRANSCODER_FIELDS = ("transcoder", "skip", "d_out")
 #: The loss fields' values of checkpoints written before they existed (SAE-Lens's penalty
 #: gradient through the decoder norms, λ warmed up from λ/W).
 LEGACY_LOSS = {"detach_decoder_norm": False, "coefficient_warmup_from_zero": False}
@@ -222,7 +231,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The flat dict of every field (vlens 0.1's format: checkpoints, `vlens_training` metadata)."""
         both = {**asdict(self.sae), **asdict(self.trainer)}
-        return {k: both[k] for k in FIELDS}
+        return {k: both[k] for k in FIELDS if self.sae.transcoder or k not in TRANSCODER_FIELDS}
 
     @classmethod
     def from_dict(cls, flat: dict[str, Any]) -> "TrainConfig":
@@ -318,6 +327,14 @@ class TrainConfig:
         if a.detach_decoder_norm and a.architecture != "vlens_paper":
             rules.append(("detach_decoder_norm", False, "only the vlens_paper architecture detaches the decoder norms "
                           "in its penalty (the paper's code); use architecture='vlens_paper' or False"))
+        if a.transcoder:
+            rules += [("architecture", a.architecture in TRANSCODER_ARCHITECTURES,
+                       f"transcoders train as {', '.join(TRANSCODER_ARCHITECTURES)}"),
+                      ("apply_b_dec_to_input", not a.apply_b_dec_to_input,
+                       "a transcoder's b_dec lives in the output space: set it False"),
+                      ("d_out", count(a.d_out, 0), "the output width (0: d_in)")]
+        elif a.skip:
+            rules.append(("skip", False, "only transcoders have a skip connection (transcoder=True)"))
         if a.architecture == "jumprelu":
             rules += [("jumprelu_init_threshold", real(a.jumprelu_init_threshold, 0.0, open_low=True), "> 0"),
                       ("jumprelu_bandwidth", real(t.jumprelu_bandwidth, 0.0, open_low=True), "> 0")]
@@ -369,6 +386,12 @@ def make_training_sae(cfg: TrainConfig, metadata: dict[str, Any] | None = None) 
         ('TopKTrainingSAE', 4)
     """
     arch = cfg.sae.architecture
+    if cfg.sae.transcoder:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.trainer.seed)
+            k = int(cfg.sae.k) if arch == "topk" else cfg.sae.k
+            return training_transcoder(arch, **{**cfg.to_dict(), "k": k},
+                                       metadata=SAEMetadata(**(metadata or {})))
     if arch not in TRAINING_ARCHITECTURES:
         raise InputError(f"unknown architecture {arch!r}: use one of {TRAINING_ARCHITECTURES}")
     sae_cls, cfg_cls = get_sae_training_class(arch)

@@ -85,6 +85,7 @@ class _Run:
     buffer: ShuffleBuffer
     every: int
     scaled: bool = False
+    target: Site | None = None  # a transcoder's output site (its buffer rows are [input | target])
 
     @property
     def done(self) -> bool:
@@ -136,7 +137,10 @@ def train_many(
             A spec is a preset name, a `TrainConfig`, or a dict with `site`, `preset`, `d_sae`,
             `expansion`, `buffer`, `steps`, `n_tokens` and any training field (`k`, `lr`,
             `batch_size`, `seed`, `shuffle`, ...).
-            Sites are `resid_pre.L` (an int L) or `resid_post.L`.
+            Sites are `resid_pre.L` (an int L) or any vector site (`resid_post.L`, `mlp_in.L`, ...).
+            A spec with a `target` site trains a transcoder that reads `site` and predicts
+            `target` (`{"site": "mlp_in.3", "target": "mlp_out.3", "preset": "topk", "skip": True}`;
+            `vlens.sae.transcoder_specs` writes one per layer; see `vlens.sae.transcoder`).
         tokens, prompt, template, captions, text_only, text_prompt: the token stream, as for `vlens.harvest`.
         forward_batch_size: samples per forward pass.
         dtype: dtype the activations are read and buffered in (default: the model's).
@@ -196,7 +200,7 @@ def train_many(
             active = [r for r in runs if not r.done]
             if not active:
                 break
-            acts, mod = stream.read(position, _order(vlm, {r.site for r in active}))
+            acts, mod = stream.read(position, _order(vlm, _sites(active)))
             if mod is None:
                 empty += 1
                 if empty >= stream.per_epoch:
@@ -206,7 +210,7 @@ def train_many(
                 if mod is not None:
                     empty = 0
                     for r in active:
-                        r.buffer.add(acts[r.site], mod)
+                        r.buffer.add(_rows(r, acts), mod)
                 position += 1  # a Ctrl-C during the forward itself loses nothing: it is read again
     except KeyboardInterrupt:
         if ckdir is not None:
@@ -224,8 +228,9 @@ def train_many(
     out = {r.name: finish(r.stepper.sae, r.cfg, r.stepper.state, None, r.stepper.metrics, elapsed, 0, shared_range,
                            device, progress) for r in runs}
     for r in runs:  # the shared stream: forwards run for the whole run (this call and those it resumed)
-        out[r.name].cfg.metadata.vlens_training["stream"] = {"forwards": position, "site": r.site.name,
-                                                             "buffer": r.buffer.capacity, "saes": len(runs)}
+        out[r.name].cfg.metadata.vlens_training["stream"] = {
+            "forwards": position, "site": r.site.name, "buffer": r.buffer.capacity, "saes": len(runs),
+            **({"target": r.target.name} if r.target is not None else {})}
     if stats_tokens:
         for name, stats in _modality_stats(stream, runs, out, stats_tokens, shared_range).items():
             as_multimodal(out[name], stats)
@@ -236,6 +241,16 @@ def _order(vlm: "VLM", sites: set[Site]) -> list[Site]:
     """`sites` in execution order (a fixed order: the keys of each forward's activations)."""
     names = vlm.sites
     return sorted(sites, key=lambda s: names.index(s.name))
+
+
+def _sites(runs: list[_Run]) -> set[Site]:
+    """Every site the runs read: each one's input, and a transcoder's target."""
+    return {r.site for r in runs} | {r.target for r in runs if r.target is not None}
+
+
+def _rows(r: _Run, acts: dict[Site, Tensor]) -> Tensor:
+    """The rows run `r` buffers from one forward: its site's, or a transcoder's [input | target] side by side."""
+    return acts[r.site] if r.target is None else torch.cat([acts[r.site], acts[r.target]], dim=1)
 
 
 def _items(saes: Any) -> list[tuple[str | None, Any, Any]]:
@@ -281,17 +296,12 @@ def _runs(vlm: "VLM", saes: Any, dtype: torch.dtype, buffer: int | None, steps: 
                              f"({{'preset': 'topk', 'k': 32, ...}}), not {type(spec).__name__}")
         if site is None:
             raise InputError(f"SAE spec {spec!r} names no site: add 'site': 'resid_pre.8' (or an int layer) to it")
-        try:
-            s = vlm.site(site)
-        except SiteError as e:
-            raise SiteError(f"SAE {name or site!r}: {e}") from None
-        if s.kind not in VECTOR_KINDS:
-            raise InputError(f"SAE {name or site!r}: train_many trains on one vector per token "
-                             f"({', '.join(k + '.L' for k in VECTOR_KINDS)}; an int L is resid_pre.L), not {s.name!r}")
-        specs.append((name, s, preset, extra))
+        target = extra.pop("target", None)
+        specs.append((name, _vector_site(vlm, name or site, site),
+                      None if target is None else _vector_site(vlm, name or site, target), preset, extra))
     counts: dict[Site, int] = {}
     runs: list[_Run] = []
-    for name, s, preset, extra in specs:
+    for name, s, target, preset, extra in specs:
         if name is None:
             i = counts.get(s, 0)
             counts[s] = i + 1
@@ -301,6 +311,8 @@ def _runs(vlm: "VLM", saes: Any, dtype: torch.dtype, buffer: int | None, steps: 
         if any(r.name == name for r in runs):
             raise InputError(f"two SAEs are named {name!r}: give each a distinct name (a dict key with 'site' in its spec)")
         ov = {**overrides, **extra}
+        if target is not None:  # a transcoder: b_dec lives in the output space
+            ov.update(transcoder=True, d_out=int(vlm.width(target)), apply_b_dec_to_input=False)
         d_sae, expansion = ov.pop("d_sae", None), ov.pop("expansion", None)
         rows = ov.pop("buffer", buffer)
         length = (ov.pop("steps", None), ov.pop("n_tokens", None))
@@ -318,23 +330,41 @@ def _runs(vlm: "VLM", saes: Any, dtype: torch.dtype, buffer: int | None, steps: 
         if not isinstance(rows, int) or isinstance(rows, bool) or rows < bs:
             raise InputError(f"SAE {name!r}: buffer={rows!r} rows cannot hold one batch of {bs}: pass buffer >= "
                              "batch_size (a few batches mix tokens of several images)")
-        stepper = Stepper(cfg, {"model_name": vlm.name, "hook_name": s.hook_name}, device=device, log_every=log_every)
-        runs.append(_Run(name, s, cfg, stepper, ShuffleBuffer(cfg.sae.d_in, rows, shuffle=cfg.trainer.shuffle,
+        meta = {"model_name": vlm.name, "hook_name": s.hook_name}
+        if target is not None:
+            meta["hook_name_out"] = target.hook_name
+        stepper = Stepper(cfg, meta, device=device, log_every=log_every)
+        width = cfg.sae.d_in + (cfg.sae.d_out if target is not None else 0)
+        runs.append(_Run(name, s, cfg, stepper, ShuffleBuffer(width, rows, shuffle=cfg.trainer.shuffle,
                                                               seed=cfg.trainer.seed, dtype=dtype),
-                         checkpoint_every or max(cfg.trainer.total_steps // 10, 1), scaled=not cfg.trainer.normalize))
+                         checkpoint_every or max(cfg.trainer.total_steps // 10, 1), scaled=not cfg.trainer.normalize,
+                         target=target))
     return runs
+
+
+def _vector_site(vlm: "VLM", who: Any, site: Any) -> Site:
+    """`site` of `vlm`, checked to be one vector per token (what an SAE reads and a transcoder writes)."""
+    try:
+        s = vlm.site(site)
+    except SiteError as e:
+        raise SiteError(f"SAE {who!r}: {e}") from None
+    if s.kind not in VECTOR_KINDS:
+        raise InputError(f"SAE {who!r}: train_many trains on one vector per token "
+                         f"({', '.join(k + '.L' for k in VECTOR_KINDS)}; an int L is resid_pre.L), not {s.name!r}")
+    return s
 
 
 def _step(r: _Run, bar: Any, callback: Callable[[str, int, dict[str, float]], None] | None) -> bool:
     """One training step of run `r` from its buffer; True when a checkpoint is due."""
     st, t = r.stepper, r.cfg.trainer
+    d_in = r.cfg.sae.d_in
     if not r.scaled:  # the first step: fix the scale from the first rows of the stream (held in the buffer)
-        st.state.scale = estimate_scale(TensorSource(r.buffer.first(r.hold)), r.cfg)
+        st.state.scale = estimate_scale(TensorSource(r.buffer.first(r.hold)[:, :d_in]), r.cfg)
         st.begin()
         r.scaled = True
     step = st.state.step
     x, mod = r.buffer.take(t.batch_size)
-    logged = st.step(x, mod)
+    logged = st.step(x[:, :d_in], mod, target=None if r.target is None else x[:, d_in:])
     bar.update(1)
     if logged is not None:
         bar.set_postfix_str(f"{r.name}: loss {logged['loss']:.4g} L0 {logged['l0']:.1f} "
@@ -374,7 +404,8 @@ def _setup(vlm: "VLM", data: Sequence[Any], plan: StreamPlan, runs: list[_Run]) 
         "tokens": plan.token_description, "prompt": plan.prompt, "template": plan.template,
         "captions": plan.captions, "text_only": plan.text_only, "text_prompt": plan.text_prompt,
         "forward_batch_size": plan.batch_size, "dtype": str(plan.dtype).removeprefix("torch."),
-        "saes": {r.name: {"site": r.site.name, "buffer": r.buffer.capacity} for r in runs},
+        "saes": {r.name: {"site": r.site.name, "buffer": r.buffer.capacity,
+                          **({"target": r.target.name} if r.target is not None else {})} for r in runs},
     }
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +50,7 @@ from ...roles import IMAGE
 from ..sources import IterSource, TensorSource, as_source
 from ..modality import DEFAULT_SHARED, as_multimodal, firing_density, modality_stats_from_source
 from ..fused import fused_step
+from ..transcoder import TranscoderStepInput
 from .resume import TrainState, remove_leftovers, resume as resume_from, save_checkpoint
 from .config import PRESETS, TrainConfig, make_training_sae
 
@@ -230,6 +232,9 @@ def train(
     if model_name is None and isinstance(getattr(data, "config", None), dict):
         model_name = data.config.get("model")  # a harvest store records its model
     cfg = resolve_config(source, preset, d_sae, expansion, steps, n_tokens, epochs, overrides)
+    if cfg.sae.transcoder:
+        raise InputError("a transcoder trains on (input, target) pairs from the model: use vlens.sae.train_many with "
+                         "specs that name a target site (vlens.sae.transcoder_specs(vlm, 'topk'))")
     arch, t = cfg.sae, cfg.trainer
     for name, v in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -396,32 +401,43 @@ class Stepper:
                 self._scaler.scaling_factor = self.state.scale
 
     def step(self, x: Float[torch.Tensor, "batch d_in"], mod: Int[torch.Tensor, " batch"] | None = None,
-             rows: torch.Tensor | None = None) -> dict[str, float] | None:
-        """Train on one batch `x` (raw activations; `mod` their modality codes, `rows` their source rows for errors)."""
+             rows: torch.Tensor | None = None,
+             target: Float[torch.Tensor, "batch d_out"] | None = None) -> dict[str, float] | None:
+        """Train on one batch `x` (raw activations; `mod` their modality codes, `rows` their source rows for errors).
+
+        A transcoder (`cfg.sae.transcoder`) also takes `target`, the rows it predicts (scaled
+        by the same factor as `x`, so SAE-Lens's fold of the scale stays exact).
+        """
         cfg, t, arch, state = self.cfg, self.cfg.trainer, self.cfg.sae, self.state
         if self._scaler is None:
             self.begin()
         step = state.step
         _check_batch(x, step, arch.d_in, rows)
         x = self._scaler.scale(x.to(device=self.device, dtype=torch.float32))  # type: ignore[union-attr]
+        if arch.transcoder:
+            if target is None:
+                raise InputError("a transcoder trains on (input, target) pairs: pass target= (its output rows)")
+            _check_batch(target, step, arch.d_out or arch.d_in, rows)
+            target = self._scaler.scale(target.to(device=self.device, dtype=torch.float32))  # type: ignore[union-attr]
+        ref = x if target is None else target  # what the output reconstructs
         coeff = cfg.coefficient_at(step)
         log_now = (step % self.log_every == 0) or step == t.total_steps - 1
         metrics: dict[str, float] = {}
         if self.fused:
             named = self.named
             dead = state.since_fired > t.dead_window_tokens  # type: ignore[operator]  (TopK's AuxK loss)
-            stats, grads = fused_step(self.sae, x, coeff, dead.to(self.device))  # vlens.sae.fused
-            for name, g in zip(("W_enc", "b_enc", "W_dec", "b_dec"), grads):
+            stats, grads = fused_step(self.sae, x, coeff, dead.to(self.device), target)  # vlens.sae.fused
+            for name, g in zip(("W_enc", "b_enc", "W_dec", "b_dec", "W_skip"), grads):
                 named[name].grad = g
             fired = stats.fired
             if log_now:
-                var = (x - x.mean(0)).pow(2).sum()
+                var = (ref - ref.mean(0)).pow(2).sum()
                 metrics = {"loss": float(stats.mse + stats.l1), "mse": float(stats.mse), "l0": float(stats.l0),
                            "explained_variance": float(1 - stats.sse / var)}
         else:
             dead = state.since_fired > t.dead_window_tokens  # type: ignore[operator]
             coeff_name = next(iter(self.sae.get_coefficients()), None)
-            step_in = TrainStepInput(
+            step_in = (TrainStepInput if target is None else partial(TranscoderStepInput, target=target))(
                 sae_in=x, coefficients={coeff_name: coeff} if coeff_name else {},
                 dead_neuron_mask=dead.to(self.device), n_training_steps=step, is_logging_step=False)
             out = self.ddp(step_in) if self.ddp is not None else self.sae.training_forward_pass(step_in)
@@ -429,8 +445,8 @@ class Stepper:
             fired = (out.feature_acts != 0).any(0)
             if log_now:
                 with torch.no_grad():
-                    sse = (out.sae_out - x).pow(2).sum()
-                    var = (x - x.mean(0)).pow(2).sum()
+                    sse = (out.sae_out - ref).pow(2).sum()
+                    var = (ref - ref.mean(0)).pow(2).sum()
                     metrics = {"loss": float(out.loss), "mse": float(out.losses["mse_loss"]),
                                "l0": float((out.feature_acts != 0).sum(-1).float().mean()),
                                "explained_variance": float(1 - sse / var)}
