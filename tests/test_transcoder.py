@@ -166,11 +166,11 @@ def test_evaluation_per_modality_matches_sklearn_on_hf_mlp(vlm, data, trained):
             y_hat, f = tc(x), tc.encode(x)
         for group, sel in (("overall", torch.ones_like(image)), ("image", image), ("text", ~image)):
             want = r2_score(y[sel].numpy(), y_hat[sel].numpy(), multioutput="variance_weighted")
-            got = r[f"layer {L}"][group]
+            got = r[f"transcoder.{L}"][group]
             assert got["explained_variance"] == pytest.approx(want, abs=1e-4), (L, group)
             assert got["l0"] == pytest.approx(float((f[sel] != 0).sum(-1).float().mean()), abs=1e-5)
             assert got["dead"] == int((~(f[sel] != 0).any(0)).sum())
-        assert r[f"layer {L}"]["image"]["n_tokens"] + r[f"layer {L}"]["text"]["n_tokens"] == len(image)
+        assert r[f"transcoder.{L}"]["image"]["n_tokens"] + r[f"transcoder.{L}"]["text"]["n_tokens"] == len(image)
 
 
 def test_replacement_with_error_terms_is_hf_forward(vlm, data, trained):
@@ -243,3 +243,21 @@ def _finished(tc):
     out = SAE.from_dict(d)
     out.load_state_dict(sd)
     return out
+
+
+def test_cli_trains_every_layers_transcoder_from_one_pass(tmp_path, capsys):
+    """`vlens train-saes --transcoders`: one transcoder per layer; each export loads in SAE-Lens at mlp_in -> mlp_out."""
+    from sae_lens import SAE
+
+    from vlens.cli import main
+
+    argv = ["train-saes", "--transcoders", "--sites", "0,-1", "--skip", "--preset", "standard", "--n", "6",
+            "--n-tokens", "512", "--batch-size", "256", "--expansion", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    for L in (0, 5):  # the toy model has 6 layers
+        tc = SAE.load_from_disk(str(tmp_path / f"transcoder.{L}"))
+        assert type(tc).__name__ == "SkipTranscoder" and tc.cfg.d_sae == 128
+        assert (tc.cfg.metadata.hook_name, tc.cfg.metadata.hook_name_out) == (f"blocks.{L}.hook_mlp_in",
+                                                                              f"blocks.{L}.hook_mlp_out")
+    assert main(["train-saes", "--sites", "1", "--skip", "--n-tokens", "9", "--out", "x"]) == 2
+    assert "--skip is a transcoder option" in capsys.readouterr().err

@@ -307,7 +307,9 @@ app.command("harvest")(_harvest_command())
 def _train_sae_command() -> Callable:
     from .sae.training import PRESETS, ArchitectureConfig, TrainerConfig, train
 
-    arch_options = _config_options(ArchitectureConfig, skip=("architecture", "d_in", "d_sae"))
+    # transcoders need two sites per row, which a store does not hold: `vlens train-saes --transcoders`
+    arch_options = _config_options(ArchitectureConfig,
+                                   skip=("architecture", "d_in", "d_sae", "transcoder", "skip", "d_out"))
     trainer_options = _config_options(TrainerConfig, skip=("total_steps",))
 
     @_with_options(arch_options, trainer_options)
@@ -432,6 +434,7 @@ app.command("dashboard")(_dashboard_command())
 
 def _train_saes_command() -> Callable:
     from .sae.training import PRESETS, train_many
+    from .sae.transcoder import transcoder_specs
 
     @_with_options(model_options())
     def train_saes(
@@ -449,9 +452,12 @@ def _train_saes_command() -> Callable:
         forward_batch_size: int = typer.Option(_default(train_many, "forward_batch_size"), help="samples per forward"),
         buffer: Optional[int] = typer.Option(None, help="shuffle-buffer rows per SAE (default: 8 batches)"),
         checkpoint_dir: Optional[Path] = typer.Option(None, help="periodic checkpoints; rerun to resume"),
+        transcoders: bool = typer.Option(False, "--transcoders", help="train transcoders mlp_in.L -> mlp_out.L "
+                                         "instead: --sites then takes layers, e.g. 0,1,2 or all"),
+        skip: bool = typer.Option(False, "--skip", help="with --transcoders: SAE-Lens's skip connection (W_skip)"),
         **options: Any,
     ) -> None:
-        """Train one SAE per site from a single streaming pass of the model (nothing written but checkpoints)."""
+        """Train one SAE per site (or one transcoder per layer) from a single streaming pass of the model."""
         from .sae.io import export
         from .activations.stream import StreamPlan
         from .sites import RESIDUAL_KINDS, parse, resolve
@@ -470,14 +476,19 @@ def _train_saes_command() -> Callable:
         names = [x.strip() for x in sites.split(",") if x.strip()]
         if not names:
             raise InputError("--sites must name at least one site, e.g. resid_pre.2,resid_post.4")
-        for x in names:
+        if skip and not transcoders:
+            raise InputError("--skip is a transcoder option: add --transcoders (or leave --skip out)")
+        layers = _transcoder_layers(names, f.n_layers) if transcoders else None
+        for x in names if layers is None else []:
             if parse(x).kind not in RESIDUAL_KINDS:
                 raise InputError(f"--sites takes resid_pre.L and resid_post.L sites, not {x!r}")
             resolve(x, f.n_layers)
         dataset = _data(data, n)
         vlm = m.load(words=dataset)
         spec = {"preset": preset, "expansion": expansion, **({"batch_size": batch_size} if batch_size else {})}
-        saes = train_many(vlm, dataset, {x: dict(spec) for x in names},
+        specs = ({x: dict(spec) for x in names} if layers is None
+                 else transcoder_specs(vlm, spec.pop("preset"), layers, skip=skip, **spec))
+        saes = train_many(vlm, dataset, specs,
                           tokens=tokens, captions=captions, text_only=text_only, forward_batch_size=forward_batch_size,
                           buffer=buffer, n_tokens=n_tokens, checkpoint_dir=checkpoint_dir, device=m.device or "cpu")
         for name, sae in saes.items():
@@ -488,6 +499,20 @@ def _train_saes_command() -> Callable:
 
 
 app.command("train-saes")(_train_saes_command())
+
+
+def _transcoder_layers(names: list[str], n_layers: int) -> list[int]:
+    """`--sites` of `train-saes --transcoders`: layer numbers (negative from the end) or `all`."""
+    if names == ["all"]:
+        return list(range(n_layers))
+    try:
+        layers = [int(x) for x in names]
+    except ValueError:
+        raise InputError(f"with --transcoders, --sites takes layers (e.g. 0,1,2 or all), not {','.join(names)!r}") from None
+    bad = [L for L in layers if not -n_layers <= L < n_layers]
+    if bad:
+        raise InputError(f"layers {bad} do not exist: this model has layers 0..{n_layers - 1}")
+    return [L % n_layers for L in layers]
 
 
 def _export_command() -> Callable:

@@ -317,21 +317,26 @@ def sae_bench_core(*results: dict[str, dict[str, float]], group: str = "overall"
 # -- transcoders ---------------------------------------------------------------------------------
 
 
-def _by_layer(vlm: "VLM", transcoders: Any) -> list[tuple[int, SAE, Site, Site]]:
-    """(layer, transcoder, input site, output site), in layer order; a layer twice, or no hook names, refused."""
-    items = list(transcoders.values()) if isinstance(transcoders, dict) else list(transcoders)
+def _by_layer(vlm: "VLM", transcoders: Any, one_per_layer: bool = True) -> list[tuple[int, SAE, Site, Site, str]]:
+    """(layer, transcoder, input site, output site, name), in layer order; no hook names (or, with
+    `one_per_layer`, a layer twice) refused. Names: the dict's keys, else `layer L`."""
+    if isinstance(transcoders, dict):
+        items = list(transcoders.items())
+    else:
+        items = [(None, tc) for tc in transcoders]
     if not items:
         raise InputError("no transcoders given: pass {name: transcoder} or a list (e.g. vlens.sae.train_many's result)")
     out = []
-    for tc in items:
+    for name, tc in items:
         meta = tc.cfg.metadata
         if not is_transcoder(tc) or not meta.hook_name or not meta.hook_name_out:
             raise InputError(f"{type(tc).__name__} is not a transcoder that names its sites: a transcoder sets "
                              "cfg.metadata.hook_name (blocks.L.hook_mlp_in) and hook_name_out (blocks.L.hook_mlp_out)")
         site_in, site_out = vlm.site(from_hook_name(meta.hook_name)), vlm.site(from_hook_name(meta.hook_name_out))
-        out.append((int(site_out.index), tc, site_in, site_out))
+        L = int(site_out.index)
+        out.append((L, tc, site_in, site_out, f"layer {L}" if name is None else str(name)))
     layers = [x[0] for x in out]
-    if len(set(layers)) != len(layers):
+    if one_per_layer and len(set(layers)) != len(layers):
         raise InputError(f"two transcoders write the same layer's MLP output (layers {sorted(layers)}): one per layer")
     return sorted(out, key=lambda x: x[0])
 
@@ -354,7 +359,8 @@ def evaluate_transcoders(vlm: "VLM", transcoders: Any, samples: Sequence[Any], *
     For every transcoder (layer L), on the image and caption tokens of `samples`: the
     metrics of `evaluate` with x̂ the prediction from `mlp_in.L` and x the MLP's true
     output `mlp_out.L` (`explained_variance` of mlp_out, `l0`, `dead`, `mse`, ...). Returns
-    `{"layer L": {"overall" | "image" | "text": metrics}}`.
+    `{name: {"overall" | "image" | "text": metrics}}`, names the keys of a dict of
+    transcoders (`train_many`'s result), else `"layer L"`.
 
     Example:
         >>> import vlens
@@ -366,29 +372,29 @@ def evaluate_transcoders(vlm: "VLM", transcoders: Any, samples: Sequence[Any], *
         >>> tcs = vlens.sae.train_many(vlm, data, transcoder_specs(vlm, "topk", [1], k=4, d_sae=32), steps=2,
         ...                            batch_size=32, buffer=32, progress=False, tokens="image+answer", captions=True)
         >>> r = evaluate_transcoders(vlm, tcs, data, progress=False)
-        >>> sorted(r), r["layer 1"]["image"]["l0"]
-        (['layer 1'], 4.0)
+        >>> sorted(r), r["transcoder.1"]["image"]["l0"]
+        (['transcoder.1'], 4.0)
     """
-    layers = _by_layer(vlm, transcoders)
-    groups = {L: {g: _Group(tc.cfg.d_sae) for g in ("overall", "image", "text")} for L, tc, _, _ in layers}
-    sites = [s for _, _, si, so in layers for s in (si, so)]
+    layers = _by_layer(vlm, transcoders, one_per_layer=False)
+    groups = {n: {g: _Group(tc.cfg.d_sae) for g in ("overall", "image", "text")} for _, tc, _, _, n in layers}
+    sites = list(dict.fromkeys(s for _, _, si, so, _ in layers for s in (si, so)))
     for batch in _batches(vlm, samples, prompt, batch_size, "evaluate transcoders", progress):
         lay = batch.layout
         mask = lay.image | lay.answer
         acts = read_layers(vlm, batch, sites, tokens=mask, dtype=torch.float32)
         image = lay.image[mask].to(torch.bool)
-        for L, tc, si, so in layers:
+        for _, tc, si, so, n in layers:
             x = acts[si].to(tc.device, tc.dtype)
             y = acts[so].to(tc.device, tc.dtype)
             f = tc.encode(x)
             y_hat = tc(x)  # with a skip transcoder's affine term
             for g, sel in (("overall", None), ("image", image), ("text", ~image)):
                 if sel is None:
-                    groups[L][g].add(y, y_hat, f)
+                    groups[n][g].add(y, y_hat, f)
                 else:
                     sel = sel.to(y.device)
-                    groups[L][g].add(y[sel], y_hat[sel], f[sel])
-    return {f"layer {L}": {g: acc.result(tc.cfg.d_sae) for g, acc in groups[L].items()} for L, tc, _, _ in layers}
+                    groups[n][g].add(y[sel], y_hat[sel], f[sel])
+    return {n: {g: acc.result(tc.cfg.d_sae) for g, acc in groups[n].items()} for _, tc, _, _, n in layers}
 
 
 @torch.no_grad()
@@ -418,7 +424,7 @@ def replacement_loss_recovered(vlm: "VLM", transcoders: Any, samples: Sequence[A
         ([0, 1, 2, 3], True)
     """
     layers = _by_layer(vlm, transcoders)
-    for _, tc, _, _ in layers:
+    for _, tc, _, _, _ in layers:
         tc.to(vlm.device)
     groups = ("overall", "image", "text")
     kinds = ("clean", "replaced", "with_error", "zero")
@@ -433,11 +439,11 @@ def replacement_loss_recovered(vlm: "VLM", transcoders: Any, samples: Sequence[A
         clean = ce(batch)
         for g, mask in (("overall", lay.image | lay.answer), ("image", lay.image), ("text", lay.answer)):
             def splice(error: bool, mask: Tensor = mask, batch: Any = batch) -> None:
-                for _, tc, _, _ in layers:
+                for _, tc, _, _, _ in layers:
                     splice_transcoder(vlm, tc, batch=batch, tokens=mask, error=error)
 
             def zero(mask: Tensor = mask, batch: Any = batch) -> None:
-                for _, _, _, so in layers:
+                for _, _, _, so, _ in layers:
                     ablate(vlm, so, batch=batch, tokens=mask)
 
             runs = {"clean": clean, "replaced": ce(batch, lambda: splice(False)),
@@ -452,5 +458,5 @@ def replacement_loss_recovered(vlm: "VLM", transcoders: Any, samples: Sequence[A
         recovered = 1 - (mean["replaced"] - mean["clean"]) / denom if abs(denom) > 1e-12 else float("nan")
         out[g] = {"ce_clean": mean["clean"], "ce_replaced": mean["replaced"], "ce_with_error": mean["with_error"],
                   "ce_zero": mean["zero"], "loss_recovered": recovered, "n_tokens": sums[g]["clean"][1],
-                  "layers": [L for L, _, _, _ in layers]}
+                  "layers": [L for L, _, _, _, _ in layers]}
     return out
