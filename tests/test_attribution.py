@@ -158,3 +158,29 @@ def test_bad_inputs_name_the_fix(toy, data):
         integrated_gradients(toy, one, answer_target(), baseline=3.0)
     with pytest.raises(InputError, match="needs answers"):
         grad_x_act(toy, toy.prepare([Q], [clean]), answer_target())
+
+
+def test_grad_x_act_at_the_heads_equals_torch_autograd_through_hf(toy, data):
+    """At z.L (the heads before o_proj) gradient × activation is HF's own: a leaf put in o_proj's input with a plain
+    torch pre-hook, the logit's gradient by autograd, summed over heads × d_head."""
+    clean, _, _, name = pictures(data, 2)
+    b = toy.prepare([Q], [clean], answers=[name])
+    tok = toy.tokenizer.convert_tokens_to_ids(data[2].meta["shape"])
+    a = grad_x_act(toy, b, token_target(data[2].meta["shape"], position=-2), site="z.2", tokens="image")
+    o_proj = toy.hf_model.model.language_model.layers[2].self_attn.o_proj
+    leaf = {}
+
+    def pre(mod, args):
+        leaf["x"] = args[0].detach().clone().requires_grad_(True)
+        return (leaf["x"],)
+
+    handle = o_proj.register_forward_pre_hook(pre)
+    try:
+        with torch.enable_grad():
+            logits = toy.hf_model(**dict(b.inputs)).logits
+            g, = torch.autograd.grad(logits[0, -2, tok], leaf["x"])
+    finally:
+        handle.remove()
+    ref = (leaf["x"].detach() * g).sum(-1) * b.layout.image
+    torch.testing.assert_close(a.values, ref, rtol=1e-4, atol=1e-6)
+    assert float(a.values.abs().sum()) > 0

@@ -185,6 +185,84 @@ def test_sae_views_and_latent_browser(toy, tmp_path):
         assert c.get("/latents/..%2F..%2Fetc/passwd").status_code == 404
 
 
+def _hf_image_means(vlm, samples, modules):
+    """Reference class features: per sample, the mean over its image tokens of HF modules' values, caught with plain
+    torch hooks (`modules`: name -> (module, "input" or "output")) on HF's own forward."""
+    got = {k: [] for k in modules}
+    cur = {}
+
+    def hook(name, which):
+        def fn(mod, args, out):
+            cur[name] = args[0] if which == "input" else (out[0] if isinstance(out, tuple) else out)
+        return fn
+
+    handles = [m.register_forward_hook(hook(k, w)) for k, (m, w) in modules.items()]
+    try:
+        for i in range(0, len(samples), 8):
+            part = samples[i:i + 8]
+            b = vlm.prepare([vlens.toy.QUESTION] * len(part), [x.image for x in part])
+            inputs = dict(b.inputs)
+            pos = vlm.family.position_ids(inputs)
+            if pos is not None:
+                inputs["position_ids"] = pos
+            with torch.no_grad():
+                vlm.hf_model(**inputs)
+            w = b.layout.image.float()
+            for k in modules:
+                h = cur[k].float().flatten(2)
+                got[k].append((h * w[..., None]).sum(1) / w.sum(1, keepdim=True))
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in got.items()}
+
+
+def test_in_layer_sites_read_hf_modules_and_run_every_view(client, toy):
+    """The page offers attn_out, mlp_in, mlp_out and z of every layer; their class features are HF's own module
+    values (torch hooks), and every view runs there (the lens refuses z, which is not in the residual basis)."""
+    info = client.get("/api/info").json()
+    kinds = ("z", "attn_out", "mlp_in", "mlp_out")
+    assert info["layer_sites"] == [f"{k}.{L}" for L in range(toy.n_layers) for k in kinds]
+    assert client.get("/").text.count('<optgroup label="inside the layer">') == 1
+    session = client.app.state.session
+    layer = toy.hf_model.model.language_model.layers[1]
+    modules = {"attn_out.1": (layer.self_attn, "output"), "mlp_in.1": (layer.mlp, "input"),
+               "mlp_out.1": (layer.mlp, "output"), "z.1": (layer.self_attn.o_proj, "input")}
+    ref = _hf_image_means(toy, session.data, modules)
+    src, tgt = "red circle", "blue circle"
+    base = {"image": _first(src), "src": src, "tgt": tgt, "k": 4.0}
+    for site, want in ref.items():
+        r = client.post("/api/steer?wait=1", json={**base, "site": site, "vector": "mean_diff"})
+        assert r.status_code == 200 and isinstance(r.json()["after"], str), r.text
+        torch.testing.assert_close(session.features(site)[0].float(), want, rtol=1e-4, atol=1e-5)
+        for view in ("probe", "lens", "attribution"):
+            look = client.post("/api/look?wait=1", json={**base, "site": site, "view": view})
+            if view == "lens" and site.startswith("z."):
+                assert look.status_code == 400 and "attn_out" in look.json()["error"]
+            else:
+                assert look.status_code == 200 and site in look.json()["title"], look.text
+
+
+@pytest.mark.parametrize("site", ["mlp_out.2", "z.2"])
+def test_sae_at_an_in_layer_site(toy, site):
+    """An SAE whose hook_name is an in-layer site (Gemma Scope 2's mlp_out and hook_z) drives the SAE view, the SAE
+    vector and the latent browser at that site."""
+    from fastapi.testclient import TestClient
+
+    import vlens.sae as vs
+
+    sae = vs.train(torch.randn(512, toy.width(site)), "paper", d_sae=16, steps=2, batch_size=256, progress=False)
+    sae.cfg.metadata.hook_name = toy.hook_name(site)
+    with TestClient(create_app(Session(toy, sae=sae, n_train=40, n_pool=4))) as c:
+        assert c.get("/api/info").json()["sae"]["site"] == site
+        look = c.post("/api/look?wait=1", json={"view": "sae", "latent": 3})
+        assert look.status_code == 200 and look.json()["title"] == f"SAE latent 3 at {site}", look.text
+        r = c.post("/api/steer?wait=1", json={"vector": "sae", "latent": 3, "site": site, "k": 4})
+        assert r.status_code == 200, r.text
+        page = c.post("/api/latent?wait=1", json={"latent": 3}).json()
+        assert c.get(page["url"]).status_code == 200
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family(family):
     from fastapi.testclient import TestClient
@@ -326,5 +404,46 @@ def test_the_page_in_chromium(client, tmp_path):
                 page.click("#look")
                 page.wait_for_selector("#lens-figure .main-svg")
                 page.locator("#look-panel").screenshot(path=str(shots / "explore-lens.png"))
+    finally:
+        ex.stop()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(chromium() is None, reason="chromium is not on PATH (apt-get install -y chromium)")
+@pytest.mark.skipif(_playwright() is None, reason="playwright is not installed (pip install playwright)")
+def test_in_layer_sites_in_chromium(client):
+    """The page's site list holds the sites inside each layer; the lens draws at attn_out, the probe map at mlp_out,
+    and the lens at z shows why it refuses (then the page goes on)."""
+    ex = explore(client.app.state.session, block=False)
+    try:
+        with _playwright()() as p, contextlib.closing(p.chromium.launch(
+                executable_path=chromium(), args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+        ) as browser:
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page.set_default_timeout(90_000)
+            page.goto(ex.url)
+            page.wait_for_selector("#geometry .main-svg")
+            inside = page.eval_on_selector_all("#site optgroup[label='inside the layer'] option",
+                                               "els => els.map(e => e.value)")
+            assert {"z.1", "attn_out.1", "mlp_in.1", "mlp_out.1"} <= set(inside)
+            page.select_option("#site", "attn_out.1")
+            page.select_option("#view", "lens")
+            page.click("#look")
+            page.wait_for_function("document.getElementById('look-title').textContent.includes('attn_out.1')")
+            page.wait_for_selector("#lens-figure .main-svg")
+            page.select_option("#site", "mlp_out.1")
+            page.select_option("#view", "probe")
+            page.click("#look")
+            page.wait_for_function("document.getElementById('look-title').textContent.includes('mlp_out.1')")
+            assert page.get_attribute("#heatmap", "src").startswith("data:image/png")
+            page.select_option("#site", "z.1")
+            page.select_option("#view", "lens")
+            page.click("#look")
+            page.wait_for_function("document.getElementById('error').textContent.includes('attn_out')")
+            page.select_option("#view", "attribution")
+            page.click("#look")
+            page.wait_for_function("document.getElementById('look-title').textContent.includes('z.1')")
+            assert page.inner_text("#error") == ""
     finally:
         ex.stop()

@@ -116,7 +116,7 @@ def token_target(token: str | int, position: int = -1, *, kind: str = "logit", m
 
 
 def _pooled(vlm: "VLM", batch: Batch, site: SiteLike, tokens: TokenSelection) -> Tensor:
-    h = vlm.read(site)
+    h = vlm.vectors(site)
     w = select(batch, tokens).to(h.device, h.dtype)
     return torch.einsum("bsd,bs->bd", h, w / w.sum(1, keepdim=True).clamp(min=1))
 
@@ -156,7 +156,7 @@ def sae_target(sae: Any, site: SiteLike, latent: int, *, tokens: TokenSelection 
         raise InputError(f"sae must have encode (an SAE-Lens SAE or a vlens.sae class), got {type(sae).__name__}")
 
     def fn(vlm: "VLM", batch: Batch) -> Tensor:
-        h = vlm.read(site)
+        h = vlm.vectors(site)
         W = getattr(sae, "W_dec", None)
         f = sae.encode(h.to(W.device, W.dtype) if W is not None else h)[..., latent]
         return (f * select(batch, tokens).to(f.device, f.dtype)).sum(1).to(h.device)
@@ -281,7 +281,7 @@ def _same_tokens(batch: Batch, other: Any, what: str) -> None:
 def _grad_run(vlm: "VLM", batch: Batch, target: Callable, site: str, edit: Callable[[Tensor], Tensor] | None = None):
     """One forward with a leaf copy of `site` (optionally edited) in place; returns f, the activation, its gradient."""
     with torch.enable_grad(), vlm.trace(batch.to(vlm.device)):
-        h = vlm.read(site).detach().clone()
+        h = vlm.vectors(site).detach().clone()
         x = (edit(h) if edit is not None else h).requires_grad_(True)
         vlm.write(site, x)
         y = target(vlm, batch)
@@ -296,7 +296,7 @@ def _run(vlm: "VLM", batch: Batch, target: Callable, site: str | None = None,
     """f per row without gradients, with `edit` applied to the value at `site`."""
     with torch.no_grad(), vlm.trace(batch.to(vlm.device)):
         if edit is not None:
-            vlm.write(site, edit(vlm.read(site).clone()))
+            vlm.write(site, edit(vlm.vectors(site).clone()))
         y = target(vlm, batch).float().cpu().save()
     return y
 

@@ -172,6 +172,10 @@ def logit_lens(
     if sites is None:
         sites = [f"resid_post.{L}" for L in range(vlm.n_layers)]
     keys = list(sites) if isinstance(sites, (list, tuple)) else [sites]
+    heads = [vlm.site(s).name for s in keys if vlm.site(s).kind in ("z", "pattern")]
+    if heads:
+        raise InputError(f"the logit lens projects vectors of the residual stream, and {', '.join(heads)} are per-head "
+                         "values before the output projection: read attn_out.L (the heads through o_proj) instead")
     ids = token_ids(vlm, track)
     mask = select(batch, tokens)
     acts = read_layers(vlm, batch, keys, tokens=mask)

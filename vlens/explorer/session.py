@@ -8,8 +8,8 @@ a session works (and is tested) without it.
 
     >>> import vlens
     >>> s = Session(vlens.tiny(words=vlens.toy.data.all_words()), n_train=40, n_pool=4)
-    >>> s.info()["sites"][:2], len(s.info()["images"])
-    (['resid_pre.0', 'resid_post.0'], 4)
+    >>> s.info()["sites"][:2], s.info()["layer_sites"][:2], len(s.info()["images"])
+    (['resid_pre.0', 'resid_post.0'], ['z.0', 'attn_out.0'], 4)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..interventions import check_vector
 from ..lens import logit_lens, patch_values, region_tokens
 from ..prepare import load_image
 from ..prompts import QUESTION, two_choice_prompt
-from ..sites import RESIDUAL_KINDS
+from ..sites import IN_LAYER, RESIDUAL_KINDS, VECTOR_KINDS as SITE_VECTOR_KINDS
 from ..tokens import KIND_NAMES, TokenLayout
 from ..viz import heatmap_overlay, image_data_uri
 
@@ -48,6 +48,8 @@ VIEWS = ("probe", "sae", "lens", "attribution")
 #: Prompts of the page: the paper's two-choice question for the pair, or the toy's open question.
 PROMPTS = {"two_choice": two_choice_prompt, "question": QUESTION}
 _BATCH = 16
+#: The in-layer site kinds the page offers beside the residual stream (one vector per token: not `pattern`).
+LAYER_KINDS = tuple(k for k in IN_LAYER if k in SITE_VECTOR_KINDS)
 
 
 @dataclass
@@ -172,16 +174,23 @@ class Session:
         if sae is not None:
             from ..sae.io import site_of
 
-            if sae.cfg.d_in != vlm.d_model:
-                raise InputError(f"the SAE reads width {sae.cfg.d_in} but the model has d_model {vlm.d_model}")
             self.sae_site = site_of(sae, vlm).name
+            if sae.cfg.d_in != vlm.width(self.sae_site):
+                raise InputError(f"the SAE reads width {sae.cfg.d_in} but {self.sae_site} has width "
+                                 f"{vlm.width(self.sae_site)}: check the SAE's hook_name")
 
     # -- what the page lists ---------------------------------------------------------------------
 
     @property
     def sites(self) -> list[str]:
-        """The residual sites the page offers, in depth order."""
+        """The residual sites the page offers, in depth order (their class features are read in one pass)."""
         return [f"{kind}.{L}" for L in range(self.vlm.n_layers) for kind in RESIDUAL_KINDS]
+
+    @property
+    def layer_sites(self) -> list[str]:
+        """The sites inside each layer the page offers (`LAYER_KINDS`: z, attn_out, mlp_in, mlp_out), in depth order;
+        their class features are read one site at a time, when a view asks."""
+        return [f"{kind}.{L}" for L in range(self.vlm.n_layers) for kind in LAYER_KINDS]
 
     def info(self) -> dict[str, Any]:
         """Model facts, sites, classes, the images to pick from (thumbnails) and the SAE's latents, for the page."""
@@ -197,7 +206,8 @@ class Session:
 
             sae = {"site": self.sae_site, "d_sae": int(self.sae.cfg.d_sae), "latents": choose_latents(self.sae, 32)}
         return {"model": self.vlm.name, "n_layers": self.vlm.n_layers, "d_model": self.vlm.d_model,
-                "family": self.vlm.family.name, "sites": self.sites, "classes": self.class_names,
+                "family": self.vlm.family.name, "sites": self.sites, "layer_sites": self.layer_sites,
+                "classes": self.class_names,
                 "images": thumbs, "sae": sae, "probes": sorted(self.probes), "n_train": self.n_train,
                 "graphs": self.graphs.entries(), "transcoder_layers": sorted(self.graphs.transcoders)}
 
@@ -238,7 +248,9 @@ class Session:
                              ) from None
         if not isinstance(v, Tensor):
             raise InputError(f"{name} holds a {type(v).__name__}, not a tensor: torch.save(vector, path)")
-        v = check_vector(v.float(), self.vlm.d_model, what=f"the uploaded vector {name}")
+        heads = self.vlm.width("z.0")  # a vector for z.L has the heads' width, every other site's is d_model
+        width = heads if v.dim() == 1 and v.shape[0] == heads else self.vlm.d_model
+        v = check_vector(v.float(), width, what=f"the uploaded vector {name}")
         key = f"vector-{len(self.vectors)}"
         self.vectors[key] = v
         self.vector_names[key] = name
@@ -260,22 +272,21 @@ class Session:
     # -- cached features -------------------------------------------------------------------------
 
     def features(self, site: str) -> tuple[Tensor, Tensor]:
-        """Mean image-token activations of the data set at `site` (every residual site read in one pass, cached)."""
+        """Mean image-token activations of the data set at `site` (every residual site read in one pass, a site
+        inside a layer alone; cached)."""
         site = self.vlm.site(site).name
         with self.lock:
             if site not in self._features:
-                self._read_features()
+                self._read_features(self.sites if site in self.sites else [site])
         return self._features[site], self._labels
 
-    def _read_features(self) -> None:
-        sites = self.sites
-
+    def _read_features(self, sites: list[str]) -> None:
         def stage(done: int, n: int) -> None:
             if self.closing:
                 raise InputError("the explorer is stopping")
             self.stage = f"reading class features: images {done}–{min(done + _BATCH, n)} of {n} at {len(sites)} sites"
 
-        self._features = pool_features(self.vlm, self.data, sites, prompt=QUESTION, batch_size=_BATCH, callback=stage)
+        self._features |= pool_features(self.vlm, self.data, sites, prompt=QUESTION, batch_size=_BATCH, callback=stage)
         self._labels = torch.tensor([s.label for s in self.data])
 
     def probe(self, site: str) -> Any:
