@@ -261,3 +261,24 @@ def test_cli_trains_every_layers_transcoder_from_one_pass(tmp_path, capsys):
                                                                               f"blocks.{L}.hook_mlp_out")
     assert main(["train-saes", "--sites", "1", "--skip", "--n-tokens", "9", "--out", "x"]) == 2
     assert "--skip is a transcoder option" in capsys.readouterr().err
+
+
+def test_topk_transcoder_export_loads_through_sae_lens_registry(tmp_path):
+    """SAE-Lens 6.54 has no TopK transcoder: vlens registers one, and SAE.load_from_disk reads the export back,
+    its latents SAE-Lens's own TopK of the pre-activations."""
+    from sae_lens import SAE
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.topk_sae import TopK
+
+    from vlens.sae.transcoder import TopKSkipTranscoder, TopKSkipTranscoderConfig
+
+    meta = SAEMetadata(hook_name="blocks.0.hook_mlp_in", hook_name_out="blocks.0.hook_mlp_out")
+    tc = _randomised(TopKSkipTranscoder(TopKSkipTranscoderConfig(d_in=8, d_sae=16, d_out=8, k=3, metadata=meta)),
+                     torch.Generator().manual_seed(4))
+    back = SAE.load_from_disk(str(vs.export(tc, tmp_path, sparsity=torch.full((16,), 0.1))))
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        f = TopK(3)(x @ tc.W_enc + tc.b_enc)
+        assert torch.allclose(back.encode(x), f)
+        assert torch.allclose(back(x), f @ tc.W_dec + tc.b_dec + x @ tc.W_skip.T, atol=1e-6)
+    assert type(back).__name__ == "TopKSkipTranscoder" and back.cfg.metadata.hook_name_out == "blocks.0.hook_mlp_out"
