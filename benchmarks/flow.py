@@ -15,6 +15,9 @@ Quality numbers (held-out toy images, `QUESTION`, teacher-forced exact answers "
 Timings (only with --time, on an idle machine; ratios measured side by side, interleaved, median of --reps):
 * `pattern_overhead`: a forward reading every layer's full `pattern` (all queries) over a plain forward (goal
   <= 1.5x), and `last_row_overhead`: one reading only the last position's row per layer (`queries=[-1]`);
+* `instrumented_plain_overhead`: a plain forward of the model once it has read patterns (nnsight has then
+  source-instrumented its attention forwards, for good) over a plain forward of a fresh copy that never did; every
+  ratio here (the sweep's too) is over the fresh copy's plain forward;
 * `eager_recall_overhead`: the first design, kept here only to be measured against: every layer's attention block
   called a second time under eager attention (all queries), over a plain forward (`vlens.attention` says why the
   design changed);
@@ -151,10 +154,11 @@ def eager_recall_pattern(attn):
 
 def timings(vlm, data, window: int, reps: int, bs: int) -> dict:
     _, b = next(batches(vlm, data, bs))
+    fresh = vlens.load("toy")  # never reads a pattern: its attention forwards are not source-instrumented
 
-    def plain():
-        with torch.no_grad(), vlm.trace(b):
-            vlm.read("logits").save()
+    def plain(model=vlm):
+        with torch.no_grad(), model.trace(b):
+            model.read("logits").save()
 
     def patterns(rows=None):
         with torch.no_grad(), vlm.trace(b):
@@ -180,7 +184,7 @@ def timings(vlm, data, window: int, reps: int, bs: int) -> dict:
     real = ~b.layout.pad
     assert torch.allclose(old.transpose(1, 2)[real], new.transpose(1, 2)[real], atol=1e-5), "the designs disagree"
     sweep = lambda: knockout_sweep(vlm, b, {"image -> last": PAIRS["image -> last"]}, window=window)  # noqa: E731
-    fns = {"plain": plain, "patterns": patterns, "last_rows": lambda: patterns([-1]), "eager_recall": eager_recall,
+    fns = {"plain": lambda: plain(fresh), "plain_instrumented": plain, "patterns": patterns, "last_rows": lambda: patterns([-1]), "eager_recall": eager_recall,
            "sweep": sweep,
            "one_per_window": one_per_window}
     for f in fns.values():
@@ -193,6 +197,7 @@ def timings(vlm, data, window: int, reps: int, bs: int) -> dict:
     return {"pattern_overhead": round(m["patterns"] / m["plain"], 3),
             "last_row_overhead": round(m["last_rows"] / m["plain"], 3),
             "eager_recall_overhead": round(m["eager_recall"] / m["plain"], 3),
+            "instrumented_plain_overhead": round(m["plain_instrumented"] / m["plain"], 3),
             "sweep_cost_vs_plain": round(m["sweep"] / m["plain"], 3),
             "sweep_cost_vs_one_per_window": round(m["sweep"] / m["one_per_window"], 3),
             "batch": len(b), "reps": reps, "seconds": {k: round(v, 4) for k, v in m.items()}}
