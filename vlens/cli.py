@@ -215,6 +215,31 @@ def _toy_train_command() -> Callable:
 toy_app.command("train")(_toy_train_command())
 
 
+def _toy_gemma_train_command() -> Callable:
+    from .toy.gemma_train import GemmaTrainConfig, train_gemma
+
+    @_with_options(_config_options(GemmaTrainConfig))
+    def toy_gemma_train(
+        out: Path = typer.Option(Path(_default(train_gemma, "out")), help="run directory: state.pt and checkpoint/"),
+        eval_n: int = typer.Option(_default(train_gemma, "eval_n"), help="held-out images scored at the end (0: skip)"),
+        ship: bool = typer.Option(False, "--ship", help="also write the weights into the installed package"),
+        **options: Any,
+    ) -> None:
+        """Train the real-LM toy's tower + projector, Gemma 3 270M frozen (resumable: rerun to continue)."""
+        cfg = GemmaTrainConfig(**_given(GemmaTrainConfig, options))
+        if cfg.steps < 0:
+            raise InputError(f"--steps must be at least 0 (0: stage 0 only), not {cfg.steps}")
+        rec = train_gemma(out, cfg, ship=ship, eval_n=eval_n)
+        print(f"checkpoint: {out / 'checkpoint'}")
+        print(f"train time: {rec['train_seconds']:.0f} s (mean load {rec['mean_load_during_run']})")
+        print("accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in rec["accuracy"].items()))
+
+    return toy_gemma_train
+
+
+toy_app.command("gemma-train")(_toy_gemma_train_command())
+
+
 @toy_app.command("eval")
 def toy_eval(
     n: int = typer.Option(500, help="held-out images"),

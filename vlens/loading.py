@@ -104,7 +104,9 @@ def load(
 ) -> VLM:
     """Load a VLM of a supported family as a `VLM`.
 
-    `name_or_path` is `"toy"` (the embedded toy model, offline), a hub id or
+    `name_or_path` is `"toy"` (the embedded toy model, offline), `"toy-gemma"`
+    (the toy whose language model is the real Gemma 3 270M: `vlens.toy.gemma`,
+    needs the `real-lm` extra), a hub id or
     local directory of a supported family (see `vlens.families`), or a
     `(model, processor)` pair. `device` and `dtype` go to `from_pretrained`
     (e.g. `device="cuda"`, `dtype=torch.float16`). `lazy=True` builds the
@@ -139,6 +141,10 @@ def load(
         from .toy.model import load_toy
 
         return load_toy(device=device, dtype=torch_dtype)
+    if name_or_path == "toy-gemma":
+        from .toy.gemma import load_toy_gemma
+
+        return load_toy_gemma(device=device, dtype=torch_dtype)
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise InputError(
             f"load takes 'toy', a hub id, a directory, or a (model, processor) pair; got {type(name_or_path).__name__}"
@@ -217,6 +223,8 @@ def facts(name_or_path: str | os.PathLike, **sizes: Any) -> ModelFacts:
         from .toy.model import CHECKPOINT_DIR
 
         config = AutoConfig.from_pretrained(CHECKPOINT_DIR)
+    elif name == "toy-gemma":
+        return ModelFacts(name, "gemma3", 18, 640)  # the real Gemma 3 270M (vlens.toy.gemma), no 1 GB read
     elif name in KNOWN:
         config = known_config(name, **sizes)
     else:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, UnsupportedModelError
+from . import gemma3_real
 from .llava_next import CHAT_TEMPLATE, PINPOINTS
 
 if TYPE_CHECKING:
@@ -65,6 +66,10 @@ KNOWN: dict[str, dict] = {
         "tokenizer": dict(package="mistral_common", file="data/tokenizer.model.v1", added=["<image>", "<pad>"]),
     },
 }
+
+# google/gemma-3-4b-it: config facts, the real tokenizer and processor from the `real-lm` extra
+# (Gemma 3's shared vocabulary, converted from the Gemma 3 270M GGUF; `vlens.families.gemma3_real`).
+KNOWN[gemma3_real.GEMMA3_4B] = {"family": "gemma3", "extra": gemma3_real.EXTRA}
 
 #: Size keywords of `build` / `known_config`: what they shrink (widths and depths only).
 SIZE_KEYWORDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_mlp", "vision_d_model", "vision_layers",
@@ -102,6 +107,8 @@ def known_config(name: str = LLAVA_NEXT_MISTRAL, **sizes: int) -> "LlavaNextConf
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InputError(f"{key} must be a positive int, not {value!r}")
     k = _known(name)
+    if k.get("family") == "gemma3":
+        return gemma3_real.gemma3_4b_config(**sizes)
     text, vision = dict(k["text"]), dict(k["vision"])
     text.pop("model_type")
     if "d_model" in sizes:
@@ -156,6 +163,8 @@ def real_tokenizer(name: str = LLAVA_NEXT_MISTRAL) -> Any:
     """
     from transformers import LlamaTokenizer
 
+    if _known(name).get("family") == "gemma3":
+        return gemma3_real.tokenizer()
     spec = _known(name)["tokenizer"]
     found = importlib.util.find_spec(spec["package"])  # finds the package without importing it
     if found is None or not found.submodule_search_locations:
@@ -197,6 +206,11 @@ def real_processor(name: str = LLAVA_NEXT_MISTRAL, tokenizer: Any = None) -> "Ll
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     k = _known(name)
+    if k.get("family") == "gemma3":
+        from .gemma3 import KNOWN as IMAGE, make_processor
+
+        tok = tokenizer if tokenizer is not None else gemma3_real.tokenizer()
+        return make_processor(tok, image_size=IMAGE["image_size"], tokens_per_image=IMAGE["tokens_per_image"])
     p = k["processor"]
     return LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(
@@ -232,7 +246,7 @@ def build(
         >>> type(model).__name__, model.config.text_config.vocab_size, len(model.model.language_model.layers)
         ('LlavaNextForConditionalGeneration', 32064, 2)
     """
-    from transformers import LlavaNextForConditionalGeneration
+    import transformers
 
     if weights != "random":
         raise InputError(f"weights={weights!r}: offline builds have weights='random'; real weights load by hub id")
@@ -245,10 +259,18 @@ def build(
     direct = dtype if dtype is not None and where.type != "cpu" else None
     with torch.random.fork_rng(devices=[]), where, _default_dtype(direct):
         torch.manual_seed(seed)
-        model = LlavaNextForConditionalGeneration(config)
+        model = getattr(transformers, config.architectures[0] if config.architectures else _CLASS[config.model_type])(config)
+        proj = getattr(model.model.multi_modal_projector, "mm_input_projection_weight", None)
+        if proj is not None and where.type != "meta":  # HF zero-initialises Gemma 3's projection: a blind model
+            with torch.no_grad():
+                proj.normal_(0.0, proj.shape[0] ** -0.5)
     if dtype is not None and direct is None:
         model = model.to(dtype=dtype)
     return model.eval(), processor
+
+
+#: The model class of each known checkpoint's config type.
+_CLASS = {"llava_next": "LlavaNextForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ from .wordlevel import word_tokenizer
 if TYPE_CHECKING:
     from transformers import Gemma3Config, Gemma3Processor
 
-__all__ = ["Gemma3", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "LAYOUTS", "KNOWN", "image_geometry", "tiny_processor",
+__all__ = ["Gemma3", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "LAYOUTS", "KNOWN", "image_geometry", "make_processor", "tiny_processor",
            "tiny_config"]
 
 #: Special tokens of the Gemma 3 tokenizer that vlens uses, in their real id order for the first four.
@@ -119,6 +119,38 @@ def image_geometry(size: tuple[int, int], *, image_size: int, patch_size: int, t
     )
 
 
+def make_processor(tokenizer: Any, *, image_size: int = 896, tokens_per_image: int = 256,
+                   chat_template: str = CHAT_TEMPLATE) -> "Gemma3Processor":
+    """A `Gemma3Processor` with the real (PIL) image processor of Gemma 3 at `image_size`, around `tokenizer`.
+
+    The image side keeps Gemma 3's resizing (stretch to a square), bilinear
+    resampling and normalisation; pan-and-scan off, as in the checkpoints'
+    defaults. `tokenizer` must name `boi_token`, `eoi_token` and `image_token`;
+    `chat_template` defaults to the -it checkpoints' (`CHAT_TEMPLATE`).
+
+    Example:
+        >>> proc = make_processor(tiny_processor().tokenizer, image_size=64, tokens_per_image=4)
+        >>> proc.image_seq_length, proc.image_processor.size["height"]
+        (4, 64)
+    """
+    from transformers import Gemma3Processor
+    from transformers.image_utils import PILImageResampling
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": image_size, "width": image_size}, resample=PILImageResampling.BILINEAR,
+        image_mean=KNOWN["image_mean"], image_std=KNOWN["image_std"], do_pan_and_scan=False,
+        pan_and_scan_min_crop_size=max(image_size // 2, 1) if image_size != KNOWN["image_size"]
+        else KNOWN["pan_and_scan_min_crop_size"],
+        pan_and_scan_max_num_crops=KNOWN["pan_and_scan_max_num_crops"],
+        pan_and_scan_min_ratio_to_activate=KNOWN["pan_and_scan_min_ratio_to_activate"],
+    )
+    return Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+        image_seq_length=tokens_per_image,
+    )
+
+
 def tiny_processor(
     words: Iterable[str] = (), *, image_size: int = 32, tokens_per_image: int = 16
 ) -> "Gemma3Processor":
@@ -133,20 +165,8 @@ def tiny_processor(
         >>> proc.image_seq_length, proc.tokenizer.image_token, proc.image_processor.size["height"]
         (16, '<image_soft_token>', 32)
     """
-    from transformers import Gemma3Processor
-    from transformers.image_utils import PILImageResampling
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
-
-    image_processor = Gemma3ImageProcessorPil(
-        size={"height": image_size, "width": image_size}, resample=PILImageResampling.BILINEAR,
-        image_mean=KNOWN["image_mean"], image_std=KNOWN["image_std"], do_pan_and_scan=False,
-        pan_and_scan_min_crop_size=max(image_size // 2, 1), pan_and_scan_max_num_crops=4,
-        pan_and_scan_min_ratio_to_activate=1.2,
-    )
     tok = word_tokenizer(["user", "model", *words], specials=SPECIAL_TOKENS, bos="<bos>", eos="<eos>", named=_NAMED)
-    return Gemma3Processor(
-        image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE, image_seq_length=tokens_per_image
-    )
+    return make_processor(tok, image_size=image_size, tokens_per_image=tokens_per_image)
 
 
 def tiny_config(
