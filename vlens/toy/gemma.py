@@ -3,7 +3,7 @@
 The language model is the real Gemma 3 270M (18 layers, d_model 640, the
 real 262k tokenizer; `vlens.families.gemma3_real`, from the `real-lm`
 extra). The vision side is small and trained in-project: a SigLIP tower
-(64x64 images, 8-px patches, 2 layers x 128) and Gemma 3's own projector
+(64x64 images, 8-px patches, 2 layers x 64) and Gemma 3's own projector
 (RMS norm, 2x2 average pool, linear into d_model) giving 16 soft tokens per
 image. Tower and projector were trained with the language model frozen, on
 the answer loss only (stage-1 alignment in the LLaVA sense), by
@@ -72,7 +72,7 @@ class GemmaToyArch:
     image_size: int = 64
     patch_size: int = 8
     tokens_per_image: int = 16
-    vision_d_model: int = 128
+    vision_d_model: int = 64
     vision_layers: int = 2
     vision_heads: int = 4
 

@@ -62,13 +62,13 @@ class GemmaTrainConfig:
     min_lr_frac: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    n_images: int = 2000
+    n_images: int = 1000
     seed: int = 0
     save_every: int = 5
     threads: int = 2
-    tower_steps: int = 300
-    tower_lr: float = 2e-3
-    tower_batch: int = 64
+    tower_steps: int = 200
+    tower_lr: float = 3e-3
+    tower_batch: int = 32
 
 
 def task_example(task: str, label: int) -> tuple[str, str]:
@@ -269,7 +269,7 @@ def _save_state(path: Path, model: torch.nn.Module, opt: Any, step: int, cfg: Ge
 
 
 def _same_run(saved: dict, cfg: GemmaTrainConfig, arch: GemmaToyArch) -> bool:
-    loose = ("threads", "save_every")
+    loose = ("threads", "save_every", "steps")  # a finished run can be extended with more steps
     return ({k: v for k, v in saved["cfg"].items() if k not in loose} ==
             {k: v for k, v in asdict(cfg).items() if k not in loose} and saved["arch"] == asdict(arch))
 
