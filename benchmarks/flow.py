@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -43,6 +44,9 @@ import vlens
 from vlens.flow import head_attribution, image_attention, knockout_sweep, last, patch_attention
 from vlens.lens import box_mass
 from vlens.toy.data import render
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _idle import OtherLoad  # noqa: E402
 
 PAIRS = {
     "image -> last": ("image", last), "base -> last": ("base", last), "high-res -> last": ("highres", last),
@@ -190,11 +194,14 @@ def timings(vlm, data, window: int, reps: int, bs: int) -> dict:
     for f in fns.values():
         f()  # warm up
     t = {k: [] for k in fns}
+    load = OtherLoad()
+    load.start()
     for _ in range(reps):  # interleaved, so load drifts hit every variant alike
         for k, f in fns.items():
             t[k].append(_median_time(f, 1))
+    idle = load.stop()
     m = {k: statistics.median(v) for k, v in t.items()}
-    return {"pattern_overhead": round(m["patterns"] / m["plain"], 3),
+    return {"idle": idle, "reliable": load.reliable(idle),"pattern_overhead": round(m["patterns"] / m["plain"], 3),
             "last_row_overhead": round(m["last_rows"] / m["plain"], 3),
             "eager_recall_overhead": round(m["eager_recall"] / m["plain"], 3),
             "instrumented_plain_overhead": round(m["plain_instrumented"] / m["plain"], 3),
