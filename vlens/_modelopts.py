@@ -1,22 +1,24 @@
-"""The one set of model options of the `vlens` command line (package-private to `vlens.cli`).
+"""Options of the `vlens` command line (package-private to `vlens.cli`): the model options, flags from the library.
 
 Every command that runs a model takes them: `--model toy | tiny:FAMILY | HUB_ID
 | DIR`, `--weights random` with the size options and `--seed`, `--device`,
 `--dtype`. `ModelChoice` checks them before anything loads, gives the
-model's facts for argument checks, and loads the model.
+model's facts for argument checks, and loads the model. The other options of
+a command come from the library's own signatures and config dataclasses
+(`config_options`, `with_options`), so each default is written once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import typer
 
 from .errors import InputError
 
-__all__ = ["model_options", "ModelChoice"]
+__all__ = ["model_options", "ModelChoice", "option_default", "config_options", "with_options", "given_fields"]
 
 _SIZES = {"d_model": "residual width", "n_layers": "language-model layers", "vision_d_model": "vision-tower width",
           "vision_layers": "vision-tower layers"}
@@ -103,3 +105,70 @@ class ModelChoice:
         elif self.weights is not None:
             extra.update(weights=self.weights, seed=self.seed)
         return load(self.model, device=device or self.device, dtype=self.dtype, **extra)
+
+
+# -- flags from the library: CLI options generated from signatures and config dataclasses ---------
+
+
+def option_default(func: Callable, name: str) -> Any:
+    """The default of `func`'s parameter `name`: CLI defaults are the library's, written once.
+
+    Example:
+        >>> option_default(lambda n=3: n, "n")
+        3
+    """
+    return inspect.signature(func).parameters[name].default
+
+
+def config_options(cls: type, *, skip: Sequence[str] = ()) -> list[inspect.Parameter]:
+    """One `--field` option per plain (int / float / str / bool) field of a config dataclass; None = not given.
+
+    Example:
+        >>> from vlens.demo import DemoConfig
+        >>> [p.name for p in config_options(DemoConfig)][:3]
+        ['n_train', 'n_heldout', 'n_sae_samples']
+    """
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.name in skip or type(default) not in (int, float, str, bool):
+            continue
+        typ = type(default)
+        help_text = f"{cls.__name__}.{f.name} (default {default})"
+        out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[typ],
+                                     default=typer.Option(None, help=help_text, rich_help_panel=cls.__name__)))
+    return out
+
+
+def with_options(*extra: list[inspect.Parameter]) -> Callable[[Callable], Callable]:
+    """Add generated keyword options to a command function's signature (typer reads `__signature__`).
+
+    Example:
+        >>> import inspect
+        >>> from vlens.demo import DemoConfig
+        >>> f = with_options(config_options(DemoConfig))(lambda out="x", **kw: None)
+        >>> list(inspect.signature(f).parameters)[:2]
+        ['out', 'n_train']
+    """
+
+    def wrap(func: Callable) -> Callable:
+        sig = inspect.signature(func, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        params = own + [p for group in extra for p in group]  # the generated options arrive in **kwargs
+        func.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        func.__annotations__ = {**func.__annotations__, **{p.name: p.annotation for group in extra for p in group}}
+        return func
+
+    return wrap
+
+
+def given_fields(cls: type, kwargs: dict) -> dict:
+    """The config fields the user gave on the command line.
+
+    Example:
+        >>> from vlens.demo import DemoConfig
+        >>> given_fields(DemoConfig, {"n_train": 10, "n_heldout": None, "out": "x"})
+        {'n_train': 10}
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in kwargs.items() if k in names and v is not None}

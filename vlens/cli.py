@@ -19,14 +19,13 @@ vlens` is the same program (so `torchrun ... -m vlens harvest ...` works).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import typer
 
-from ._modelopts import ModelChoice, model_options
+from ._modelopts import ModelChoice, config_options, given_fields, model_options, option_default, with_options
 from .errors import InputError, VlensError
 
 __all__ = ["app", "main"]
@@ -70,45 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- flags from the library --------------------------------------------------------------------
 
 
-def _default(func: Callable, name: str) -> Any:
-    """The default of `func`'s parameter `name`: CLI defaults are the library's, written once."""
-    return inspect.signature(func).parameters[name].default
-
-
-def _config_options(cls: type, *, skip: Sequence[str] = ()) -> list[inspect.Parameter]:
-    """One `--field` option per plain (int / float / str / bool) field of a config dataclass; None = not given."""
-    out = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.name in skip or type(default) not in (int, float, str, bool):
-            continue
-        typ = type(default)
-        help_text = f"{cls.__name__}.{f.name} (default {default})"
-        out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[typ],
-                                     default=typer.Option(None, help=help_text, rich_help_panel=cls.__name__)))
-    return out
-
-
-def _with_options(*extra: list[inspect.Parameter]) -> Callable[[Callable], Callable]:
-    """Add generated keyword options to a command function's signature (typer reads `__signature__`)."""
-
-    def wrap(func: Callable) -> Callable:
-        sig = inspect.signature(func, eval_str=True)
-        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        params = own + [p for group in extra for p in group]  # the generated options arrive in **kwargs
-        func.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-        func.__annotations__ = {**func.__annotations__, **{p.name: p.annotation for group in extra for p in group}}
-        return func
-
-    return wrap
-
-
-def _given(cls: type, kwargs: dict) -> dict:
-    """The config fields the user gave on the command line."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in kwargs.items() if k in names and v is not None}
-
-
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise InputError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
@@ -148,9 +108,9 @@ def _device(device: str | None, env: Any) -> str | None:
 def _demo_command() -> Callable:
     from .demo import DemoConfig, run
 
-    @_with_options(_config_options(DemoConfig), model_options())
+    @with_options(config_options(DemoConfig), model_options())
     def demo(
-        out: Path = typer.Option(Path(_default(run, "out")), help="output directory (report, stores, SAEs, dashboards)"),
+        out: Path = typer.Option(Path(option_default(run, "out")), help="output directory (report, stores, SAEs, dashboards)"),
         fast: bool = typer.Option(False, "--fast", help="CI-sized run (about 2 minutes on 2 CPU cores)"),
         data: Optional[str] = typer.Option(None, help="image-class data for a real model: folder or HF dataset id"),
         captions: Optional[Path] = typer.Option(None, help="ShareGPT4V-style caption JSON for a real model"),
@@ -168,7 +128,7 @@ def _demo_command() -> Callable:
             raise InputError("a model other than the toy needs --data (an image folder or HF dataset id) and "
                              "--captions (a ShareGPT4V-style JSON), with --image-root if its paths are relative")
         base = DemoConfig.fast() if fast else DemoConfig()
-        cfg = dataclasses.replace(base, **_given(DemoConfig, options))
+        cfg = dataclasses.replace(base, **given_fields(DemoConfig, options))
         words = None
         if data is not None and captions is not None and Path(data).is_dir():  # a tiny build learns them
             from .data import image_folder, sharegpt4v, vocabulary
@@ -189,12 +149,12 @@ def _toy_train_command() -> Callable:
     from .toy.model import ToyArch
     from .toy.train import TrainConfig, train
 
-    @_with_options(_config_options(TrainConfig))
+    @with_options(config_options(TrainConfig))
     def toy_train(
-        out: Path = typer.Option(Path(_default(train, "out")), help="run directory: state.pt (resume) and checkpoint/"),
+        out: Path = typer.Option(Path(option_default(train, "out")), help="run directory: state.pt (resume) and checkpoint/"),
         layers: int = typer.Option(ToyArch().n_layers, help="language-model layers"),
         vision_layers: int = typer.Option(ToyArch().vision_layers, help="vision-tower layers"),
-        eval_n: int = typer.Option(_default(train, "eval_n"), help="held-out images scored at the end (0: skip)"),
+        eval_n: int = typer.Option(option_default(train, "eval_n"), help="held-out images scored at the end (0: skip)"),
         ship: bool = typer.Option(False, "--ship", help="also write the checkpoint into the installed package"),
         **options: Any,
     ) -> None:
@@ -202,7 +162,7 @@ def _toy_train_command() -> Callable:
         from .toy.model import CHECKPOINT_DIR
 
         _positive("layers", layers)
-        cfg = TrainConfig(**_given(TrainConfig, options))
+        cfg = TrainConfig(**given_fields(TrainConfig, options))
         _positive("steps", cfg.steps)
         rec = train(out, cfg, ToyArch(n_layers=layers, vision_layers=vision_layers), ship=ship, eval_n=eval_n)
         print(f"checkpoint: {out / 'checkpoint'}" + (f" (and {CHECKPOINT_DIR})" if ship else ""))
@@ -218,15 +178,15 @@ toy_app.command("train")(_toy_train_command())
 def _toy_gemma_train_command() -> Callable:
     from .toy.gemma_train import GemmaTrainConfig, train_gemma
 
-    @_with_options(_config_options(GemmaTrainConfig))
+    @with_options(config_options(GemmaTrainConfig))
     def toy_gemma_train(
-        out: Path = typer.Option(Path(_default(train_gemma, "out")), help="run directory: state.pt and checkpoint/"),
-        eval_n: int = typer.Option(_default(train_gemma, "eval_n"), help="held-out images scored at the end (0: skip)"),
+        out: Path = typer.Option(Path(option_default(train_gemma, "out")), help="run directory: state.pt and checkpoint/"),
+        eval_n: int = typer.Option(option_default(train_gemma, "eval_n"), help="held-out images scored at the end (0: skip)"),
         ship: bool = typer.Option(False, "--ship", help="also write the weights into the installed package"),
         **options: Any,
     ) -> None:
         """Train the real-LM toy's tower + projector, Gemma 3 270M frozen (resumable: rerun to continue)."""
-        cfg = GemmaTrainConfig(**_given(GemmaTrainConfig, options))
+        cfg = GemmaTrainConfig(**given_fields(GemmaTrainConfig, options))
         if cfg.steps < 0:
             raise InputError(f"--steps must be at least 0 (0: stage 0 only), not {cfg.steps}")
         rec = train_gemma(out, cfg, ship=ship, eval_n=eval_n)
@@ -275,21 +235,21 @@ def toy_samples(
 def _harvest_command() -> Callable:
     from .activations.harvesting import harvest
 
-    @_with_options(model_options())
+    @with_options(model_options())
     def run_harvest(
         layers: str = typer.Option(..., help="comma-separated LM layers, e.g. 1,2,3 (negative counts from the end)"),
         out: Path = typer.Option(..., help="the store directory"),
         data: str = typer.Option("toy", help="'toy' (the toy image set) or an image folder (class/xxx.jpg)"),
         n: int = typer.Option(200, help="number of toy samples"),
         site: str = typer.Option("resid_pre", help="resid_pre (entering layer L) or resid_post (leaving it)"),
-        tokens: str = typer.Option(_default(harvest, "tokens"), help="token selection, e.g. image, image+answer"),
+        tokens: str = typer.Option(option_default(harvest, "tokens"), help="token selection, e.g. image, image+answer"),
         pool: Optional[str] = typer.Option(None, help="mean: one row per sample"),
         captions: bool = typer.Option(False, "--captions", help="append each sample's caption as the answer"),
         text_only: bool = typer.Option(False, "--text-only", help="also run a text-only pass over the captions"),
         text_tokens: Optional[str] = typer.Option(None, help="what the text-only pass keeps (default: --tokens); "
                                                   "all: every token, BOS included, as the paper's code"),
-        prompt: str = typer.Option(_default(harvest, "prompt"), help="the prompt, with <image>"),
-        batch_size: int = typer.Option(_default(harvest, "batch_size"), help="samples per forward"),
+        prompt: str = typer.Option(option_default(harvest, "prompt"), help="the prompt, with <image>"),
+        batch_size: int = typer.Option(option_default(harvest, "batch_size"), help="samples per forward"),
         store_dtype: Optional[str] = typer.Option(None, help="storage dtype, e.g. bfloat16 (default: the model's)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace a store of another configuration"),
         **options: Any,
@@ -333,20 +293,20 @@ def _train_sae_command() -> Callable:
     from .sae.training import PRESETS, ArchitectureConfig, TrainerConfig, train
 
     # transcoders need two sites per row, which a store does not hold: `vlens train-saes --transcoders`
-    arch_options = _config_options(ArchitectureConfig,
+    arch_options = config_options(ArchitectureConfig,
                                    skip=("architecture", "d_in", "d_sae", "transcoder", "skip", "d_out"))
-    trainer_options = _config_options(TrainerConfig, skip=("total_steps",))
+    trainer_options = config_options(TrainerConfig, skip=("total_steps",))
 
-    @_with_options(arch_options, trainer_options)
+    @with_options(arch_options, trainer_options)
     def train_sae(
         store: Path = typer.Option(..., help="a harvest directory (vlens harvest ... --out DIR)"),
         layer: int = typer.Option(..., help="the store's layer to train on"),
         out: Path = typer.Option(..., help="export directory (SAE-Lens format)"),
-        preset: str = typer.Option(_default(train, "preset"), help=f"one of {', '.join(sorted(PRESETS))}"),
+        preset: str = typer.Option(option_default(train, "preset"), help=f"one of {', '.join(sorted(PRESETS))}"),
         expansion: int = typer.Option(8, help="latents per residual dimension (d_sae = expansion × d_model)"),
         steps: Optional[int] = typer.Option(None, help="training steps (default: one pass over the store)"),
         checkpoint_dir: Optional[Path] = typer.Option(None, help="periodic checkpoints; rerun to resume"),
-        device: str = typer.Option(_default(train, "device"), help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)"),
+        device: str = typer.Option(option_default(train, "device"), help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)"),
         **options: Any,
     ) -> None:
         """Train a multimodal SAE on one layer of a harvest store and export it in SAE-Lens format.
@@ -362,7 +322,7 @@ def _train_sae_command() -> Callable:
             raise InputError(f"--preset must be one of {', '.join(sorted(PRESETS))}, not {preset!r}")
         _positive("expansion", expansion)
         _positive("steps", steps)
-        given = {**_given(ArchitectureConfig, options), **_given(TrainerConfig, options)}
+        given = {**given_fields(ArchitectureConfig, options), **given_fields(TrainerConfig, options)}
         source = ActivationStore(store)
         source.hook_name(layer)  # an unknown layer is refused before training starts
         env = distributed.init()
@@ -427,14 +387,14 @@ def probe(
 def _dashboard_command() -> Callable:
     from .sae.dashboards import dashboard
 
-    @_with_options(model_options())
+    @with_options(model_options())
     def run_dashboard(
         sae: Path = typer.Option(..., help="an SAE directory (vlens train-sae / vlens export / vlens.sae.export)"),
         out: Path = typer.Option(..., help="output folder: index.html and one page per latent"),
         data: str = typer.Option("toy", help="'toy' (the toy image set) or an image folder (class/xxx.jpg)"),
         n: int = typer.Option(64, help="samples to look for top activations in"),
-        n_latents: int = typer.Option(_default(dashboard, "n_latents"), help="pages for the most frequent latents"),
-        top_k: int = typer.Option(_default(dashboard, "top_k"), help="top images and contexts per latent"),
+        n_latents: int = typer.Option(option_default(dashboard, "n_latents"), help="pages for the most frequent latents"),
+        top_k: int = typer.Option(option_default(dashboard, "top_k"), help="top images and contexts per latent"),
         **options: Any,
     ) -> None:
         """Write SAE latent dashboards (top images with their patches, top text, logits) as HTML pages."""
@@ -461,7 +421,7 @@ def _train_saes_command() -> Callable:
     from .sae.training import PRESETS, train_many
     from .sae.transcoder import transcoder_specs
 
-    @_with_options(model_options())
+    @with_options(model_options())
     def train_saes(
         sites: str = typer.Option(..., help="comma-separated sites, one SAE each, e.g. resid_pre.2,resid_post.4"),
         out: Path = typer.Option(..., help="export directory: one SAE-Lens folder per SAE, named after its site"),
@@ -471,10 +431,10 @@ def _train_saes_command() -> Callable:
         expansion: int = typer.Option(8, help="latents per residual dimension (d_sae = expansion × d_model)"),
         n_tokens: int = typer.Option(..., help="training tokens per SAE (the data is streamed again if needed)"),
         batch_size: Optional[int] = typer.Option(None, help="SAE batch size (default: the preset's)"),
-        tokens: str = typer.Option(_default(train_many, "tokens"), help="token selection, e.g. image, image+answer"),
+        tokens: str = typer.Option(option_default(train_many, "tokens"), help="token selection, e.g. image, image+answer"),
         captions: bool = typer.Option(False, "--captions", help="append each sample's caption as the answer"),
         text_only: bool = typer.Option(False, "--text-only", help="also run a text-only pass over the captions"),
-        forward_batch_size: int = typer.Option(_default(train_many, "forward_batch_size"), help="samples per forward"),
+        forward_batch_size: int = typer.Option(option_default(train_many, "forward_batch_size"), help="samples per forward"),
         buffer: Optional[int] = typer.Option(None, help="shuffle-buffer rows per SAE (default: 8 batches)"),
         checkpoint_dir: Optional[Path] = typer.Option(None, help="periodic checkpoints; rerun to resume"),
         transcoders: bool = typer.Option(False, "--transcoders", help="train transcoders mlp_in.L -> mlp_out.L "
@@ -552,9 +512,9 @@ def _export_command() -> Callable:
         hook_name: Optional[str] = typer.Option(None, help="paper: e.g. blocks.16.hook_resid_pre (the paper's site); "
                                                             "sparsify: default from the folder, layers.N -> "
                                                             "blocks.N.hook_resid_post"),
-        input_scale: float = typer.Option(_default(convert_paper_checkpoint, "input_scale"),
+        input_scale: float = typer.Option(option_default(convert_paper_checkpoint, "input_scale"),
                                           help="paper format: inputs ×scale, outputs ÷scale"),
-        dtype: str = typer.Option(str(_default(convert_sparsify_checkpoint, "dtype")),
+        dtype: str = typer.Option(str(option_default(convert_sparsify_checkpoint, "dtype")),
                                   help="weights dtype: float32, bfloat16, float16, or 'stored' (as in the checkpoint)"),
     ) -> None:
         """Convert the paper's or sparsify's SAE checkpoints to SAE-Lens's disk format."""
@@ -584,13 +544,13 @@ app.command("export")(_export_command())
 def _explore_command() -> Callable:
     from .explorer import explore
 
-    @_with_options(model_options())
+    @with_options(model_options())
     def run_explore(
-        host: str = typer.Option(_default(explore, "host"), help="address to listen on (default: this machine only)"),
-        port: int = typer.Option(_default(explore, "port"), help="port to listen on (0: any free port)"),
+        host: str = typer.Option(option_default(explore, "host"), help="address to listen on (default: this machine only)"),
+        port: int = typer.Option(option_default(explore, "port"), help="port to listen on (0: any free port)"),
         sae: Optional[Path] = typer.Option(None, help="an SAE directory (SAE-Lens format): SAE vector, map and latents"),
-        n_train: int = typer.Option(_default(explore, "n_train"), help="toy images for class means and probes"),
-        n_pool: int = typer.Option(_default(explore, "n_pool"), help="toy images to pick from and browse latents on"),
+        n_train: int = typer.Option(option_default(explore, "n_train"), help="toy images for class means and probes"),
+        n_pool: int = typer.Option(option_default(explore, "n_pool"), help="toy images to pick from and browse latents on"),
         open_browser: bool = typer.Option(False, "--open", help="open the page in the default browser"),
         graph: Optional[list[Path]] = typer.Option(None, help="an attribution-graph JSON for the graph panel "
                                                    "(repeat for several)"),
