@@ -48,7 +48,7 @@ GEMMA_TASKS: dict[str, float] = {"question": 0.6, "colour": 0.2, "shape": 0.2}
 
 @dataclass
 class GemmaTrainConfig:
-    """Hyper-parameters of `train_gemma`; the shipped weights used these with `steps=6` (their `toy_gemma.json`).
+    """Hyper-parameters of `train_gemma`; the shipped weights used these with `steps=300` (their `toy_gemma.json`).
 
     Example:
         >>> GemmaTrainConfig().batch_size
