@@ -90,6 +90,8 @@ def fit_transcoders(vlm, images, d_sae: int, steps: int, l1: float = 1e-3, seed:
 def load_transcoders(path):
     from sae_lens import SAE
 
+    import vlens.sae  # noqa: F401  registers `topk_transcoder` with SAE-Lens (SAE-Lens 6.54 has no TopK transcoder)
+
     dirs = sorted(os.path.join(path, d) for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     return [SAE.load_from_disk(d) for d in dirs]
 

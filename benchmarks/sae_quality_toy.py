@@ -59,14 +59,14 @@ def l0(sae, x: torch.Tensor) -> float:
         return float((sae.encode(x) != 0).sum(-1).float().mean())
 
 
-def train_vlens(x, k, steps, batch, lr, **overrides):
+def train_vlens(x, k, steps, batch, lr, d_sae=512, **overrides):
     import vlens.sae as vs
 
-    return vs.train(x, "topk", d_sae=512, k=k, steps=steps, batch_size=batch, lr=lr, progress=False,
+    return vs.train(x, "topk", d_sae=d_sae, k=k, steps=steps, batch_size=batch, lr=lr, progress=False,
                     stats_tokens=0, **overrides)
 
 
-def train_sae_lens(x, k, steps, batch, lr, seed=0, vlens_order=False):
+def train_sae_lens(x, k, steps, batch, lr, seed=0, vlens_order=False, d_sae=512):
     """SAE-Lens's own trainer with its defaults (`SAETrainerConfig` as `train_toy_sae` sets it).
 
     Batches are epoch-shuffled rows; with `vlens_order` they are exactly the batches
@@ -77,7 +77,7 @@ def train_sae_lens(x, k, steps, batch, lr, seed=0, vlens_order=False):
     from sae_lens.training.sae_trainer import SAETrainer, SAETrainerConfig
 
     torch.manual_seed(seed)
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=512, k=k))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k))
     g = torch.Generator().manual_seed(seed)
     per_epoch = len(x) // batch
     if vlens_order:

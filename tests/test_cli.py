@@ -126,3 +126,31 @@ def test_python_dash_m_vlens_toy_is_vlens_toy():
 
     r = subprocess.run([sys.executable, "-m", "vlens.toy", "eval", "--n", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and "--n must be at least 1" in r.stderr
+
+
+def test_demo_on_the_real_lm_toy_needs_no_data_and_takes_its_own_sizes(monkeypatch, tmp_path):
+    """`vlens demo --model toy-gemma` generates the toy data itself and runs at `DemoConfig.for_model`'s sizes."""
+    import vlens.demo
+    from vlens._modelopts import ModelChoice
+    from vlens.demo import DemoConfig
+
+    class Loaded:
+        name = "toy-gemma"
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def start(model, device, cfg, *rest):
+        seen.update(model=model, cfg=cfg)
+        raise Started
+
+    monkeypatch.setattr(ModelChoice, "load", lambda self, **kw: Loaded())
+    monkeypatch.setattr(vlens.demo, "_start", start)
+    with pytest.raises(Started):
+        main(["demo", "--model", "toy-gemma", "--fast", "--sae-steps", "7", "--out", str(tmp_path)])
+    want = DemoConfig.for_model("toy-gemma", fast=True)
+    assert seen["cfg"].sae_expansion == 16 and seen["cfg"].sae_layer_stride == 3 and seen["cfg"].sae_steps == 7
+    assert {**vars(seen["cfg"]), "sae_steps": want.sae_steps} == vars(want)
+    assert isinstance(seen["model"], Loaded)

@@ -101,3 +101,22 @@ def test_toy_gemma_answers_held_out_questions(toy_gemma):
 
     acc = evaluate_gemma(toy_gemma, n=40, progress=False)
     assert acc["exact"] >= toy_gemma.toy_meta["accuracy"]["exact"] - 0.15
+
+
+@needs_extra
+@pytest.mark.slow
+def test_toy_gemma_training_resumes_bit_identically(tmp_path):
+    """Stages -1 and 1 with the auxiliary class loss: 3 steps at once = 1 step, stop, and 2 more from `state.pt`."""
+    from safetensors.torch import load_file
+
+    from vlens.toy.gemma_train import GemmaTrainConfig, train_gemma
+
+    cfg = GemmaTrainConfig(steps=3, batch_size=2, n_images=12, vision_pretrain_steps=2, tower_batch=4, aux_weight=1.0,
+                           save_every=1, warmup=1)
+    train_gemma(tmp_path / "once", cfg, eval_n=0, progress=False)
+    train_gemma(tmp_path / "twice", GemmaTrainConfig(**{**vars(cfg), "steps": 1}), eval_n=0, progress=False)
+    state = torch.load(tmp_path / "twice" / "state.pt", weights_only=True)
+    assert state["step"] == 1 and set(state["head"]) == {"weight", "bias"}
+    train_gemma(tmp_path / "twice", cfg, eval_n=0, progress=False)
+    once, twice = (load_file(tmp_path / d / "checkpoint" / "vision.safetensors") for d in ("once", "twice"))
+    assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)

@@ -106,7 +106,7 @@ def _device(device: str | None, env: Any) -> str | None:
 
 
 def _demo_command() -> Callable:
-    from .demo import DemoConfig, run
+    from .demo import TOY_MODELS, DemoConfig, run
 
     @with_options(config_options(DemoConfig), model_options())
     def demo(
@@ -119,15 +119,17 @@ def _demo_command() -> Callable:
     ) -> None:
         """Run every experiment of the paper on the toy model (or a real one) and write an HTML report.
 
+        The real-LM toy (Gemma 3 270M; the `real-lm` extra): `--model toy-gemma`, at its own sizes.
+
         A real checkpoint: `--model llava-hf/llava-v1.6-mistral-7b-hf --device cuda --data DIR --captions
         caps.json`. Its real architecture, tokenizer and processor with random weights, offline on a CPU:
         add `--weights random --d-model 64 --n-layers 2 --vision-d-model 32 --vision-layers 1`.
         """
         m = ModelChoice.pop(options)
-        if m.model != "toy" and (data is None or captions is None):
+        if m.model not in TOY_MODELS and (data is None or captions is None):
             raise InputError("a model other than the toy needs --data (an image folder or HF dataset id) and "
                              "--captions (a ShareGPT4V-style JSON), with --image-root if its paths are relative")
-        base = DemoConfig.fast() if fast else DemoConfig()
+        base = DemoConfig.for_model(m.model, fast)
         cfg = dataclasses.replace(base, **given_fields(DemoConfig, options))
         words = None
         if data is not None and captions is not None and Path(data).is_dir():  # a tiny build learns them

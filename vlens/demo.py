@@ -21,6 +21,7 @@ Stages (each a few library calls; read this file as a worked example):
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import math
@@ -51,11 +52,35 @@ class DemoConfig:
     n_pairs: int = 3
     n_dashboards: int = 8
     batch_size: int = 16
+    sae_layer_stride: int = 1  # SAEs every this many layers (the middle and last layers always)
+    sae_batch_size: int = 0  # rows per SAE step; 0: the preset's
 
     @classmethod
     def fast(cls) -> "DemoConfig":
         return cls(n_train=120, n_heldout=40, n_sae_samples=60, sae_steps=300, steer_images=8, ks=(0.0, 2.0, 8.0),
                    n_pairs=1, n_dashboards=3)
+
+    @classmethod
+    def for_model(cls, name: str, fast: bool = False) -> "DemoConfig":
+        """The demo's sizes for a model: `fast()` or the default, and for `"toy-gemma"` the real-LM sizes.
+
+        The real-LM toy (18 layers x d_model 640) gets SAEs of 16x width (d_sae 10,240) every third
+        layer, with fewer, smaller steps, so its SAE stage fits a 2-core machine.
+
+        Example:
+            >>> c = DemoConfig.for_model("toy-gemma")
+            >>> c.sae_expansion, c.sae_layer_stride
+            (16, 3)
+        """
+        base = cls.fast() if fast else cls()
+        if name != "toy-gemma":
+            return base
+        return dataclasses.replace(base, sae_expansion=16, sae_layer_stride=3, sae_batch_size=1024,
+                                   sae_steps=base.sae_steps // 3, ks=(0.0, 2.0, 4.0, 8.0, 16.0))
+
+
+#: Models whose data the demo generates itself: the embedded toy and the real-LM toy (`vlens.load("toy-gemma")`).
+TOY_MODELS = ("toy", "toy-gemma")
 
 
 def _stage(name: str) -> float:
@@ -86,6 +111,11 @@ class _Demo:
     def mid(self) -> int:
         return self.vlm.n_layers // 2
 
+    @property
+    def sae_layers(self) -> list[int]:
+        stride = max(1, self.cfg.sae_layer_stride)
+        return sorted({*self.layers[::stride], self.mid, self.layers[-1]})
+
 
 def run(
     out: str | Path = "vlens-demo",
@@ -100,7 +130,9 @@ def run(
 ) -> str:
     """Run the whole demo and return the report's path.
 
-    `model="toy"` uses the embedded toy model and its generated data. Any
+    `model="toy"` uses the embedded toy model and its generated data;
+    `model="toy-gemma"` the real-LM toy (Gemma 3 270M) on the same data,
+    at `DemoConfig.for_model("toy-gemma")`'s sizes. Any
     other model (a name for `vlens.load`, e.g. `"llava-hf/llava-v1.6-mistral-7b-hf"`
     with `device="cuda"`, or a `VLM` you built) needs `data`: an image-class folder (`class/xxx.jpg`) or
     an HF dataset id with `image`/`label` columns, and `captions`: a
@@ -109,7 +141,7 @@ def run(
     Example:
         >>> path = run("/tmp/vlens-demo-doc", fast=True)  # doctest: +SKIP
     """
-    cfg = config or (DemoConfig.fast() if fast else DemoConfig())
+    cfg = config or DemoConfig.for_model(model if isinstance(model, str) else model.name, fast)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -140,7 +172,7 @@ def _start(model, device, cfg: DemoConfig, out: Path, data, captions, image_root
 
     t = _stage(f"load {model if isinstance(model, str) else model.name}")
     vlm = model if isinstance(model, VLM) else load(model, device=device)
-    toy_model = vlm.name == "toy"
+    toy_model = vlm.name in TOY_MODELS
     train, heldout, cap_data = _data(toy_model, cfg, data, captions, image_root)
     report = Report(
         f"vlens demo — {vlm.name}",
@@ -254,17 +286,19 @@ def _sae_stage(d: _Demo):
     from . import sae as vsae
     from .activations import harvest
 
-    t = _stage(f"4/6 multimodal SAEs on image + caption tokens at all {len(d.layers)} layers")
+    layers = d.sae_layers
+    t = _stage(f"4/6 multimodal SAEs on image + caption tokens at {len(layers)} of {len(d.layers)} layers")
     cfg, mid, cap_prompt = d.cfg, d.mid, prompts.CAPTION_PROMPT
-    tokens = harvest(d.vlm, d.cap_data[: cfg.n_sae_samples], d.layers, tokens="image+answer", captions=True,
+    tokens = harvest(d.vlm, d.cap_data[: cfg.n_sae_samples], layers, tokens="image+answer", captions=True,
                      text_only=True, batch_size=cfg.batch_size, out=d.out / "store-tokens", prompt=cap_prompt,
                      overwrite=True)
     mix = tokens.filter(modality="image"), tokens.filter(modality="text")
     print(f"{len(tokens)} tokens: {len(mix[0])} image, {len(mix[1])} text")
     saes = {}
-    for L in d.layers:
+    for L in layers:
         steps = cfg.sae_steps if L == mid else max(cfg.sae_steps // 2, 100)
         extra = {"k": cfg.sae_k} if cfg.sae_preset in ("topk", "batchtopk") else {}
+        extra |= {"batch_size": cfg.sae_batch_size} if cfg.sae_batch_size else {}
         saes[L] = vsae.train(tokens, cfg.sae_preset, layer=L, expansion=cfg.sae_expansion, steps=steps, **extra,
                              checkpoint_dir=d.out / "sae-checkpoints" / f"layer-{L}", model_name=d.vlm.name,
                              progress=True)

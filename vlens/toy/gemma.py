@@ -5,10 +5,12 @@ real 262k tokenizer; `vlens.families.gemma3_real`, from the `real-lm`
 extra). The vision side is small and trained in-project: a SigLIP tower
 (64x64 images, 8-px patches, 2 layers x 64) and Gemma 3's own projector
 (RMS norm, 2x2 average pool, linear into d_model) giving 16 soft tokens per
-image. Tower and projector were trained with the language model frozen, on
-the answer loss only (stage-1 alignment in the LLaVA sense), by
-`python -m vlens.toy gemma-train` (`vlens.toy.gemma_train`); their weights
-ship in the package (`GEMMA_CHECKPOINT_DIR`, a few MB).
+image. Tower and projector were trained with the language model frozen
+(the tower pre-trained to classify the images, then stage-1 alignment in
+the LLaVA sense on the answer loss, keeping the tower's classification
+loss) by `python -m vlens.toy gemma-train` (`vlens.toy.gemma_train`); their
+weights ship in the package (`GEMMA_CHECKPOINT_DIR`, under 1 MB). They
+answer 97% of held-out toy questions exactly (`toy_gemma.json`).
 
 The multimodal Gemma 3 checkpoints' vocabulary conventions are kept:
 `<image_soft_token>` = 262144, `<start_of_image>` = 255999,
