@@ -120,3 +120,19 @@ def test_toy_gemma_training_resumes_bit_identically(tmp_path):
     train_gemma(tmp_path / "twice", cfg, eval_n=0, progress=False)
     once, twice = (load_file(tmp_path / d / "checkpoint" / "vision.safetensors") for d in ("once", "twice"))
     assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
+
+
+def test_the_docs_table_is_the_real_lm_benchmarks_json():
+    """docs/toy-gemma.md shows `benchmarks/real_lm.py --markdown` of the saved result, every cell filled."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("real_lm", root / "benchmarks" / "real_lm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = json.loads((root / "docs" / "assets" / "real_lm.json").read_text())
+    table = bench.markdown(result)
+    assert set(result["models"]) == {"toy", "toy-gemma"} and "| – |" not in table  # no measure missing
+    assert table in (root / "docs" / "toy-gemma.md").read_text()
