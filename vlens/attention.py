@@ -87,6 +87,12 @@ def _rows(idx: Tensor | None, n: int, device: torch.device) -> Tensor | None:
     return None if idx is None else torch.as_tensor(idx, dtype=torch.long, device=device).reshape(-1) % n
 
 
+def _causal(q: int, k: int, rows: Tensor | None, device: torch.device) -> Bool[Tensor, "rows k"]:
+    """SDPA's causal fast path (`mask=None`): query i sees keys up to i + (k - q); only `rows` when given."""
+    pos = torch.arange(q, device=device) if rows is None else rows
+    return torch.arange(k, device=device)[None, :] <= pos[:, None] + (k - q)
+
+
 def _mask_scores(scores: Tensor, mask: Tensor | None, rows: Tensor | None, q: int) -> Tensor:
     """Mask the kept rows' scores in place, as HF's eager attention does; `q` is the query count before the cut.
 
@@ -97,9 +103,7 @@ def _mask_scores(scores: Tensor, mask: Tensor | None, rows: Tensor | None, q: in
     """
     lowest = torch.finfo(scores.dtype).min
     if mask is None:
-        k = scores.shape[-1]
-        pos = torch.arange(q, device=scores.device) if rows is None else rows
-        mask = torch.arange(k, device=scores.device)[None, :] <= pos[:, None] + (k - q)
+        mask = _causal(q, scores.shape[-1], rows, scores.device)
     elif rows is not None:
         mask = mask.index_select(-2, rows)
     if mask.dtype == torch.bool:
@@ -234,7 +238,6 @@ def block_edges(vlm: "VLM", blocks: Mapping[int, Bool[Tensor, "batch 1 seq seq"]
         if mask is not None and mask.dtype != torch.bool:
             new = mask.masked_fill(cut, torch.finfo(mask.dtype).min)
         else:
-            causal = torch.arange(k, device=hidden.device)[None, :] <= torch.arange(q, device=hidden.device)[:, None]
-            new = (causal[None, None] if mask is None else mask) & ~cut  # None: SDPA's causal fast path
+            new = (_causal(q, k, None, hidden.device)[None, None] if mask is None else mask) & ~cut
         kwargs["attention_mask"] = new
         attn.inputs = (args, kwargs)
