@@ -33,10 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from attribution import shape_region  # noqa: E402
 from sae_quality_toy import held_out_ev, l0, train_sae_lens, train_vlens  # noqa: E402
 
 
@@ -83,7 +83,7 @@ def lens_rates(vlm, n: int) -> dict:
     from vlens import data as vdata
     from vlens import prompts
     from vlens.lens import logit_lens, region_tokens, word_rate
-    from vlens.toy import COLOURS, SHAPES, render
+    from vlens.toy import COLOURS, SHAPES
 
     held = list(vdata.toy("heldout", n=n))
     sites = ["resid_pre.0"] + [f"resid_post.{L}" for L in range(vlm.n_layers)]
@@ -96,8 +96,7 @@ def lens_rates(vlm, n: int) -> dict:
         among = sorted({i for w in words for i in forms[w]})
         acc = {"shape_among": [], "background_among": [], "shape_top1": []}
         for i, s in enumerate(held):
-            clean = np.asarray(render({**s.meta, "noise": 0.0}, 64)).astype(int)
-            region = torch.from_numpy(np.abs(clean - np.array(s.meta["bg_rgb"])).max(-1) > 30)
+            region = shape_region(s.meta)
             word = forms[s.meta[concept]]
             on, off = region_tokens(b.layout, region, i, 0.5), region_tokens(b.layout, ~region, i, 1.0)
             if not on.any() or not off.any():  # a small shape under the real-LM toy's 16-px tokens: no patch half inside
