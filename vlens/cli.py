@@ -190,7 +190,7 @@ def _toy_gemma_train_command() -> Callable:
         """Train the real-LM toy's tower + projector, Gemma 3 270M frozen (resumable: rerun to continue)."""
         cfg = GemmaTrainConfig(**given_fields(GemmaTrainConfig, options))
         if cfg.steps < 0:
-            raise InputError(f"--steps must be at least 0 (0: stage 0 only), not {cfg.steps}")
+            raise InputError(f"--steps must be at least 0 (0: stage -1 only), not {cfg.steps}")
         rec = train_gemma(out, cfg, ship=ship, eval_n=eval_n)
         print(f"checkpoint: {out / 'checkpoint'}")
         print(f"train time: {rec['train_seconds']:.0f} s (mean load {rec['mean_load_during_run']})")
