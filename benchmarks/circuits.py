@@ -16,14 +16,21 @@ For `--n` held-out toy pictures, the colour word of `COLOUR_QUESTION` and the sh
   (circuit-tracer's node influence, each patch's value spread over its pixel box, `vlens.lens.box_mass`)
   that falls inside the shape's bounding box, against the box's share of the picture; `margin` = mean
   difference;
-* faithfulness: the `--k` features with the largest graph-predicted effect, each ablated (set to 0) in the
-  local replacement model and in the real model (`vlens.circuits.intervene`): Spearman rank correlation of
-  predicted and measured changes, and the fraction of features whose measured change is at least the
-  predicted one (same sign, |measured| >= |predicted| - tol, tol = 10% of |predicted| + 0.01);
-* cost: seconds for one graph at two image sizes (64x64 = 88 image tokens; 128x64 = 52) with the number of
-  nodes; timings are only meaningful on an idle machine (load average recorded).
+* faithfulness: the `--k` features with the largest graph-predicted effect (`feature_effects`), each ablated
+  (set to 0) in the local replacement model and in the real model (`vlens.circuits.intervene`): Spearman rank
+  correlation of predicted and measured changes, the fraction of features whose measured change is at least
+  the predicted one (same sign, |measured| >= |predicted| - tol, tol = 10% of |predicted| + 0.01), the
+  fraction with measured / predicted >= 0.9 (`at_least_90pct`), and the median and 10th percentile of
+  measured / predicted (every feature's numbers in `singles`, with `radial_cos`: the cosine of its decoder
+  row with the final norm's input at its position); the same with one part of the real model live at a
+  time (`live_alone`: attention, norms, mlps); and the k features ablated together (`joint_*`);
+* both norm conventions (`--norms`): circuit-tracer's frozen denominators (complete graphs) and the norms'
+  Jacobian (first-order; completeness is not expected, the edge sum is reported as `edge_sum_share`);
+* cost: seconds for one graph at two image sizes (32x32 = 36 image tokens, 64x64 = 88) with the numbers of
+  nodes and active features, medians of `--reps` interleaved repeats; only meaningful on an idle machine
+  (other processes' CPU and the load average recorded).
 
-Usage: python benchmarks/circuits.py [--n 10] [--k 10] [--tiny]
+Usage: python benchmarks/circuits.py [--n 10] [--k 10] [--transcoders DIR] [--norms frozen,jacobian] [--tiny]
 Last line: one JSON object.
 """
 
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -39,8 +47,11 @@ import torch
 from scipy.stats import spearmanr
 
 import vlens
-from vlens.circuits import attribute, intervene, predicted_change
+from vlens.circuits import LIVE, LocalReplacement, attribute, feature_effects, intervene
 from vlens.lens import box_mass
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _idle import OtherLoad  # noqa: E402
 
 MAX_FEATURES = [None]
 QUESTIONS = {"colour": vlens.toy.COLOUR_QUESTION, "shape": vlens.toy.SHAPE_QUESTION}
@@ -115,17 +126,28 @@ def kept_share(g):
     return kept / max(kept + abs(float(g.dropped_logit_effect[0])), 1e-12)
 
 
+MEASURES = ("replacement", "model", *LIVE)
+
+
+def _row(r):
+    return {"predicted": r.predicted, "replacement": r.replacement, "model": r.model, **r.live_alone}
+
+
 def faithfulness(vlm, tcs, b, g, k: int):
-    preds = []
-    for j in range(g.n_features):
-        f = tuple(g.features[j].tolist())
-        preds.append(predicted_change(g, [f])[1])
-    order = np.argsort(-np.abs(np.array(preds)))[:k]
-    rows = []
-    for j in order.tolist():
-        r = intervene(vlm, tcs, b, g, [tuple(g.features[j].tolist())])
-        rows.append((r.predicted, r.replacement, r.model))
-    return rows
+    """The k features of largest predicted effect, each ablated alone, and all k together.
+
+    `radial_cos`: the cosine between a feature's decoder row and the final norm's input at its position
+    (how much of its write lies along the residual stream that the norm divides out)."""
+    top = [tuple(g.features[j].tolist()) for j in feature_effects(g).abs().argsort(descending=True)[:k].tolist()]
+    rm = LocalReplacement(vlm, tcs)
+    with torch.no_grad():
+        resid = rm.run(b).norm_io[len(rm.norms) - 1][0][0].float()
+    singles = []
+    for L, p, f in top:
+        w = tcs[L].W_dec[f].detach().float()
+        cos = float(w @ resid[p] / (w.norm() * resid[p].norm()).clamp_min(1e-12))
+        singles.append({**_row(intervene(vlm, tcs, b, g, [(L, p, f)])), "radial_cos": cos})
+    return singles, _row(intervene(vlm, tcs, b, g, top))
 
 
 def at_least(pred: float, meas: float) -> bool:
@@ -133,28 +155,83 @@ def at_least(pred: float, meas: float) -> bool:
     return (np.sign(pred) == np.sign(meas) or abs(pred) < tol) and abs(meas) >= abs(pred) - tol
 
 
-def one_graph(vlm, tcs, img, word, kind):
+def one_graph(vlm, tcs, img, word, kind, norms="frozen"):
     b = vlm.prepare([QUESTIONS[kind]], [img])
     t = time.perf_counter()
-    g = attribute(vlm, tcs, b, target=word, images=[img], max_feature_nodes=MAX_FEATURES[0], progress=False)
+    g = attribute(vlm, tcs, b, target=word, images=[img], max_feature_nodes=MAX_FEATURES[0], norms=norms,
+                  progress=False)
     return b, g, time.perf_counter() - t
 
 
-def summarise(per, faith):
-    out = {}
-    for key in ("completeness_rel_error",):
-        out[key] = float(max(p[key] for p in per))
-    for key in ("replacement_score", "completeness_score", "replacement_score_pruned", "completeness_score_pruned",
-                "patch_influence_in_box", "box_area_share", "kept_feature_share"):
+def agreement(rows, name):
+    """Spearman, at-least fraction and measured/predicted quantiles of one measure over rows."""
+    pred = np.array([r["predicted"] for r in rows])
+    meas = np.array([r[name] for r in rows])
+    ratio = meas / np.where(np.abs(pred) > 1e-12, pred, np.nan)
+    return {"spearman": float(spearmanr(pred, meas).statistic) if len(pred) > 2 else float("nan"),
+            "at_least": float(np.mean([at_least(p, m) for p, m in zip(pred, meas)])),
+            "at_least_90pct": float(np.mean(ratio >= 0.9)),
+            "ratio_median": float(np.nanmedian(ratio)), "ratio_p10": float(np.nanpercentile(ratio, 10))}
+
+
+def summarise(per, singles, joints):
+    out = {"completeness_rel_error": float(max(p["completeness_rel_error"] for p in per))}
+    for key in ("edge_sum_share", "replacement_score", "completeness_score", "replacement_score_pruned",
+                "completeness_score_pruned", "patch_influence_in_box", "box_area_share", "kept_feature_share"):
         out[key] = float(np.mean([p[key] for p in per]))
     out["margin"] = out["patch_influence_in_box"] - out["box_area_share"]
     out["box_beats_area_fraction"] = float(np.mean([p["patch_influence_in_box"] > p["box_area_share"] for p in per]))
-    pred = np.array([r[0] for r in faith])
-    for i, name in ((1, "replacement"), (2, "model")):
-        meas = np.array([r[i] for r in faith])
-        rho = spearmanr(pred, meas).statistic if len(pred) > 2 else float("nan")
-        out[f"faithfulness_spearman_{name}"] = float(rho)
-        out[f"faithfulness_at_least_{name}"] = float(np.mean([at_least(p, m) for p, m in zip(pred, meas)]))
+    out["mean_abs_predicted"] = float(np.mean([abs(r["predicted"]) for r in singles]))
+    out["faithfulness"] = {name: agreement(singles, name) for name in MEASURES}
+    out["median_abs_radial_cos"] = float(np.median([abs(r["radial_cos"]) for r in singles]))
+    cols = ("predicted", *MEASURES, "radial_cos")
+    out["singles"] = {"columns": list(cols), "rows": [[round(r[c], 6) for c in cols] for r in singles]}
+    out["joint"] = {"mean_predicted": float(np.mean([r["predicted"] for r in joints])),
+                    **{f"mean_{name}": float(np.mean([r[name] for r in joints])) for name in MEASURES},
+                    "model": agreement(joints, "model")}
+    return out
+
+
+def measure(vlm, tcs, data, args, norms):
+    """Every graph of one norm convention: per-graph numbers, single and joint ablations, graph seconds."""
+    per, singles, joints, times = [], [], [], []
+    for s in data:
+        for kind in ("colour", "shape"):
+            b, g, secs = one_graph(vlm, tcs, s.image, s.meta[kind], kind, norms)
+            times.append(secs)
+            pruned = g.prune(0.8, 0.98)
+            logit = float(g.logit_values[0])
+            inside, area = box_share(g, s.meta)
+            edges = float(g.adjacency[g.logit_index(0)].sum() + g.dropped_logit_effect[0])
+            per.append({"completeness_rel_error": abs(edges - logit) / max(abs(logit), 1e-9),
+                        "edge_sum_share": edges / logit,
+                        **dict(zip(("replacement_score", "completeness_score"), g.scores())),
+                        **dict(zip(("replacement_score_pruned", "completeness_score_pruned"), g.scores(pruned))),
+                        "patch_influence_in_box": inside, "box_area_share": area,
+                        "kept_feature_share": kept_share(g)})
+            if kind == "colour" or args.tiny:
+                one, joint = faithfulness(vlm, tcs, b, g, args.k)
+                singles += one
+                joints.append(joint)
+    return {**summarise(per, singles, joints), "n_graphs": len(per),
+            "mean_seconds_per_graph": float(np.mean(times))}
+
+
+def cost(vlm, tcs, sample, reps: int):
+    """One graph's seconds at 32x32 and 64x64 (median of interleaved repeats), with its sizes."""
+    sizes = {"32x32": sample.image.resize((32, 32)), "64x64": sample.image}
+    secs = {k: [] for k in sizes}
+    out = {}
+    for _ in range(reps):
+        for key, img in sizes.items():
+            _, g, t = one_graph(vlm, tcs, img, sample.meta["colour"], "colour")
+            secs[key].append(t)
+            out[key] = {"image_tokens": int(g.patch_positions().numel()), "positions": g.n_pos,
+                        "feature_nodes": g.n_features, "nodes": int(g.adjacency.shape[0])}
+    for key in sizes:
+        out[key]["seconds"] = float(np.median(secs[key]))
+        out[key]["seconds_all"] = secs[key]
+    out["ratio_64_over_32"] = out["64x64"]["seconds"] / out["32x32"]["seconds"]
     return out
 
 
@@ -168,10 +245,13 @@ def main() -> None:
     ap.add_argument("--transcoders", default=None)
     ap.add_argument("--max-features", type=int, default=1500, help="feature nodes per graph (circuit-tracer's "
                     "max_feature_nodes; the dropped features' direct effects are added back in the completeness check)")
+    ap.add_argument("--norms", default="frozen,jacobian", help="norm conventions to measure, comma-separated")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved repeats of the cost graphs")
     ap.add_argument("--tiny", action="store_true", help="smoke mode: 1 picture, 2 features, a short fit")
     args = ap.parse_args()
     if args.tiny:
         args.n, args.k, args.fit_steps, args.fit_images, args.d_sae, args.max_features = 1, 3, 30, 8, 32, 64
+        args.reps = 1
     MAX_FEATURES[0] = args.max_features
     vlm = vlens.load("toy")
     if args.transcoders:
@@ -180,34 +260,13 @@ def main() -> None:
         train = vlens.toy.toy_dataset("train", n=args.fit_images, seed=1)
         tcs, how = fit_transcoders(vlm, [s.image for s in train], args.d_sae, args.fit_steps), "quick fit"
     data = vlens.toy.toy_dataset("heldout", n=args.n)
-    per, faith, times = [], [], []
-    for i in range(args.n):
-        s = data[i]
-        for kind in ("colour", "shape"):
-            b, g, secs = one_graph(vlm, tcs, s.image, s.meta[kind], kind)
-            times.append(secs)
-            pruned = g.prune(0.8, 0.98)
-            logit = float(g.logit_values[0])
-            inside, area = box_share(g, s.meta)
-            edges = float(g.adjacency[g.logit_index(0)].sum() + g.dropped_logit_effect[0])
-            per.append({"completeness_rel_error": abs(edges - logit)
-                        / max(abs(logit), 1e-9),
-                        **dict(zip(("replacement_score", "completeness_score"), g.scores())),
-                        **dict(zip(("replacement_score_pruned", "completeness_score_pruned"), g.scores(pruned))),
-                        "patch_influence_in_box": inside, "box_area_share": area,
-                        "kept_feature_share": kept_share(g)})
-            if kind == "colour" or args.tiny:
-                faith += faithfulness(vlm, tcs, b, g, args.k)
-    wide = data[0].image.resize((128, 64))
-    _, gw, secs_wide = one_graph(vlm, tcs, wide, data[0].meta["colour"], "colour")
-    _, g0, secs_64 = one_graph(vlm, tcs, data[0].image, data[0].meta["colour"], "colour")
-    result = {"transcoders": how, "n_graphs": len(per), "k": args.k, **summarise(per, faith),
-              "cost": {"64x64": {"image_tokens": int(g0.patch_positions().numel()), "nodes": int(g0.adjacency.shape[0]),
-                                 "seconds": secs_64},
-                       "128x64": {"image_tokens": int(gw.patch_positions().numel()),
-                                  "nodes": int(gw.adjacency.shape[0]), "seconds": secs_wide},
-                       "mean_seconds_per_graph": float(np.mean(times))},
-              "load_average": os.getloadavg()[0], "tiny": bool(args.tiny)}
+    result = {"transcoders": how, "k": args.k, "max_feature_nodes": args.max_features,
+              **{norms: measure(vlm, tcs, data, args, norms) for norms in args.norms.split(",")}}
+    load = OtherLoad()
+    load.start()
+    result["cost"] = cost(vlm, tcs, data[0], args.reps)
+    idle = load.stop()
+    result.update({"idle": idle, "reliable": load.reliable(idle), "tiny": bool(args.tiny)})
     print(json.dumps(result))
 
 

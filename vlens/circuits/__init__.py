@@ -11,7 +11,7 @@ Neuronpedia's.
 * `graph`: `attribute` → `Graph` (nodes, direct-effect edges, influence, pruning, scores);
 * `pruning`: circuit-tracer's influence, pruning and graph-score formulas;
 * `export`: `graph_json` / `write_graph_files` (circuit-tracer's JSON + vlens patch keys);
-* `steer`: `intervene`, graph-predicted against measured answer changes.
+* `steer`: `intervene`, graph-predicted against measured answer changes; `feature_effects` ranks features.
 
     >>> import vlens; from PIL import Image
     >>> from vlens.circuits import attribute, random_transcoders
@@ -24,13 +24,13 @@ Neuronpedia's.
 from .export import graph_json, patch_info, png_data_url, write_graph_files
 from .graph import Graph, attribute, logit_targets, predicting_position
 from .pruning import PruneResult, graph_scores, node_influence, prune
-from .replacement import LocalReplacement, ReplacementState, random_transcoders, skip_term, transcoder_layers
-from .steer import InterventionResult, intervene, predicted_change
+from .replacement import LIVE, LocalReplacement, ReplacementState, random_transcoders, skip_term, transcoder_layers
+from .steer import InterventionResult, feature_effects, intervene, predicted_change
 
 __all__ = [
-    "LocalReplacement", "ReplacementState", "random_transcoders", "skip_term", "transcoder_layers",
+    "LIVE", "LocalReplacement", "ReplacementState", "random_transcoders", "skip_term", "transcoder_layers",
     "Graph", "attribute", "logit_targets", "predicting_position",
     "PruneResult", "graph_scores", "node_influence", "prune",
     "graph_json", "patch_info", "png_data_url", "write_graph_files",
-    "InterventionResult", "intervene", "predicted_change",
+    "InterventionResult", "feature_effects", "intervene", "predicted_change",
 ]

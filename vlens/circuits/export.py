@@ -20,7 +20,9 @@ vlens adds keys the viewers ignore (pydantic drops unknown fields):
   original image (`vlens.tokens.ImageGeometry`), plus `"kind"`;
 * every node gets `"vlens_influence"`, its (not cumulative) influence on the
   logit nodes, so summed patch influence can be drawn over the picture;
-* `metadata` gets `"vlens_images"`: a PNG data URL of each image.
+* `metadata` gets `"vlens_images"`: a PNG data URL of each image, and
+  `"vlens_norms"`: how the graph linearised the norms (`"frozen"` or
+  `"jacobian"`, `vlens.circuits.replacement`).
 
     >>> import vlens; from PIL import Image
     >>> from vlens.circuits.replacement import random_transcoders
@@ -175,7 +177,8 @@ def graph_json(graph: Graph, slug: str, node_threshold: float = 0.8, edge_thresh
     used = [n for n in nodes.values() if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
     meta = {"slug": slug, "scan": scan or graph.scan, "transcoder_list": list(graph.transcoder_list),
             "prompt_tokens": _prompt_tokens(graph), "prompt": graph.prompt, "node_threshold": node_threshold,
-            "schema_version": 1, "vlens_images": [png_data_url(im) for im in graph.images]}
+            "schema_version": 1, "vlens_images": [png_data_url(im) for im in graph.images],
+            "vlens_norms": graph.norms}
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": meta, "qParams": qparams, "nodes": used, "links": links}
 

@@ -62,7 +62,8 @@ class Graph:
     position dotted with `logit_directions`, the demeaned unembedding rows).
     `dropped_logit_effect`: with `max_feature_nodes`, the direct effect on
     each logit node of the active features left out (zero otherwise), so
-    `adjacency[logit].sum() + dropped_logit_effect == logit_values`.
+    `adjacency[logit].sum() + dropped_logit_effect == logit_values`
+    (with `norms="frozen"`; see `vlens.circuits.replacement` for `"jacobian"`).
     """
 
     adjacency: Float[Tensor, "n n"]
@@ -82,6 +83,7 @@ class Graph:
     scan: str = "vlens"
     transcoder_list: list[str] = field(default_factory=list)
     dropped_logit_effect: Float[Tensor, " k"] | None = None
+    norms: str = "frozen"
 
     @property
     def n_pos(self) -> int:
@@ -288,7 +290,8 @@ def _visit_order(R: Tensor, row_nodes: Tensor, filled: int, visited: Tensor, pro
 
 def attribute(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: Batch, target: Any = None, *,
               max_n_logits: int = 10, desired_logit_prob: float = 0.95, max_feature_nodes: int | None = None,
-              images: Sequence[Image.Image] | None = None, chunk: int = 64, progress: bool = True) -> Graph:
+              images: Sequence[Image.Image] | None = None, chunk: int = 64, norms: str = "frozen",
+              progress: bool = True) -> Graph:
     """The attribution graph of one prompt + image: direct effects between all nodes (see the module docs).
 
     `target`: None (the top tokens), a token (str or id) or a pair of tokens
@@ -300,7 +303,10 @@ def attribute(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: B
     their influence on the logits as circuit-tracer does (every 4 chunks the
     order is recomputed); the dropped features' edges are dropped with them,
     so edge sums then fall short of the logit by their direct effects
-    (exact completeness needs every feature: the default).
+    (exact completeness needs every feature: the default). `norms`:
+    `"frozen"` (circuit-tracer's denominators, edges sum to the logit) or
+    `"jacobian"` (first-order effects through the norms; module docs of
+    `vlens.circuits.replacement`).
 
     Example:
         >>> import vlens; from PIL import Image
@@ -313,7 +319,7 @@ def attribute(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: B
         >>> attribute(vlm, random_transcoders(vlm, d_sae=8), b, max_feature_nodes=10, progress=False).n_features
         10
     """
-    rm = LocalReplacement(vlm, transcoders)
+    rm = LocalReplacement(vlm, transcoders, norms=norms)
     state = rm.run(batch)
     pos = predicting_position(batch.layout)
     n_pos = pos + 1
@@ -365,6 +371,7 @@ def _assemble(vlm: VLM, rm: LocalReplacement, batch: Batch, R: Tensor, row_nodes
     A[n - k:, : n - k] = R[:k][:, cols]
     g = _graph(vlm, rm, batch, A, feats[chosen], acts[chosen], labels, probs, values, U, n_pos, images)
     g.dropped_logit_effect = R[:k, :n_f][:, ~visited].sum(1)
+    g.norms = rm.norms_mode
     return g
 
 

@@ -14,8 +14,14 @@ logit, or the logit difference) four ways:
   transcoders), and `replacement_frozen` with every other feature pinned,
   which equals `predicted_direct` (a forward-pass check of the edges);
 * `model`: measured in the real model, the features' decoder writes edited
-  through `vlens.interventions.splice_transcoder` (error term kept), every
-  nonlinearity live.
+  (the real MLPs' outputs plus the edit's decoder change, as
+  `vlens.interventions.splice_transcoder` with its error term), every
+  nonlinearity live;
+* `live_alone`: measured with one part live and the rest frozen, for each of
+  `"attention"`, `"norms"`, `"mlps"` (`LocalReplacement.run(live=...)`):
+  where `model` departs from `replacement`, which mechanism moves it
+  (re-routed attention, rescaling norms, or downstream MLPs that react
+  differently from their transcoders).
 
     >>> import vlens; from PIL import Image
     >>> from vlens.circuits.replacement import random_transcoders
@@ -36,18 +42,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import InputError
-from ..interventions import splice_transcoder
 from ..tokens import Batch
 from .graph import Graph
-from .replacement import LocalReplacement
+from .replacement import LIVE, LocalReplacement
 
 if TYPE_CHECKING:
     from ..model import VLM
 
-__all__ = ["InterventionResult", "intervene", "predicted_change"]
+__all__ = ["InterventionResult", "intervene", "predicted_change", "feature_effects"]
 
 Feature = tuple[int, int, int]
 
@@ -63,6 +69,7 @@ class InterventionResult:
     replacement: float
     replacement_frozen: float
     model: float
+    live_alone: dict[str, float]
 
 
 def _per_unit(graph: Graph) -> Tensor:
@@ -106,6 +113,36 @@ def predicted_change(graph: Graph, features: Sequence[Feature], value: float = 0
     return direct, float(row @ delta)
 
 
+def feature_effects(graph: Graph, logit: int = 0) -> Float[Tensor, " f"]:
+    """The change of logit node `logit` the graph predicts when each active feature alone is ablated (set to 0).
+
+    `predicted_change(graph, [f])[1]` for every feature at once (one pass back
+    through the feature → feature edges): the ranking to pick features to
+    ablate by.
+
+    Example:
+        >>> import vlens; from PIL import Image
+        >>> from vlens.circuits.replacement import random_transcoders
+        >>> from vlens.circuits.graph import attribute
+        >>> vlm = vlens.tiny(n_layers=2)
+        >>> b = vlm.prepare(["<image>\\nhi"], [Image.new("RGB", (32, 32))])
+        >>> g = attribute(vlm, random_transcoders(vlm, d_sae=8), b, progress=False)
+        >>> e = feature_effects(g)
+        >>> j = int(e.abs().argmax())
+        >>> abs(float(e[j]) - predicted_change(g, [tuple(g.features[j].tolist())])[1]) < 1e-5
+        True
+    """
+    M = _per_unit(graph)
+    Mff = M[: graph.n_features]
+    total = step = M[graph.logit_index(logit)]
+    for _ in range(graph.n_layers + 1):
+        step = step @ Mff
+        if not step.any():
+            break
+        total = total + step
+    return -graph.activations * total
+
+
 def _edits(features: Sequence[Feature], value: float) -> dict[int, Callable[[Tensor], Tensor]]:
     by_layer: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for L, p, f in features:
@@ -118,28 +155,6 @@ def _edits(features: Sequence[Feature], value: float) -> dict[int, Callable[[Ten
             return a
         return edit
     return {L: make(items) for L, items in by_layer.items()}
-
-
-def _model_change(vlm: VLM, rm: LocalReplacement, batch: Batch, graph: Graph, features: Sequence[Feature],
-                  value: float, logit: int) -> float:
-    """The logit node's value in the real model with the features' decoder writes edited, minus the graph's."""
-    by_layer: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for L, p, f in features:
-        by_layer[int(L)].append((int(p), int(f)))
-    u = graph.logit_directions[logit]
-    with torch.no_grad(), vlm.trace(batch):
-        for L in sorted(by_layer):
-            positions = sorted({p for p, _ in by_layer[L]})
-            row = {p: i for i, p in enumerate(positions)}
-
-            def edit(a: Tensor, items=by_layer[L], row=row) -> Tensor:
-                a = a.clone()
-                for p, f in items:
-                    a[row[p], f] = value
-                return a
-            splice_transcoder(vlm, rm.transcoders[L], batch=batch, tokens=positions, error=True, edit=edit)
-        final = vlm.read("final_norm").save()
-    return float(final[0, graph.position].float() @ u) - float(graph.logit_values[logit])
 
 
 def intervene(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: Batch, graph: Graph,
@@ -163,17 +178,18 @@ def intervene(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: B
     features = [tuple(int(v) for v in f) for f in features]
     for f in features:
         graph.feature_index(*f)
-    rm = LocalReplacement(vlm, transcoders)
+    rm = LocalReplacement(vlm, transcoders, norms=graph.norms)
     with torch.no_grad():
         clean = rm.run(batch)
     u = graph.logit_directions[logit]
     pos = graph.position
 
-    def measured(freeze: bool) -> float:
-        st = rm.run(batch, frozen=clean, edits=_edits(features, value), freeze_features=freeze)
+    def measured(freeze: bool = False, live: Sequence[str] = ()) -> float:
+        with torch.no_grad():
+            st = rm.run(batch, frozen=clean, edits=_edits(features, value), freeze_features=freeze, live=live)
         return float(st.final[pos].float() @ u) - float(graph.logit_values[logit])
 
     direct, total = predicted_change(graph, features, value, logit)
     return InterventionResult(features=list(features), value=float(value), predicted_direct=direct, predicted=total,
-                              replacement=measured(False), replacement_frozen=measured(True),
-                              model=_model_change(vlm, rm, batch, graph, features, value, logit))
+                              replacement=measured(), replacement_frozen=measured(freeze=True),
+                              model=measured(live=LIVE), live_alone={p: measured(live=[p]) for p in LIVE})
