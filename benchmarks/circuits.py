@@ -1,8 +1,11 @@
 """Attribution graphs (vlens.circuits) on the toy model: completeness, graph scores, pixels, faithfulness, cost.
 
 Transcoders: `--transcoders DIR` loads SAE-Lens transcoders (one sub-folder per layer, `SAE.load_from_disk`);
-otherwise quick ReLU transcoders are fitted here on held-out toy pictures (SAE-Lens `Transcoder` objects,
-Adam on MSE + L1, `--fit-steps`), stated in the output as `transcoders: "quick fit"`.
+`--clt DIR` a cross-layer transcoder (`vlens.circuits.CrossLayerTranscoder`), fitted here with `fit_clt` on
+`--fit-images` training pictures and saved to DIR when DIR holds none (its explained variance and L0 per
+layer on 50 held-out pictures go in `clt_fit`); otherwise quick ReLU transcoders are fitted here on training
+toy pictures (SAE-Lens `Transcoder` objects, Adam on MSE + L1, `--fit-steps`), stated in the output as
+`transcoders: "quick fit"`.
 
 For `--n` held-out toy pictures, the colour word of `COLOUR_QUESTION` and the shape word of `SHAPE_QUESTION`:
 
@@ -30,7 +33,8 @@ For `--n` held-out toy pictures, the colour word of `COLOUR_QUESTION` and the sh
   nodes and active features, medians of `--reps` interleaved repeats; only meaningful on an idle machine
   (other processes' CPU and the load average recorded).
 
-Usage: python benchmarks/circuits.py [--n 10] [--k 10] [--transcoders DIR] [--norms frozen,jacobian] [--tiny]
+Usage: python benchmarks/circuits.py [--n 10] [--k 10] [--transcoders DIR | --clt DIR] [--norms frozen,jacobian]
+[--tiny]
 Last line: one JSON object.
 """
 
@@ -98,6 +102,27 @@ def fit_transcoders(vlm, images, d_sae: int, steps: int, l1: float = 1e-3, seed:
     return out
 
 
+def clt_for(vlm, path, images, steps: int, l1: float):
+    """The cross-layer transcoder saved at `path`, or one fitted on `images` and saved there; its fit on held-out rows."""
+    from vlens.circuits import CrossLayerTranscoder, fit_clt
+
+    layers = list(range(vlm.n_layers))
+    if os.path.exists(os.path.join(path, "W_enc_0.safetensors")):
+        clt = CrossLayerTranscoder.load(path)
+    else:
+        X, Y = harvest(vlm, images, layers)
+        clt = fit_clt(torch.stack([X[L] for L in layers], 1), torch.stack([Y[L] for L in layers], 1), d_sae=256,
+                      steps=steps, l1=l1)
+        clt.save(path)
+    X, Y = harvest(vlm, [s.image for s in vlens.toy.toy_dataset("heldout", n=50, seed=7)], layers)
+    with torch.no_grad():
+        acts = [clt.encode_layer(X[L], L) for L in layers]
+        pred = clt.decode(acts)
+    ev = [float(1 - (pred[L] - Y[L]).pow(2).sum() / (Y[L] - Y[L].mean(0)).pow(2).sum()) for L in layers]
+    return clt, {"explained_variance": ev, "l0": [float((a > 0).float().sum(-1).mean()) for a in acts],
+                 "d_sae": clt.d_sae, "l1": l1, "steps": steps}
+
+
 def load_transcoders(path):
     from sae_lens import SAE
 
@@ -136,7 +161,7 @@ def _row(r):
 def faithfulness(vlm, tcs, b, g, k: int):
     """The k features of largest predicted effect, each ablated alone, and all k together.
 
-    `radial_cos`: the cosine between a feature's decoder row and the final norm's input at its position
+    `radial_cos`: the cosine between a feature's (first) decoder row and the final norm's input at its position
     (how much of its write lies along the residual stream that the norm divides out)."""
     top = [tuple(g.features[j].tolist()) for j in feature_effects(g).abs().argsort(descending=True)[:k].tolist()]
     rm = LocalReplacement(vlm, tcs)
@@ -144,7 +169,7 @@ def faithfulness(vlm, tcs, b, g, k: int):
         resid = rm.run(b).norm_io[len(rm.norms) - 1][0][0].float()
     singles = []
     for L, p, f in top:
-        w = tcs[L].W_dec[f].detach().float()
+        w = rm.coders[L].W_dec[f, 0].detach().float()
         cos = float(w @ resid[p] / (w.norm() * resid[p].norm()).clamp_min(1e-12))
         singles.append({**_row(intervene(vlm, tcs, b, g, [(L, p, f)])), "radial_cos": cos})
     return singles, _row(intervene(vlm, tcs, b, g, top))
@@ -243,6 +268,9 @@ def main() -> None:
     ap.add_argument("--fit-steps", type=int, default=1500)
     ap.add_argument("--fit-images", type=int, default=200)
     ap.add_argument("--transcoders", default=None)
+    ap.add_argument("--clt", default=None, help="a cross-layer transcoder's folder (fitted and saved there if empty)")
+    ap.add_argument("--clt-steps", type=int, default=3000)
+    ap.add_argument("--clt-l1", type=float, default=3e-2)
     ap.add_argument("--max-features", type=int, default=1500, help="feature nodes per graph (circuit-tracer's "
                     "max_feature_nodes; the dropped features' direct effects are added back in the completeness check)")
     ap.add_argument("--norms", default="frozen,jacobian", help="norm conventions to measure, comma-separated")
@@ -251,16 +279,21 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny:
         args.n, args.k, args.fit_steps, args.fit_images, args.d_sae, args.max_features = 1, 3, 30, 8, 32, 64
-        args.reps = 1
+        args.reps, args.clt_steps = 1, 30
     MAX_FEATURES[0] = args.max_features
     vlm = vlens.load("toy")
+    extra = {}
     if args.transcoders:
         tcs, how = load_transcoders(args.transcoders), args.transcoders
+    elif args.clt:
+        train = vlens.toy.toy_dataset("train", n=args.fit_images, seed=1)
+        tcs, extra["clt_fit"] = clt_for(vlm, args.clt, [s.image for s in train], args.clt_steps, args.clt_l1)
+        how = f"cross-layer transcoder ({args.clt})"
     else:
         train = vlens.toy.toy_dataset("train", n=args.fit_images, seed=1)
         tcs, how = fit_transcoders(vlm, [s.image for s in train], args.d_sae, args.fit_steps), "quick fit"
     data = vlens.toy.toy_dataset("heldout", n=args.n)
-    result = {"transcoders": how, "k": args.k, "max_feature_nodes": args.max_features,
+    result = {"transcoders": how, **extra, "k": args.k, "max_feature_nodes": args.max_features,
               **{norms: measure(vlm, tcs, data, args, norms) for norms in args.norms.split(",")}}
     load = OtherLoad()
     load.start()

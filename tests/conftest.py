@@ -18,6 +18,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_pytests_folder(tmp_path_factory):
+    """What vlens writes to a temporary folder when no `out=` is given (`harvest`'s store, the explorer's
+    latents; kept on purpose, they are the user's) goes under pytest's own folder, which pytest prunes, and
+    not into /tmp, where every test run left a few dozen stores behind. Subprocesses inherit TMPDIR."""
+    import tempfile
+
+    folder = str(tmp_path_factory.mktemp("tempfile"))
+    old, old_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = folder, folder
+    yield
+    tempfile.tempdir = old
+    if old_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old_env
+
+
 @pytest.fixture(scope="session")
 def tiny_mistral():
     import vlens

@@ -89,8 +89,9 @@ def test_completeness_logit_and_feature_rows_sum_to_hf_values(case):
 def _frozen_forward(vlm, b, clean, bump, live_norms=False):
     """The HF model with hand-written freezes (no vlens code): queries, keys and RMSNorm scales pinned to the clean
     run's (the norms' scales not, with `live_norms`), every MLP output pinned to its clean value, plus `bump`
-    [layer, pos, vector] added at one MLP output."""
+    (layer, pos, vector), or a list of them, added at MLP outputs."""
     lm = vlm.hf_model.model.language_model
+    bumps = [bump] if isinstance(bump, tuple) else list(bump)
     hooks = []
     for L, layer in enumerate(lm.layers):
         for name in ("q_proj", "k_proj"):
@@ -101,8 +102,8 @@ def _frozen_forward(vlm, b, clean, bump, live_norms=False):
             hooks.append(norm.register_forward_hook(
                 lambda m, a, o, key=(L, name): a[0] * m.weight / clean[key]))
         hooks.append(layer.mlp.register_forward_hook(
-            lambda m, a, o, L=L: clean[("mlp", L)] + (bump[2] * (torch.arange(o.shape[1]) == bump[1])[None, :, None]
-                                                    if bump[0] == L else 0)))
+            lambda m, a, o, L=L: clean[("mlp", L)] + sum((v * (torch.arange(o.shape[1]) == p)[None, :, None]
+                                                          for at, p, v in bumps if at == L), torch.zeros(()))))
     if not live_norms:
         hooks.append(lm.norm.register_forward_hook(lambda m, a, o: a[0] * m.weight / clean["final"]))
     try:

@@ -8,6 +8,7 @@ result is written in circuit-tracer's graph JSON for its viewer and
 Neuronpedia's.
 
 * `replacement`: `LocalReplacement`, the frozen, linearised model (exact logits);
+* `clt`: `CrossLayerTranscoder` (features that write to every later layer), `fit_clt`;
 * `graph`: `attribute` → `Graph` (nodes, direct-effect edges, influence, pruning, scores);
 * `pruning`: circuit-tracer's influence, pruning and graph-score formulas;
 * `export`: `graph_json` / `write_graph_files` (circuit-tracer's JSON + vlens patch keys);
@@ -21,14 +22,17 @@ Neuronpedia's.
     1
 """
 
+from .clt import CrossLayerTranscoder, fit_clt
 from .export import graph_json, patch_info, png_data_url, write_graph_files
 from .graph import Graph, attribute, logit_targets, predicting_position
 from .pruning import PruneResult, graph_scores, node_influence, prune
-from .replacement import LIVE, LocalReplacement, ReplacementState, random_transcoders, skip_term, transcoder_layers
+from .replacement import (LIVE, NORMS, LayerCoder, LocalReplacement, ReplacementState, layer_coders,
+                          random_transcoders, skip_term, transcoder_layers)
 from .steer import InterventionResult, feature_effects, intervene, predicted_change
 
 __all__ = [
-    "LIVE", "LocalReplacement", "ReplacementState", "random_transcoders", "skip_term", "transcoder_layers",
+    "LIVE", "NORMS", "LayerCoder", "LocalReplacement", "ReplacementState", "layer_coders", "random_transcoders",
+    "skip_term", "transcoder_layers", "CrossLayerTranscoder", "fit_clt",
     "Graph", "attribute", "logit_targets", "predicting_position",
     "PruneResult", "graph_scores", "node_influence", "prune",
     "graph_json", "patch_info", "png_data_url", "write_graph_files",

@@ -31,7 +31,7 @@ up to the predicting position; later tokens cannot act on it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -258,13 +258,32 @@ def _grads(state: ReplacementState, y: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack(g[:-1], 1).float(), g[-1].float()
 
 
-def _rows(state: ReplacementState, y: Tensor, feats: Tensor, dec: Tensor, errors: Tensor, n_pos: int) -> Tensor:
-    """Targets' incoming edges [k, sources]: the gradient where each source writes, dotted with its vector."""
+def _rows(state: ReplacementState, y: Tensor, writes: tuple[Tensor, Tensor, Tensor, Tensor], n_f: int,
+          errors: Tensor, n_pos: int) -> Tensor:
+    """Targets' incoming edges [k, sources]: the gradient where each source writes, dotted with its vector.
+
+    `writes` (feature index, output layer, position, vector × activation): a feature's decoder writes, one per
+    output layer (several for a cross-layer transcoder); its edge sums them."""
     gs, ge = _grads(state, y)
-    f = (gs[:, feats[:, 0], feats[:, 1]] * dec).sum(-1)
+    idx, layer, pos, vec = writes
+    f = torch.zeros(y.shape[0], n_f).index_add_(1, idx, (gs[:, layer, pos] * vec).sum(-1))
     e = (gs[:, :, :n_pos] * errors).sum(-1).flatten(1)
     t = (ge[:, :n_pos] * state.embed[:n_pos].detach().float()).sum(-1)
     return torch.cat([f, e, t], 1)
+
+
+def _writes(rm: LocalReplacement, feats: Tensor, acts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every active feature's decoder writes: (feature index, output layer, position, activation × decoder row)."""
+    idx, layer, pos, vec = [], [], [], []
+    for i, (L, p, f) in enumerate(feats.tolist()):
+        W = rm.coders[L].W_dec[f].detach().float()   # [n_out, d_model]
+        idx += [i] * len(W)
+        layer += range(L, L + len(W))
+        pos += [p] * len(W)
+        vec.append(W * acts[i])
+    d = rm.vlm.d_model
+    return (torch.tensor(idx, dtype=torch.long), torch.tensor(layer, dtype=torch.long),
+            torch.tensor(pos, dtype=torch.long), torch.cat(vec) if vec else torch.zeros(0, d))
 
 
 def _visit_order(R: Tensor, row_nodes: Tensor, filled: int, visited: Tensor, probs: Tensor, budget: int,
@@ -288,7 +307,7 @@ def _visit_order(R: Tensor, row_nodes: Tensor, filled: int, visited: Tensor, pro
     return torch.argsort(infl, descending=True)[: min(batch, budget - int(visited.sum()))]
 
 
-def attribute(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: Batch, target: Any = None, *,
+def attribute(vlm: VLM, transcoders: Any, batch: Batch, target: Any = None, *,
               max_n_logits: int = 10, desired_logit_prob: float = 0.95, max_feature_nodes: int | None = None,
               images: Sequence[Image.Image] | None = None, chunk: int = 64, norms: str = "frozen",
               progress: bool = True) -> Graph:
@@ -326,9 +345,8 @@ def attribute(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: B
     labels, probs, U = logit_targets(vlm, state.logits[pos], target, max_n_logits, desired_logit_prob)
     feats, acts = _active(state, n_pos)
     n_f, k = len(feats), len(labels)
-    W_enc = {L: rm.transcoders[L].W_enc.detach().float() for L in rm.transcoders}
-    dec = torch.stack([rm.transcoders[L].W_dec[f].detach().float() for L, _, f in feats.tolist()]) * acts[:, None] \
-        if n_f else torch.zeros(0, vlm.d_model)
+    W_enc = [c.W_enc.detach().float() for c in rm.coders]
+    writes = _writes(rm, feats, acts)
     errors = torch.stack([e[:n_pos].float() for e in state.errors])
     N = n_f + (vlm.n_layers + 1) * n_pos + k
     budget = n_f if max_feature_nodes is None else min(max_feature_nodes, n_f)
@@ -336,7 +354,7 @@ def attribute(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: B
     R = torch.zeros(k + budget, N - k)
     row_nodes = torch.zeros(k + budget, dtype=torch.long)
     final = state.final[pos].float()
-    R[:k] = _rows(state, final @ U.T, feats, dec, errors, n_pos)
+    R[:k] = _rows(state, final @ U.T, writes, n_f, errors, n_pos)
     row_nodes[:k] = torch.arange(N - k, N)
     visited = torch.zeros(n_f, dtype=torch.bool)
     filled = k
@@ -348,7 +366,7 @@ def attribute(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: B
                 idx = todo[j: j + chunk]
                 x = torch.stack([state.mlp_in[L][p] for L, p, _ in feats[idx].tolist()]).float()
                 enc = torch.stack([W_enc[L][:, f] for L, _, f in feats[idx].tolist()])
-                R[filled: filled + len(idx)] = _rows(state, (x * enc).sum(-1), feats, dec, errors, n_pos)
+                R[filled: filled + len(idx)] = _rows(state, (x * enc).sum(-1), writes, n_f, errors, n_pos)
                 row_nodes[filled: filled + len(idx)] = idx
                 visited[idx] = True
                 filled += len(idx)
@@ -384,5 +402,4 @@ def _graph(vlm: VLM, rm: LocalReplacement, batch: Batch, A: Tensor, feats: Tenso
                  logit_values=values.float(), logit_directions=U, n_layers=vlm.n_layers, vocab_size=vlm.vocab_size,
                  layout=batch.layout, images=list(images or []),
                  prompt=(batch.prompts[0] if batch.prompts else tok.decode(ids)),
-                 transcoder_list=[str(getattr(rm.transcoders[L].cfg.metadata, "hook_name", L))
-                                  for L in sorted(rm.transcoders)])
+                 transcoder_list=[c.hook_name for c in rm.coders])

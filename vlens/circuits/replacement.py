@@ -89,12 +89,13 @@ from torch import Tensor
 from ..errors import InputError, UnsupportedModelError
 from ..sites import from_hook_name
 from ..tokens import Batch
+from .clt import CrossLayerTranscoder
 
 if TYPE_CHECKING:
     from ..model import VLM
 
 __all__ = ["ReplacementState", "LocalReplacement", "transcoder_layers", "random_transcoders", "skip_term", "LIVE",
-           "NORMS"]
+           "NORMS", "LayerCoder", "layer_coders"]
 
 #: A feature edit: layer -> function of that layer's activations [seq, d_sae] returning new activations.
 Edits = Mapping[int, Callable[[Tensor], Tensor]]
@@ -113,7 +114,9 @@ class ReplacementState:
     `mlp_in[L]` keeps its autograd graph in attribution mode; `sinks[L]`
     (zeros added at `mlp_out.L`) and `embed` (`resid_pre.0`) are the leaves
     whose gradients give the edges; `acts[L]` are the transcoder
-    activations [seq, d_sae]; `errors[L]` the error vectors (with `b_dec`).
+    activations [seq, d_sae] (after any edit) and `deltas[L]` their change from
+    the reference (the clean run's, or the live unedited ones); `errors[L]` the
+    error vectors (with `b_dec`).
     """
 
     logits: Float[Tensor, "seq vocab"]
@@ -123,6 +126,7 @@ class ReplacementState:
     mlp_out: list[Tensor] = field(default_factory=list)
     sinks: list[Tensor] = field(default_factory=list)
     acts: list[Tensor] = field(default_factory=list)
+    deltas: list[Tensor] = field(default_factory=list)
     errors: list[Tensor] = field(default_factory=list)
     qk: dict[int, Tensor] = field(default_factory=dict)
     rms: dict[int, Tensor] = field(default_factory=dict)
@@ -203,6 +207,48 @@ def skip_term(tc: Any, x: Tensor) -> Tensor:
     return torch.zeros_like(x) if W is None else x @ W.T.to(x.dtype)
 
 
+@dataclass
+class LayerCoder:
+    """One layer's features as the replacement model uses them: per-layer and cross-layer transcoders alike.
+
+    `encode` maps the layer's MLP input rows to activations; `W_enc` [d_model,
+    d_sae] are the encoder columns (a feature's encoder input is `x @ W_enc[:,
+    f]`); `W_dec` [d_sae, n_out, d_model] writes to the MLP outputs of this
+    layer and the `n_out - 1` after it (1 for a per-layer transcoder); `skip`
+    is a skip transcoder's affine term (zero otherwise).
+    """
+
+    encode: Callable[[Tensor], Tensor]
+    W_enc: Tensor
+    W_dec: Tensor
+    skip: Callable[[Tensor], Tensor]
+    hook_name: str
+
+
+def layer_coders(vlm: VLM, transcoders: Any) -> list[LayerCoder]:
+    """One `LayerCoder` per LM layer, from per-layer SAE-Lens transcoders or a `CrossLayerTranscoder`.
+
+    Example:
+        >>> import vlens
+        >>> from vlens.circuits.clt import CrossLayerTranscoder
+        >>> vlm = vlens.tiny(n_layers=2)
+        >>> [c.W_dec.shape[1] for c in layer_coders(vlm, random_transcoders(vlm, d_sae=8))]
+        [1, 1]
+        >>> [c.W_dec.shape[1] for c in layer_coders(vlm, CrossLayerTranscoder.random(2, 64, 8))]
+        [2, 1]
+    """
+    if isinstance(transcoders, CrossLayerTranscoder):
+        if transcoders.n_layers != vlm.n_layers or transcoders.d_model != vlm.d_model:
+            raise InputError(f"the cross-layer transcoder spans {transcoders.n_layers} layers of width "
+                             f"{transcoders.d_model}; the language model has {vlm.n_layers} of {vlm.d_model}")
+        clt = transcoders
+        return [LayerCoder(encode=lambda x, L=L: clt.encode_layer(x, L), W_enc=clt.W_enc[L].T, W_dec=clt.W_dec[L],
+                           skip=torch.zeros_like, hook_name=clt.hook_names(L)[0]) for L in range(clt.n_layers)]
+    per_layer = transcoder_layers(vlm, transcoders)
+    return [LayerCoder(encode=tc.encode, W_enc=tc.W_enc, W_dec=tc.W_dec[:, None], skip=lambda x, tc=tc: skip_term(tc, x),
+                       hook_name=str(tc.cfg.metadata.hook_name)) for _, tc in sorted(per_layer.items())]
+
+
 def _norm_gain(norm: torch.nn.Module, d: int, like: Tensor) -> Tensor:
     """An RMSNorm's per-channel gain, read by running it on ones (Mistral: w; Gemma: 1 + w)."""
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)))
@@ -239,11 +285,11 @@ class LocalReplacement:
         (16, True)
     """
 
-    def __init__(self, vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], norms: str = "frozen") -> None:
+    def __init__(self, vlm: VLM, transcoders: Any, norms: str = "frozen") -> None:
         if norms not in NORMS:
             raise InputError(f"norms={norms!r}: name one of {list(NORMS)}")
         self.vlm, self.norms_mode = vlm, norms
-        self.transcoders = transcoder_layers(vlm, transcoders)
+        self.coders = layer_coders(vlm, transcoders)
         self.layers = [vlm.submodule(f"resid_pre.{L}") for L in range(vlm.n_layers)]
         self.mlps = [vlm.submodule(f"mlp_in.{L}") for L in range(vlm.n_layers)]
         self.mlp_outs = [vlm.submodule(f"mlp_out.{L}") for L in range(vlm.n_layers)]
@@ -359,37 +405,46 @@ class LocalReplacement:
             st.mlp_in.append(args[0][0])
         return hook
 
+    def _written(self, acts: Sequence[Tensor], layer: int) -> Tensor:
+        """What the features of layers <= `layer` (activations `acts[L]`) write to `layer`'s MLP output."""
+        out = torch.zeros(())
+        for src in range(layer + 1):
+            W = self.coders[src].W_dec
+            if layer - src < W.shape[1]:
+                out = out + acts[src] @ W[:, layer - src]
+        return out
+
     def _mlp_out_hook(self, st: ReplacementState, frozen: ReplacementState | None, L: int,
                       edit: Callable | None, freeze_features: bool, real: bool) -> Callable:
-        tc = self.transcoders[L]
+        c = self.coders[L]
 
         def hook(module, args, out):
-            x = st.mlp_in[L]
-            W = tc.W_dec
-            acts = tc.encode(x.detach().to(W.dtype))
-            if real:  # the real MLP, plus the edit's change of the decoder write
-                new_acts = acts if edit is None else edit(acts.clone())
-                err = out[0].to(W.dtype) - acts @ W - skip_term(tc, x.to(W.dtype))
-                new = (out[0].to(W.dtype) + (new_acts - acts) @ W).to(out.dtype)
-                acts = new_acts
-            elif frozen is None:
-                err = out[0].detach().to(W.dtype) - acts @ W - skip_term(tc, x.detach().to(W.dtype))
-                sink = torch.zeros_like(out[0], requires_grad=torch.is_grad_enabled())
-                st.sinks.append(sink)
-                new = out[0].detach() + (skip_term(tc, x.to(W.dtype)) - skip_term(tc, x.detach().to(W.dtype))).to(out.dtype)
-                new = new + sink
-            else:
-                if freeze_features:
-                    acts = frozen.acts[L].clone()
-                err = frozen.errors[L]
-                if edit is not None:
-                    acts = edit(acts.clone())
-                # the clean output plus the change of features and skip (exact when nothing changed)
-                x0 = frozen.mlp_in[L].detach().to(W.dtype)
-                delta = (acts - frozen.acts[L]) @ W + skip_term(tc, x.to(W.dtype)) - skip_term(tc, x0)
-                new = (frozen.mlp_out[L].to(W.dtype) + delta).to(out.dtype)
-            st.mlp_out.append(new.detach())   # the replacement's MLP output (= the MLP's, unedited)
+            x, y = st.mlp_in[L], out[0]
+            dt = c.W_dec.dtype
+            acts = c.encode(x.detach().to(dt))
+            intervening = frozen is not None and not real
+            if intervening and freeze_features:
+                acts = frozen.acts[L].clone()
+            base = frozen.acts[L] if intervening else acts
+            if edit is not None:
+                acts = edit(acts.clone())
             st.acts.append(acts.detach())
+            st.deltas.append((acts - base).detach())
+            if real:  # the real MLP, plus the edits' change of the decoder writes
+                base_acts = [a - d for a, d in zip(st.acts, st.deltas)]
+                err = y.to(dt) - self._written(base_acts, L) - c.skip(x.to(dt))
+                new = y.to(dt) + self._written(st.deltas, L)
+            elif frozen is None:
+                err = y.detach().to(dt) - self._written(st.acts, L) - c.skip(x.detach().to(dt))
+                sink = torch.zeros_like(y, requires_grad=torch.is_grad_enabled())
+                st.sinks.append(sink)
+                new = y.detach().to(dt) + c.skip(x.to(dt)) - c.skip(x.detach().to(dt)) + sink
+            else:  # the clean output plus the change of features and skip (exact when nothing changed)
+                err = frozen.errors[L]
+                x0 = frozen.mlp_in[L].detach().to(dt)
+                new = frozen.mlp_out[L].to(dt) + self._written(st.deltas, L) + c.skip(x.to(dt)) - c.skip(x0)
+            new = new.to(y.dtype)
+            st.mlp_out.append(new.detach())   # the replacement's MLP output (= the MLP's, unedited)
             st.errors.append(err.detach())
             return new[None]
         return hook

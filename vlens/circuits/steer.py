@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -157,7 +157,7 @@ def _edits(features: Sequence[Feature], value: float) -> dict[int, Callable[[Ten
     return {L: make(items) for L, items in by_layer.items()}
 
 
-def intervene(vlm: VLM, transcoders: Sequence[Any] | Mapping[int, Any], batch: Batch, graph: Graph,
+def intervene(vlm: VLM, transcoders: Any, batch: Batch, graph: Graph,
               features: Sequence[Feature], value: float = 0.0, logit: int = 0) -> InterventionResult:
     """Set `features` [(layer, position, feature), ...] to `value` and report predicted and measured changes.
 
