@@ -363,3 +363,10 @@ def test_the_page_scales_both_pictures_by_one_maximum(tmp_path):
         for j in range(2):
             heat = patch_heat(g, "logit", image=j)
             np.testing.assert_allclose(canvas_alpha(page, f"#graph-heat-{j}"), np.round(170 * heat / 0.75), atol=1)
+
+
+def test_a_jacobian_graphs_page_says_its_edges_do_not_sum_to_the_logit():
+    g = example_graph()
+    assert "do not add up to the logit" not in graph_page(g)
+    g["metadata"]["vlens_norms"] = "jacobian"
+    assert "do not add up to the logit" in graph_page(g)

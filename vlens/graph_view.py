@@ -391,7 +391,7 @@ def graph_page(graph: str | os.PathLike | dict, title: str | None = None) -> str
     meta = graph["metadata"]
     title = title or f"attribution graph — {meta.get('slug') or meta.get('prompt') or 'vlens'}"
     return render("graph.html.j2", title=title, prompt=str(meta.get("prompt", "")), script=viewer_script(),
-                  data_json=_json_for_script(view_data(graph)))
+                  norms=str(meta.get("vlens_norms", "frozen")), data_json=_json_for_script(view_data(graph)))
 
 
 def export_html(graph: str | os.PathLike | dict, path: str | os.PathLike, title: str | None = None) -> str:
