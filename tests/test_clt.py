@@ -73,6 +73,16 @@ def test_a_cross_layer_edge_is_a_finite_difference_of_all_its_writes(case):
     assert abs(only0 / eps - fd) > 1e-3
 
 
+def test_feature_edges_taken_in_blocks_are_the_same(case, monkeypatch):
+    """The writes go through the gradients in blocks (memory); blocks of 3 writes give the same graph."""
+    import vlens.circuits.graph as graph_module
+
+    vlm, b, clt, g = case
+    monkeypatch.setattr(graph_module, "EDGE_BLOCK", 3 * 64 * vlm.d_model)   # 3 writes per block at chunk 64
+    small = attribute(vlm, clt, b, target="red", progress=False)
+    assert torch.allclose(small.adjacency, g.adjacency, atol=1e-6)
+
+
 def test_clt_interventions_run_through_every_layer(case):
     vlm, b, clt, g = case
     j = int(g.adjacency[g.logit_index(0), : g.n_features].abs().argmax())
