@@ -98,19 +98,9 @@ def predicted_change(graph: Graph, features: Sequence[Feature], value: float = 0
     idx = [graph.feature_index(*f) for f in features]
     delta0 = torch.zeros(graph.n_features)
     delta0[idx] = float(value) - graph.activations[idx]
-    row = M[graph.logit_index(logit)]
-    direct = float(row @ delta0)
     fixed = torch.zeros(graph.n_features, dtype=torch.bool)
-    fixed[idx] = True
-    Mff = M[: graph.n_features].clone()
-    Mff[fixed] = 0  # set features do not respond to their inputs
-    delta, step = delta0.clone(), delta0.clone()
-    for _ in range(graph.n_layers + 1):
-        step = Mff @ step
-        if not step.any():
-            break
-        delta = delta + step
-    return direct, float(row @ delta)
+    fixed[idx] = True  # set features do not respond to their inputs
+    return float(M[graph.logit_index(logit)] @ delta0), float(_total_row(graph, M, logit, fixed) @ delta0)
 
 
 def feature_effects(graph: Graph, logit: int = 0) -> Float[Tensor, " f"]:
@@ -132,15 +122,23 @@ def feature_effects(graph: Graph, logit: int = 0) -> Float[Tensor, " f"]:
         >>> abs(float(e[j]) - predicted_change(g, [tuple(g.features[j].tolist())])[1]) < 1e-5
         True
     """
-    M = _per_unit(graph)
+    return -graph.activations * _total_row(graph, _per_unit(graph), logit)
+
+
+def _total_row(graph: Graph, M: Tensor, logit: int, fixed: Tensor | None = None) -> Tensor:
+    """Each feature's total effect on logit node `logit` per unit of its activation, along every path of
+    feature → feature edges (`M`: `_per_unit`); features in `fixed` do not respond to their inputs."""
     Mff = M[: graph.n_features]
+    if fixed is not None:
+        Mff = Mff.clone()
+        Mff[fixed] = 0
     total = step = M[graph.logit_index(logit)]
-    for _ in range(graph.n_layers + 1):
+    for _ in range(graph.n_layers + 1):  # paths climb the layers: at most n_layers feature → feature steps
         step = step @ Mff
         if not step.any():
             break
         total = total + step
-    return -graph.activations * total
+    return total
 
 
 def _edits(features: Sequence[Feature], value: float) -> dict[int, Callable[[Tensor], Tensor]]:
@@ -184,9 +182,8 @@ def intervene(vlm: VLM, transcoders: Any, batch: Batch, graph: Graph,
     u = graph.logit_directions[logit]
     pos = graph.position
 
-    def measured(freeze: bool = False, live: Sequence[str] = ()) -> float:
-        with torch.no_grad():
-            st = rm.run(batch, frozen=clean, edits=_edits(features, value), freeze_features=freeze, live=live)
+    def measured(freeze: bool = False, live: Sequence[str] = ()) -> float:  # intervention runs are no_grad
+        st = rm.run(batch, frozen=clean, edits=_edits(features, value), freeze_features=freeze, live=live)
         return float(st.final[pos].float() @ u) - float(graph.logit_values[logit])
 
     direct, total = predicted_change(graph, features, value, logit)
